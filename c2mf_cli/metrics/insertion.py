@@ -1,0 +1,122 @@
+"""Concept-level insertion and deletion curves (Petsiuk et al. 2018, on concepts; METHOD.md section 4.2).
+
+Notation: U (n, P, k) codes, `head(U) -> logits`, c the target class of each image. Given a ranking of the k
+concepts per image (most important first), deletion sets the codes of the top-t concepts to zero for
+t = 0..k, insertion keeps only the top-t concepts. Step t sits at x = t / k on the unit interval, so curves of
+dictionaries of different sizes share one axis. At each step we record the softmax probability of class c and
+the accuracy (argmax == label). Good concepts give high insertion AUC and low deletion AUC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import C2MFError
+from ._common import Head, check_codes, chunk_size, trapezoid_auc
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    """One curve family (insertion or deletion), averaged over images.
+
+    x: (k+1,) fractions of concepts inserted/deleted. prob: (k+1,) mean probability of the target class.
+    accuracy: (k+1,) fraction of images whose prediction equals the label. prob_auc, accuracy_auc: trapezoid
+    areas on [0, 1]. image_prob_auc: (n,) per image.
+    """
+
+    x: np.ndarray
+    prob: np.ndarray
+    accuracy: np.ndarray
+    prob_auc: float
+    accuracy_auc: float
+    image_prob_auc: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {
+            "x": self.x.tolist(),
+            "prob": self.prob.tolist(),
+            "accuracy": self.accuracy.tolist(),
+            "prob_auc": self.prob_auc,
+            "accuracy_auc": self.accuracy_auc,
+        }
+
+
+@dataclass(frozen=True)
+class InsertionDeletion:
+    insertion: CurveResult
+    deletion: CurveResult
+
+    def to_dict(self) -> dict:
+        return {"insertion": self.insertion.to_dict(), "deletion": self.deletion.to_dict()}
+
+
+def step_masks(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep-masks (m, k+1, k) of insertion and deletion for rankings `order` (m, k).
+
+    rank[i, j] is the position of concept j in image i's ranking; insertion step t keeps rank < t,
+    deletion step t keeps rank >= t.
+    """
+    m, k = order.shape
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(k, device=order.device).expand(m, k))
+    t = torch.arange(k + 1, device=order.device)[None, :, None]
+    keep_ins = rank[:, None, :] < t
+    return keep_ins, ~keep_ins
+
+
+def _curve(prob: torch.Tensor, correct: torch.Tensor) -> CurveResult:
+    p = prob.double().cpu().numpy()
+    acc = correct.double().cpu().numpy().mean(axis=0)
+    k1 = p.shape[1]
+    return CurveResult(
+        x=np.linspace(0.0, 1.0, k1),
+        prob=p.mean(axis=0),
+        accuracy=acc,
+        prob_auc=trapezoid_auc(p.mean(axis=0)),
+        accuracy_auc=trapezoid_auc(acc),
+        image_prob_auc=np.trapezoid(p, dx=1.0 / (k1 - 1), axis=1),
+    )
+
+
+@torch.no_grad()
+def insertion_deletion(
+    U: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor,
+    order: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 1024,
+) -> InsertionDeletion:
+    """Insertion and deletion curves of concepts ranked by `order` (n, k), most important first.
+
+    `labels` (n,) decide accuracy (default: the targets, i.e. agreement with the class explained).
+    `batch_size` bounds the rows (image x step) fed to the head at once.
+    """
+    U, targets = check_codes(U, targets)
+    n, _, k = U.shape
+    order = torch.as_tensor(order, device=U.device).long()
+    if order.shape != (n, k):
+        raise C2MFError(f"ranking has shape {tuple(order.shape)}, expected (images, concepts) = {(n, k)}")
+    labels = targets if labels is None else torch.as_tensor(labels, device=U.device).long().reshape(-1)
+    if k == 0 or n == 0:
+        raise C2MFError("insertion/deletion needs at least one image and one concept")
+    out: dict[str, tuple[list, list]] = {"insertion": ([], []), "deletion": ([], [])}
+    step = chunk_size(k + 1, batch_size)
+    for s in range(0, n, step):
+        u, t, lab = U[s : s + step], targets[s : s + step], labels[s : s + step]
+        m = u.shape[0]
+        keep_ins, keep_del = step_masks(order[s : s + step])
+        for name, keep in (("insertion", keep_ins), ("deletion", keep_del)):
+            X = u[:, None] * keep[:, :, None, :].to(u.dtype)  # (m, k+1, P, k)
+            logits = head(X.reshape(m * (k + 1), *u.shape[1:])).reshape(m, k + 1, -1)
+            probs = torch.softmax(logits.float(), dim=-1)
+            out[name][0].append(probs.gather(2, t[:, None, None].expand(m, k + 1, 1)).squeeze(2))
+            out[name][1].append(logits.argmax(dim=-1) == lab[:, None])
+    return InsertionDeletion(
+        insertion=_curve(torch.cat(out["insertion"][0]), torch.cat(out["insertion"][1])),
+        deletion=_curve(torch.cat(out["deletion"][0]), torch.cat(out["deletion"][1])),
+    )

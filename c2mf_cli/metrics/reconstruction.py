@@ -1,0 +1,108 @@
+"""Reconstruction metrics (METHOD.md sections 4.4, 4.5 and 4.8).
+
+Notation: A (rows, c) activations, A_hat = U W their reconstruction. Per-class reconstruction accuracy feeds
+h(U W) and compares its prediction with the labels and with the model's own prediction on A. Consistency is
+MSE(A, U W) on train and on test and their difference (train - test). Fit quality is the relative error
+||A - A_hat||_F / ||A||_F and R^2 = 1 - SS_res / SS_tot with SS_tot around the per-channel mean.
+
+Stores are read class by class, so MSE and fit quality are accumulated (`FitAccumulator`) in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import C2MFError
+from ._common import as_numpy
+
+
+def per_class_accuracy(
+    recon_logits: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    model_logits: np.ndarray | torch.Tensor | None = None,
+    groups: np.ndarray | torch.Tensor | None = None,
+) -> dict:
+    """Accuracy of h(U W) for each class and its mean and std over classes.
+
+    recon_logits (n, n_outputs): logits of the reconstructions; labels (n,): true output index; model_logits
+    (n, n_outputs): the model's logits on the original activations (for the agreement score); groups (n,): the
+    class each image belongs to (default: its label). Returns `accuracy` (vs labels) and, when model logits are
+    given, `agreement` (vs the model's prediction), each {mean, std, per_class: {group: value}}; std is the
+    population std over classes. Also `n_images`.
+    """
+    pred = as_numpy(recon_logits).argmax(axis=1)
+    labels = as_numpy(labels).astype(np.int64).reshape(-1)
+    if pred.shape[0] != labels.shape[0]:
+        raise C2MFError(f"{pred.shape[0]} reconstructions for {labels.shape[0]} labels")
+    groups = labels if groups is None else as_numpy(groups).reshape(-1)
+    targets = {"accuracy": labels}
+    if model_logits is not None:
+        targets["agreement"] = as_numpy(model_logits).argmax(axis=1)
+    out: dict = {"n_images": int(pred.shape[0])}
+    keys = np.unique(groups)
+    for name, ref in targets.items():
+        per = {str(g): float((pred[groups == g] == ref[groups == g]).mean()) for g in keys}
+        vals = np.array(list(per.values()))
+        out[name] = {
+            "mean": float(vals.mean()) if vals.size else math.nan,
+            "std": float(vals.std()) if vals.size else math.nan,
+            "per_class": per,
+        }
+    return out
+
+
+@dataclass
+class FitAccumulator:
+    """Streams (A, A_hat) blocks and returns MSE, relative error and R^2 over all of them.
+
+    MSE is the mean over all entries; R^2 uses the per-channel mean of A over every block seen, computed from
+    running sums (float64, so cancellation is harmless at these sizes).
+    """
+
+    n_rows: int = 0
+    sse: float = 0.0
+    sum_sq: float = 0.0
+    col_sum: np.ndarray | None = field(default=None, repr=False)
+
+    def update(self, A: np.ndarray | torch.Tensor, A_hat: np.ndarray | torch.Tensor) -> None:
+        if tuple(A.shape) != tuple(A_hat.shape) or len(A.shape) != 2:
+            raise C2MFError(f"activations {tuple(A.shape)} and reconstruction {tuple(A_hat.shape)} must be equal 2-D")
+        if isinstance(A, torch.Tensor) and isinstance(A_hat, torch.Tensor):
+            A64, R64 = A.detach().double(), (A.detach() - A_hat.detach()).double()
+            sse, sum_sq, col = float((R64 * R64).sum()), float((A64 * A64).sum()), A64.sum(0).cpu().numpy()
+        else:
+            A64, Ah = as_numpy(A, np.float64), as_numpy(A_hat, np.float64)
+            sse, sum_sq, col = float(((A64 - Ah) ** 2).sum()), float((A64**2).sum()), A64.sum(0)
+        self.n_rows += int(A.shape[0])
+        self.sse += sse
+        self.sum_sq += sum_sq
+        self.col_sum = col if self.col_sum is None else self.col_sum + col
+
+    def result(self) -> dict:
+        """mse, relative_error, r2, n_rows (NaN when nothing was seen)."""
+        if self.n_rows == 0 or self.col_sum is None:
+            return {"mse": math.nan, "relative_error": math.nan, "r2": math.nan, "n_rows": 0}
+        n_entries = self.n_rows * self.col_sum.shape[0]
+        ss_tot = self.sum_sq - float((self.col_sum**2).sum()) / self.n_rows
+        return {
+            "mse": self.sse / n_entries,
+            "relative_error": math.sqrt(self.sse / self.sum_sq) if self.sum_sq > 0 else math.nan,
+            "r2": 1.0 - self.sse / ss_tot if ss_tot > 0 else math.nan,
+            "n_rows": self.n_rows,
+        }
+
+
+def fit_quality(A: np.ndarray | torch.Tensor, A_hat: np.ndarray | torch.Tensor) -> dict:
+    """MSE, relative error and R^2 of one (rows, c) reconstruction."""
+    acc = FitAccumulator()
+    acc.update(A, A_hat)
+    return acc.result()
+
+
+def consistency(train_mse: float, test_mse: float) -> dict:
+    """Train and test MSE and their difference (train - test); a smaller |difference| is more consistent."""
+    return {"train_mse": train_mse, "test_mse": test_mse, "difference": train_mse - test_mse}
