@@ -133,3 +133,24 @@ def test_insertion_deletion_rejects_bad_ranking():
     head = linear_head(torch.randn(4, 2), torch.zeros(2))
     with pytest.raises(C2MFError, match="ranking has shape"):
         insertion_deletion(U, head, torch.tensor([0, 1]), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_side_input_reaches_the_head_with_the_right_image():
+    # a ViT-like head needs each image's own prefix (CLS) token next to its codes
+    torch.manual_seed(3)
+    M = torch.randn(4, 3)
+    side = torch.randn(5, 1, 3) * 10
+    head = lambda U, cls: U.mean(1) @ M + cls[:, 0] + (U.mean(1) @ M) * cls[:, 0]  # noqa: E731
+    U = torch.rand(5, 2, 4)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    ig = integrated_gradients(U, head, t, side=side, batch_size=40)
+    gc = gradcam(U, head, t, side=side, batch_size=2)
+    ins = insertion_deletion(U, head, t, ranking(gc), side=side, batch_size=7)
+    for i in range(5):
+        one = lambda X, i=i: head(X, side[i : i + 1].expand(X.shape[0], 1, 3))  # noqa: E731
+        torch.testing.assert_close(integrated_gradients(U[i : i + 1], one, t[i : i + 1]).attributions, ig.attributions[i : i + 1])
+        torch.testing.assert_close(gradcam(U[i : i + 1], one, t[i : i + 1]), gc[i : i + 1])
+    assert ig.completeness_error.abs().max() < 1e-3
+    with torch.no_grad():
+        full = torch.softmax(head(U, side), 1)[torch.arange(5), t].mean().item()
+    assert ins.insertion.prob[-1] == pytest.approx(full, rel=1e-5)

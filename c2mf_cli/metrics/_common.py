@@ -10,10 +10,19 @@ import torch
 
 from ..errors import C2MFError
 
-Head = Callable[[torch.Tensor], torch.Tensor]
+Head = Callable[..., torch.Tensor]
 """`head(U) -> logits`: codes (m, P, k) to logits (m, n_outputs), differentiable in U.
 
-The caller builds it as `h(from_store(U @ W))`; it must treat rows independently (eval mode)."""
+The caller builds it as `h(from_store(U @ W))`; it must treat rows independently (eval mode). When a metric is
+given a per-image `side` input (for a ViT, the stored CLS/prefix tokens that h also needs), the head is called
+as `head(U, side_rows)` with side_rows[i] belonging to the image of U[i]."""
+
+
+def call_head(head: Head, X: torch.Tensor, side: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor:
+    """head(X), or head(X, side[image_index]) when a per-image side input is given."""
+    if side is None:
+        return head(X)
+    return head(X, side[image_index])
 
 
 def as_numpy(x: np.ndarray | torch.Tensor | list | tuple, dtype: type | None = None) -> np.ndarray:

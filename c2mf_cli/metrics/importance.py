@@ -16,33 +16,46 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Head, check_codes, chunk_size
+from ._common import Head, call_head, check_codes, chunk_size
 
 IGRule = Literal["gausslegendre", "trapezoid"]
 
 
-def _target_logit_grad(head: Head, X: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits of X (m,) and their gradient with respect to X (rows are independent, so one backward)."""
+def _target_logit_grad(
+    head: Head, X: torch.Tensor, targets: torch.Tensor, side: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits of X (m,) and their gradient with respect to X (rows are independent, so one backward).
+
+    `side`, when given, is already one row per row of X."""
     X = X.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = head(X)
+        logits = head(X) if side is None else head(X, side)
         sel = logits.gather(1, targets[:, None]).squeeze(1)
         (grad,) = torch.autograd.grad(sel.sum(), X)
     return sel.detach(), grad
 
 
-def gradcam(U: torch.Tensor, head: Head, targets: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+def gradcam(
+    U: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor,
+    *,
+    side: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """Grad-CAM importance of each concept, shape (n, k).
 
     weight_j = mean_p d logit_c / d U[p, j] and importance_j = weight_j * mean_p U[p, j]: the first-order
     effect on the class logit of the concept's average activation, as Grad-CAM does with channels.
+    `side`: optional per-image input the head also needs (see `_common.Head`).
     """
     U, targets = check_codes(U, targets)
     out = []
     step = chunk_size(1, batch_size)
     for s in range(0, U.shape[0], step):
         u = U[s : s + step]
-        _, grad = _target_logit_grad(head, u, targets[s : s + step])
+        sd = None if side is None else side[s : s + step]
+        _, grad = _target_logit_grad(head, u, targets[s : s + step], sd)
         out.append(grad.mean(dim=1) * u.detach().mean(dim=1))
     return torch.cat(out) if out else U.new_zeros((0, U.shape[2]))
 
@@ -86,13 +99,15 @@ def integrated_gradients(
     *,
     steps: int = 32,
     rule: IGRule = "gausslegendre",
+    side: torch.Tensor | None = None,
     batch_size: int = 1024,
 ) -> IGResult:
     """Integrated Gradients from U = 0 to U, batched over the steps of the path.
 
     The baseline "no concept present" is U = 0, the natural zero of the codes. `rule` picks the quadrature
     (Gauss-Legendre, as captum does by default, converges faster on smooth heads; the trapezoid rule includes
-    both ends). `batch_size` bounds the rows (image x step) fed to the head at once.
+    both ends). `batch_size` bounds the rows (image x step) fed to the head at once. `side`: optional per-image
+    input the head also needs (see `_common.Head`).
     """
     if steps < 2:
         raise C2MFError(f"Integrated Gradients needs at least 2 steps, got {steps}: use 32 or more")
@@ -108,11 +123,15 @@ def integrated_gradients(
         t = targets[s : s + step]
         m = u.shape[0]
         path = alphas[None, :, None, None] * u[:, None]  # (m, S, P, k)
-        _, grad = _target_logit_grad(head, path.reshape(m * n_pts, *u.shape[1:]), t.repeat_interleave(n_pts))
+        sd = None if side is None else side[s : s + step]
+        rows = torch.arange(m, device=U.device).repeat_interleave(n_pts)
+        _, grad = _target_logit_grad(
+            head, path.reshape(m * n_pts, *u.shape[1:]), t[rows], None if sd is None else sd[rows]
+        )
         avg_grad = (grad.reshape(m, n_pts, *u.shape[1:]) * weights[None, :, None, None]).sum(dim=1)
         attributions.append((u * avg_grad).sum(dim=1))
         with torch.no_grad():
-            ends = head(torch.cat([u, torch.zeros_like(u)]))
+            ends = call_head(head, torch.cat([u, torch.zeros_like(u)]), sd, torch.arange(m, device=U.device).repeat(2))
             sel = ends.gather(1, torch.cat([t, t])[:, None]).squeeze(1)
         logits.append(sel[:m])
         base_logits.append(sel[m:])

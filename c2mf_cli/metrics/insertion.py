@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Head, check_codes, chunk_size, trapezoid_auc
+from ._common import Head, call_head, check_codes, chunk_size, trapezoid_auc
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,14 @@ def insertion_deletion(
     order: torch.Tensor,
     *,
     labels: torch.Tensor | None = None,
+    side: torch.Tensor | None = None,
     batch_size: int = 1024,
 ) -> InsertionDeletion:
     """Insertion and deletion curves of concepts ranked by `order` (n, k), most important first.
 
     `labels` (n,) decide accuracy (default: the targets, i.e. agreement with the class explained).
-    `batch_size` bounds the rows (image x step) fed to the head at once.
+    `batch_size` bounds the rows (image x step) fed to the head at once. `side`: optional per-image input the
+    head also needs (see `_common.Head`).
     """
     U, targets = check_codes(U, targets)
     n, _, k = U.shape
@@ -110,9 +112,11 @@ def insertion_deletion(
         u, t, lab = U[s : s + step], targets[s : s + step], labels[s : s + step]
         m = u.shape[0]
         keep_ins, keep_del = step_masks(order[s : s + step])
+        sd = None if side is None else side[s : s + step]
+        rows = torch.arange(m, device=U.device).repeat_interleave(k + 1)
         for name, keep in (("insertion", keep_ins), ("deletion", keep_del)):
             X = u[:, None] * keep[:, :, None, :].to(u.dtype)  # (m, k+1, P, k)
-            logits = head(X.reshape(m * (k + 1), *u.shape[1:])).reshape(m, k + 1, -1)
+            logits = call_head(head, X.reshape(m * (k + 1), *u.shape[1:]), sd, rows).reshape(m, k + 1, -1)
             probs = torch.softmax(logits.float(), dim=-1)
             out[name][0].append(probs.gather(2, t[:, None, None].expand(m, k + 1, 1)).squeeze(2))
             out[name][1].append(logits.argmax(dim=-1) == lab[:, None])
