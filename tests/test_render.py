@@ -1,0 +1,175 @@
+"""Geometry of the preprocessing, heatmaps on the original image, and the figures of c2mf_cli.render."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from c2mf_cli.errors import C2MFError
+from c2mf_cli.render import (
+    ConceptPanel,
+    atlas_concept_figure,
+    atlas_overview_figure,
+    explanation_figure,
+    geometry_from_preprocess,
+    heatmap_to_original,
+    input_geometry,
+    open_image,
+    save_figure,
+)
+
+SIZES = [(227, 227), (300, 200), (200, 300), (481, 97), (64, 640), (180, 240), (150, 150)]
+
+
+def _timm_eval_geometry(H: int, W: int, input_size: tuple[int, int], crop_pct: float):
+    """Run timm's real eval transform (resize + centre crop) on coordinate images: for every model-input pixel,
+    the original (y, x) it was interpolated from. A linear ramp stays linear under bilinear resampling, so
+    away from the borders this is exact."""
+    from timm.data import create_transform
+
+    t = create_transform(input_size=(3, *input_size), crop_pct=crop_pct, interpolation="bilinear")
+    geo_steps = t.transforms[:-2]  # resize, centre crop; drop ToTensor/Normalize (3-channel)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
+    out = []
+    for ramp in (yy, xx):
+        im = Image.fromarray(ramp, mode="F")
+        for step in geo_steps:
+            im = step(im)
+        out.append(np.asarray(im))
+    return np.stack(out, axis=-1)  # (h, w, 2) original coordinates
+
+
+@pytest.mark.parametrize("H,W", SIZES)
+@pytest.mark.parametrize("input_size,crop_pct", [((224, 224), 0.875), ((32, 32), 1.0), ((160, 224), 0.9)])
+def test_input_to_original_matches_timm_transform(H, W, input_size, crop_pct):
+    geo = input_geometry((H, W), input_size, crop_pct=crop_pct)
+    truth = _timm_eval_geometry(H, W, input_size, crop_pct)
+    assert truth.shape[:2] == geo.input_size
+    h, w = input_size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    mapped = geo.input_to_original(np.stack([yy, xx], axis=-1))
+    # interior only: at the image border the resampling filter clamps and the ramp bends
+    sy, sx = geo.scale
+    m = int(np.ceil(2 * max(sy, sx, 1.0))) + 1
+    inner = (mapped[..., 0] > m) & (mapped[..., 0] < H - m) & (mapped[..., 1] > m) & (mapped[..., 1] < W - m)
+    assert inner.mean() > 0.5
+    # PIL's resampling kernels are truncated, so a ramp is reproduced to ~0.07 px, not exactly; an off-by-one
+    # in the resize or crop would move every point by a whole resized pixel (>= 0.8 original px here)
+    np.testing.assert_allclose(mapped[inner], truth[inner], atol=0.1 * max(sy, sx, 1.0))
+
+
+def test_geometry_roundtrip_and_crop_box():
+    geo = input_geometry((300, 500), 224, crop_pct=0.875)
+    assert geo.resized == (256, 426)
+    assert geo.crop_offset == (16, 101)
+    pts = np.array([[0.0, 0.0], [10.5, 200.25], [224.0, 224.0]])
+    np.testing.assert_allclose(geo.original_to_input(geo.input_to_original(pts)), pts)
+    l, t, r, b = geo.crop_box()
+    assert 0 < l < r < 500 and 0 < t < b < 300
+    assert abs((r - l) / (b - t) - 1.0) < 1e-2  # square stays square (up to the resize's truncation)
+    assert input_geometry((10, 10), 32, resize=32).crop_offset == (0, 0)
+    assert input_geometry((20, 40), 32, crop_mode="squash").scale == (20 / 32, 40 / 32)
+
+
+def test_geometry_from_preprocess_dict_and_object():
+    d = {"input_size": (3, 224, 224), "crop_pct": 0.875}
+    assert geometry_from_preprocess(d, (300, 400)) == input_geometry((300, 400), 224, crop_pct=0.875)
+
+    class P:
+        input_size = (224, 224)
+        resize = 256
+        crop_pct = None
+
+    assert geometry_from_preprocess(P(), (300, 400)).resized == (256, 341)
+    with pytest.raises(C2MFError, match="input_size"):
+        geometry_from_preprocess({}, (10, 10))
+
+
+@pytest.mark.parametrize("H,W", [(227, 227), (300, 200), (120, 480)])
+def test_heatmap_cell_lands_on_its_region(H, W):
+    """A single hot grid cell peaks, on the original image, at the centre of the region that cell saw."""
+    geo = input_geometry((H, W), 224, crop_pct=0.875)
+    for cell in [(0, 0), (3, 5), (6, 6)]:
+        hm = np.zeros((7, 7))
+        hm[cell] = 1.0
+        values, seen = heatmap_to_original(hm, geo)
+        assert values.shape == (H, W) and seen.shape == (H, W)
+        centre = geo.input_to_original(np.array([(cell[0] + 0.5) * 32, (cell[1] + 0.5) * 32]))
+        cy, cx = int(centre[0]), int(centre[1])
+        assert values[cy, cx] > 0.9  # the cell's value sits at the centre of what it saw...
+        if cell[1] < 6:  # ...and is gone one cell further right
+            assert values[cy, min(int(centre[1] + 32 * geo.scale[1]), W - 1)] < 0.05
+    # a constant heatmap stays constant; the seen mask is the crop
+    values, seen = heatmap_to_original(np.full((7, 7), 2.0), geo)
+    np.testing.assert_allclose(values, 2.0, rtol=1e-6)
+    l, t, r, b = geo.crop_box()
+    assert seen.sum() == pytest.approx((r - l) * (b - t), rel=0.05)
+
+
+def test_heatmap_downscaled_render_matches_full():
+    geo = input_geometry((400, 600), 224, crop_pct=0.875)
+    hm = np.random.default_rng(0).random((7, 7))
+    full, _ = heatmap_to_original(hm, geo)
+    small, _ = heatmap_to_original(hm, geo, out_size=(200, 300))
+    np.testing.assert_allclose(small, full[::2, ::2], atol=0.05)
+
+
+def test_cell_box_is_inside_and_constant_size():
+    geo = input_geometry((227, 300), 224, crop_pct=0.875)
+    boxes = [geo.cell_box((i, j), (7, 7), window=2.0) for i in range(7) for j in range(7)]
+    sizes = {(r - l, b - t) for l, t, r, b in boxes}
+    assert len(sizes) == 1
+    for l, t, r, b in boxes:
+        assert 0 <= l < r <= 300 and 0 <= t < b <= 227
+    l, t, r, b = geo.cell_box((3, 3), (7, 7), window=1.0)
+    cy, cx = geo.input_to_original(np.array([3.5 * 32, 3.5 * 32]))
+    assert abs((l + r) / 2 - cx) <= 1 and abs((t + b) / 2 - cy) <= 1
+
+
+def test_open_image_errors(tmp_path):
+    with pytest.raises(C2MFError, match="does not exist"):
+        open_image(tmp_path / "nope.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(C2MFError, match="cannot read image"):
+        open_image(bad)
+    Image.new("L", (5, 7)).save(tmp_path / "g.png")
+    assert open_image(tmp_path / "g.png").mode == "RGB"
+
+
+def _panels(n: int, signed: bool = False) -> list[ConceptPanel]:
+    rng = np.random.default_rng(1)
+    return [
+        ConceptPanel(j, float(1.0 / (j + 1)), rng.random((7, 7)) - (0.5 if signed else 0.0)) for j in range(n)
+    ]
+
+
+@pytest.mark.parametrize("n,signed", [(5, False), (3, True), (8, False)])
+def test_explanation_figure_panels_and_size(tmp_path, n, signed):
+    img = np.random.default_rng(0).integers(0, 255, (180, 260, 3), dtype=np.uint8)
+    geo = input_geometry((180, 260), 224, crop_pct=0.875)
+    fig = explanation_figure(img, geo, [("cat", 0.7), ("dog", 0.2)], _panels(n, signed), title="x.jpg",
+                             explained="cat", importance_label="Grad-CAM")
+    titles = [ax.get_title() for ax in fig.axes]
+    concept_titles = [t for t in titles if t.startswith("#")]
+    assert len(concept_titles) == n
+    assert "concept 0" in concept_titles[0] and "Grad-CAM 1" in concept_titles[0]
+    path = save_figure(fig, tmp_path / "fig.png")
+    with Image.open(path) as im:
+        w, h = im.size
+    assert 600 < w < 2200 and 400 < h < 2400
+
+
+def test_atlas_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8) for i in range(6)]
+    fig = atlas_concept_figure(3, crops, list(range(6, 0, -1)), [f"img{i}" for i in range(6)], ncols=3)
+    assert sum(1 for ax in fig.axes if ax.get_title()) == 6
+    save_figure(fig, tmp_path / "c.png")
+    fig = atlas_overview_figure([(0, crops), (1, crops[:2])], names={0: "red"}, per_row=4)
+    assert len(fig.axes) == 8
+    assert "red" in fig.axes[0].get_ylabel()
+    save_figure(fig, tmp_path / "o.png")
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
