@@ -20,19 +20,46 @@ from ._common import Head, call_head, check_codes, chunk_size, trapezoid_auc
 
 @dataclass(frozen=True)
 class CurveResult:
-    """One curve family (insertion or deletion), averaged over images.
+    """One curve family (insertion or deletion) over a set of images.
 
-    x: (k+1,) fractions of concepts inserted/deleted. prob: (k+1,) mean probability of the target class.
-    accuracy: (k+1,) fraction of images whose prediction equals the label. prob_auc, accuracy_auc: trapezoid
-    areas on [0, 1]. image_prob_auc: (n,) per image.
+    image_prob: (n, k+1) probability of the target class at each step, per image. image_correct: (n, k+1)
+    whether the prediction equals the label. The properties average over images; `concat` pools image sets
+    (e.g. classes evaluated one after another).
     """
 
-    x: np.ndarray
-    prob: np.ndarray
-    accuracy: np.ndarray
-    prob_auc: float
-    accuracy_auc: float
-    image_prob_auc: np.ndarray
+    image_prob: np.ndarray
+    image_correct: np.ndarray
+
+    @property
+    def x(self) -> np.ndarray:
+        """Fractions of concepts inserted/deleted, (k+1,)."""
+        return np.linspace(0.0, 1.0, self.image_prob.shape[1])
+
+    @property
+    def prob(self) -> np.ndarray:
+        return self.image_prob.mean(axis=0)
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return self.image_correct.mean(axis=0)
+
+    @property
+    def prob_auc(self) -> float:
+        return trapezoid_auc(self.prob)
+
+    @property
+    def accuracy_auc(self) -> float:
+        return trapezoid_auc(self.accuracy)
+
+    @property
+    def image_prob_auc(self) -> np.ndarray:
+        return np.trapezoid(self.image_prob, dx=1.0 / (self.image_prob.shape[1] - 1), axis=1)
+
+    @staticmethod
+    def concat(parts: "list[CurveResult]") -> "CurveResult":
+        return CurveResult(
+            np.concatenate([p.image_prob for p in parts]), np.concatenate([p.image_correct for p in parts])
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -41,6 +68,7 @@ class CurveResult:
             "accuracy": self.accuracy.tolist(),
             "prob_auc": self.prob_auc,
             "accuracy_auc": self.accuracy_auc,
+            "n_images": int(self.image_prob.shape[0]),
         }
 
 
@@ -51,6 +79,12 @@ class InsertionDeletion:
 
     def to_dict(self) -> dict:
         return {"insertion": self.insertion.to_dict(), "deletion": self.deletion.to_dict()}
+
+    @staticmethod
+    def concat(parts: "list[InsertionDeletion]") -> "InsertionDeletion":
+        return InsertionDeletion(
+            CurveResult.concat([p.insertion for p in parts]), CurveResult.concat([p.deletion for p in parts])
+        )
 
 
 def step_masks(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +102,7 @@ def step_masks(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _curve(prob: torch.Tensor, correct: torch.Tensor) -> CurveResult:
-    p = prob.double().cpu().numpy()
-    acc = correct.double().cpu().numpy().mean(axis=0)
-    k1 = p.shape[1]
-    return CurveResult(
-        x=np.linspace(0.0, 1.0, k1),
-        prob=p.mean(axis=0),
-        accuracy=acc,
-        prob_auc=trapezoid_auc(p.mean(axis=0)),
-        accuracy_auc=trapezoid_auc(acc),
-        image_prob_auc=np.trapezoid(p, dx=1.0 / (k1 - 1), axis=1),
-    )
+    return CurveResult(prob.double().cpu().numpy(), correct.cpu().numpy().astype(np.float64))
 
 
 @torch.no_grad()
