@@ -1,0 +1,379 @@
+"""`extract`: run a model over an image dataset and write per-class activations at one layer to a store.
+
+Whole-image mode stores every position of the layer's map (what C2MF learns from); crop mode stores, for each
+crop of each image (CRAFT's grid by default), the layer's map mean-pooled over positions (what CRAFT learns
+from) and the model's logits on the crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, read_image, resolve_dataset
+from .devices import resolve_device
+from .errors import C2MFError, UsageError
+from .models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
+from .progress import ProgressFn, no_progress
+from .store import (
+    ActivationStore,
+    ClassPlan,
+    StoreWriter,
+    Unit,
+    create_layout,
+    fingerprint,
+    plan_units,
+)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "ShardSpec":
+        """`i/n` (0-based), or None/"auto": from torchrun (RANK, WORLD_SIZE) or a SLURM array, else 0/1."""
+        if text is None or text == "auto":
+            return cls.from_environment()
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise UsageError(f"--shard must look like i/n (for example 0/4), got {text!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise UsageError(f"--shard {text}: need 0 <= i < n")
+        return cls(i, n)
+
+    @classmethod
+    def from_environment(cls) -> "ShardSpec":
+        env = os.environ
+        if "WORLD_SIZE" in env and "RANK" in env:
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]))
+        if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+        return cls(0, 1)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `extract` needs; the parts that determine the store's content go into its fingerprint."""
+
+    model: ModelSpec
+    layer: str
+    data: DatasetSpec
+    out: str
+    mode: Literal["full", "crops"] = "full"
+    crops: CropSpec = field(default_factory=CropSpec)
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    chunk_images: int = 64
+    seed: int = 0
+    strict: bool = False
+    channels_last: bool = True
+    preprocess_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.mode not in ("full", "crops"):
+            raise UsageError(f"unknown mode {self.mode!r}: use full or crops")
+        if self.dtype not in ("float16", "float32"):
+            raise UsageError(f"unknown dtype {self.dtype!r}: use float16 or float32")
+        if self.autocast not in ("none", "bf16", "fp16"):
+            raise UsageError(f"unknown autocast {self.autocast!r}: use none, bf16 or fp16")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.chunk_images < 1:
+            raise UsageError(f"--chunk-images must be at least 1, got {self.chunk_images}")
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    created: bool
+    complete: bool
+    shard: ShardSpec
+    units_total: int
+    units_done_now: int
+    units_skipped: int
+    images: int
+    seconds: float
+    images_per_second: float
+    failures: list[dict[str, str]]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shard"] = f"{self.shard.index}/{self.shard.count}"
+        return d
+
+
+class _Images(Dataset):
+    """Preprocessed images (or their crops) of the pending units; unreadable images come back as failures."""
+
+    def __init__(self, entries: list[tuple[int, str]], preprocess: Preprocess, crops: CropSpec | None) -> None:
+        self.entries = entries
+        self.preprocess = preprocess
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        slot, path = self.entries[i]
+        h, w = self.preprocess.size
+        c = self.preprocess.input_size[0]
+        n = self.crops.n_crops(h, w) if self.crops is not None else 1
+        try:
+            x = self.preprocess(read_image(path))
+            error = ""
+        except C2MFError as e:
+            x, error = torch.zeros(c, h, w), str(e)
+        if self.crops is not None:
+            x = make_crops(x, self.crops.boxes(h, w, image_key=path)) if not error else torch.zeros(n, c, h, w)
+        else:
+            x = x[None]
+        return slot, path, x, error
+
+
+def _collate(batch):
+    slots, paths, xs, errors = zip(*batch)
+    return list(slots), list(paths), torch.cat(xs, 0), list(errors), [x.shape[0] for x in xs]
+
+
+def _pool(a: torch.Tensor, split: Split) -> torch.Tensor:
+    """Mean over positions (CRAFT pools each crop's map); ViT: over the patch tokens."""
+    if split.layout == "nchw":
+        return a.mean(dim=(2, 3))
+    if split.layout == "tokens":
+        return a[:, split.num_prefix_tokens :].mean(dim=1)
+    return a
+
+
+def _files_digest(items: list[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.path}\t{it.class_name}\t{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def _store_config(cfg: ExtractConfig, lm: LoadedModel, split: Split, items: list[Item], n_outputs: int) -> dict:
+    data = cfg.data.to_dict()
+    data["root"] = str(Path(cfg.data.root).expanduser().resolve())
+    if data.get("class_index"):
+        data["class_index"] = str(Path(data["class_index"]).expanduser().resolve())
+    model = lm.spec.to_dict()
+    if model.get("checkpoint"):
+        model["checkpoint"] = str(Path(model["checkpoint"]).expanduser().resolve())
+    if ":" in model["name"]:
+        target, _, fn = model["name"].rpartition(":")
+        if target.endswith(".py"):
+            model["name"] = f"{Path(target).expanduser().resolve()}:{fn}"
+    model["weights_sha256"] = lm.weights_sha256
+    return {
+        "model": model,
+        "layer": cfg.layer,
+        "split_info": split.describe(),
+        "preprocess": lm.preprocess.to_dict(),
+        "mode": cfg.mode,
+        "crops": cfg.crops.to_dict() if cfg.mode == "crops" else None,
+        "data": data,
+        "files_sha256": _files_digest(items),
+        "n_images": len(items),
+        "n_outputs": n_outputs,
+        "dtype": cfg.dtype,
+        "autocast": cfg.autocast,
+        "chunk_images": cfg.chunk_images,
+        "seed": cfg.seed,
+        "c2mf_version": __version__,
+    }
+
+
+def _explain_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    labels = {"model": "model or weights", "files_sha256": "image list", "data": "data/split", "layer": "layer"}
+    return ", ".join(labels.get(k, k) for k in keys) or "its fingerprint"
+
+
+def _open_existing(path: Path, config: dict[str, Any]) -> StoreWriter:
+    store = ActivationStore.open(path, require_complete=False)
+    if store.fingerprint != fingerprint(config):
+        raise C2MFError(
+            f"{str(path)!r} holds activations of another configuration (differs in: "
+            f"{_explain_mismatch(store.config, config)}): choose another --out, or delete it to start over"
+        )
+    return StoreWriter(path)
+
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def extract(
+    cfg: ExtractConfig,
+    *,
+    shard: ShardSpec = ShardSpec(),
+    progress: ProgressFn = no_progress,
+    log=lambda msg: None,
+) -> ExtractResult:
+    """Create (or resume) the store `cfg.out` and compute this shard's units. Idempotent."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    lm = load_model(cfg.model, seed=cfg.seed, preprocess_overrides=cfg.preprocess_overrides)
+    if not lm.preprocess_declared:
+        log(
+            "warning: the model declares no pretrained_cfg; using ImageNet defaults "
+            f"{lm.preprocess.to_dict()} (override with --input-size/--mean/--std/--crop-pct)"
+        )
+    split = split_model(lm.model, cfg.layer, lm.preprocess.input_size)
+    with torch.no_grad():
+        n_outputs = int(split.h(split.g(torch.zeros(1, *lm.preprocess.input_size))).shape[-1])
+    items = resolve_dataset(cfg.data, num_outputs=n_outputs)
+
+    h, w = lm.preprocess.size
+    crops = cfg.crops if cfg.mode == "crops" else None
+    if crops is not None:
+        check_crop_geometry(crops, h, w)
+    per_image = crops.n_crops(h, w) if crops is not None else 1
+    row_shape = (split.channels,) if cfg.mode == "crops" else split.store_shape
+    classes: list[ClassPlan] = []
+    for name in dict.fromkeys(it.class_name for it in items):
+        mine = [it for it in items if it.class_name == name]
+        classes.append(ClassPlan(name, mine[0].label, tuple(it.path for it in mine), per_image))
+    config = _store_config(cfg, lm, split, items, n_outputs)
+
+    out = Path(cfg.out).expanduser()
+    created = False
+    if out.exists():
+        writer = _open_existing(out, config)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        created = create_layout(
+            out, config=config, classes=classes, row_shape=row_shape, n_outputs=n_outputs,
+            chunk_images=cfg.chunk_images, dtype=cfg.dtype,
+        )
+        writer = StoreWriter(out) if created else _open_existing(out, config)
+
+    units = plan_units(classes, cfg.chunk_images)
+    mine = [u for i, u in enumerate(units) if i % shard.count == shard.index]
+    done = writer.done_units()
+    pending = [u for u in mine if u.name not in done]
+    n_images = sum(u.stop - u.start for u in pending)
+    if pending:
+        _run_units(writer, pending, classes, split, lm, cfg, device, crops, per_image, progress, log)
+    complete = bool(writer.attrs.get("complete"))
+    if not complete and len(writer.done_units()) >= len(units):
+        writer.finalize()
+        complete = True
+    elif not complete:
+        log(f"shard {shard.index}/{shard.count} done; the store is finalized when every shard has finished")
+    seconds = time.perf_counter() - t0
+    store = ActivationStore.open(out, require_complete=False)
+    failures = store.failures if complete else []
+    return ExtractResult(
+        path=str(out), created=created, complete=complete, shard=shard, units_total=len(units),
+        units_done_now=len(pending), units_skipped=len(mine) - len(pending), images=n_images, seconds=seconds,
+        images_per_second=n_images / seconds if seconds > 0 else 0.0, failures=failures,
+        summary=store.summary() if complete else {},
+    )
+
+
+def _run_units(
+    writer: StoreWriter,
+    pending: list[Unit],
+    classes: list[ClassPlan],
+    split: Split,
+    lm: LoadedModel,
+    cfg: ExtractConfig,
+    device: torch.device,
+    crops: CropSpec | None,
+    per_image: int,
+    progress: ProgressFn,
+    log,
+) -> None:
+    entries: list[tuple[int, str]] = []
+    for k, u in enumerate(pending):
+        entries.extend((k, p) for p in classes[u.y].paths[u.start : u.stop])
+    workers = _default_workers() if cfg.workers is None else cfg.workers
+    # In crop mode one image already makes many inputs; batch images so a batch holds about batch_size inputs.
+    images_per_batch = max(1, cfg.batch_size // per_image) if crops is not None else cfg.batch_size
+    loader = DataLoader(
+        _Images(entries, lm.preprocess, crops),
+        batch_size=images_per_batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    model = lm.model.to(device)
+    nchw = split.layout == "nchw"
+    if cfg.channels_last and nchw:
+        model = model.to(memory_format=torch.channels_last)
+    g, hd = split.g.to(device), split.h.to(device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+
+    need = [(u.stop - u.start) for u in pending]
+    bufs: dict[int, dict[str, list]] = {}
+    advance = progress(f"extract {cfg.layer}", len(entries))
+    for slots, paths, x, errors, counts in loader:
+        bad = [e for e in errors if e]
+        if bad and cfg.strict:
+            raise C2MFError(f"{bad[0]} (--strict stops at the first unreadable image; without it they are skipped)")
+        x = x.to(device, non_blocking=True)
+        if cfg.channels_last and nchw:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast:
+            a = g(x)
+            logits = hd(a)
+        a = _pool(a, split) if crops is not None else split.to_store(a)
+        a_np = a.float().cpu().numpy()
+        l_np = logits.float().cpu().numpy()
+        row = 0
+        for slot, path, err, n in zip(slots, paths, errors, counts):
+            b = bufs.setdefault(slot, {"a": [], "l": [], "v": [], "f": []})
+            b["a"].append(a_np[row : row + n])
+            b["l"].append(l_np[row : row + n])
+            b["v"].append(np.full(n, not err))
+            if err:
+                b["f"].append({"path": path, "error": err})
+                log(f"skipped: {err}")
+            row += n
+            if len(b["v"]) == need[slot]:
+                _flush(writer, pending[slot], per_image, b, np_dtype)
+                del bufs[slot]
+        advance(len(slots))
+
+
+def _flush(writer: StoreWriter, unit: Unit, per_image: int, b: dict[str, list], np_dtype) -> None:
+    a = np.concatenate(b["a"], 0)
+    logits = np.concatenate(b["l"], 0)
+    valid = np.concatenate(b["v"], 0)
+    if not np.isfinite(a[valid]).all() or not np.isfinite(logits[valid]).all():
+        raise C2MFError(
+            f"the model produced NaN or inf activations/logits in unit {unit.name}: check the checkpoint and "
+            "the preprocessing (or turn off --autocast)"
+        )
+    stored = a.astype(np_dtype)
+    if np_dtype == np.float16 and not np.isfinite(stored[valid]).all():
+        raise C2MFError(
+            f"activations in unit {unit.name} exceed the float16 range (max |a| = {np.abs(a).max():.3g}): "
+            "rerun with --dtype float32 and a new --out"
+        )
+    writer.write_unit(unit, per_image, stored, logits, valid, b["f"])
