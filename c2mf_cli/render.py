@@ -171,8 +171,12 @@ def input_geometry(
 
 
 def geometry_from_preprocess(preprocess: Any, original: tuple[int, int]) -> InputGeometry:
-    """`input_geometry` for a preprocessing description (the lead's `models.Preprocess`, a timm
-    `pretrained_cfg`-like dict or object): reads input_size, crop_pct, crop_mode and an optional resize."""
+    """The geometry of a preprocessing description for an image of size `original` (H, W).
+
+    For c2mf's own `models.Preprocess` this asks the object itself (`resized_size`) and uses its centre-crop
+    rounding, so the heatmaps follow exactly the pixels the model was fed; for a timm `pretrained_cfg`-like
+    dict or object it reads input_size, crop_pct, crop_mode and an optional resize.
+    """
 
     def get(name: str, default: Any = None) -> Any:
         if isinstance(preprocess, dict):
@@ -185,6 +189,13 @@ def geometry_from_preprocess(preprocess: Any, original: tuple[int, int]) -> Inpu
     size = tuple(int(s) for s in (size if not isinstance(size, int) else (size, size)))
     if len(size) == 3:
         size = size[1:]
+    H, W = int(original[0]), int(original[1])
+    resized_size = getattr(preprocess, "resized_size", None)
+    if callable(resized_size):
+        rw, rh = resized_size(W, H)
+        th, tw = size
+        return InputGeometry((H, W), (int(rh), int(rw)), (int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0))),
+                             (th, tw))
     resize = get("resize", None)
     if resize is None:
         resize = get("resize_size", None)

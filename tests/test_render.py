@@ -86,6 +86,35 @@ def test_geometry_from_preprocess_dict_and_object():
         geometry_from_preprocess({}, (10, 10))
 
 
+def _coordinate_image(H: int, W: int) -> Image.Image:
+    """RGB image whose pixel (y, x) stores x in R (+ high bits in B) and y in G (+ high bits in B)."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    rgb = np.stack([xx % 256, yy % 256, (xx // 256) + 16 * (yy // 256)], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+@pytest.mark.parametrize("H,W", SIZES + [(20, 29)])
+@pytest.mark.parametrize("size,crop_pct", [(224, 0.875), (32, 1.0), ((160, 224), 0.9)])
+def test_geometry_matches_c2mf_preprocess(H, W, size, crop_pct):
+    """Exactly the pixels `models.Preprocess` feeds the model: with nearest resampling, model-input pixel
+    (i, j) is the original pixel under the mapped centre."""
+    from c2mf_cli.models import Preprocess
+
+    h, w = (size, size) if isinstance(size, int) else size
+    pp = Preprocess(input_size=(3, h, w), crop_pct=crop_pct, interpolation="nearest")
+    geo = geometry_from_preprocess(pp, (H, W))
+    fed = np.asarray(pp.input_image(_coordinate_image(H, W))).astype(int)
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    mapped = geo.input_to_original(np.stack([yy, xx], axis=-1))
+    inside = (mapped[..., 0] >= 0) & (mapped[..., 0] < H) & (mapped[..., 1] >= 0) & (mapped[..., 1] < W)
+    got_x = fed[..., 0] + 256 * (fed[..., 2] % 16)
+    got_y = fed[..., 1] + 256 * (fed[..., 2] // 16)
+    # PIL's nearest picks floor(centre); allow the float rounding of an exact .0 boundary
+    assert np.mean(np.abs(got_x[inside] - np.floor(mapped[..., 1][inside])) <= 1) == 1.0
+    assert np.mean(np.abs(got_y[inside] - np.floor(mapped[..., 0][inside])) <= 1) == 1.0
+    assert np.mean(got_x[inside] == np.floor(mapped[..., 1][inside])) > 0.9
+
+
 @pytest.mark.parametrize("H,W", [(227, 227), (300, 200), (120, 480)])
 def test_heatmap_cell_lands_on_its_region(H, W):
     """A single hot grid cell peaks, on the original image, at the centre of the region that cell saw."""
