@@ -1,0 +1,261 @@
+"""ConceptDictionary: what `c2mf factorize` writes and `evaluate` / `explain` read.
+
+Notation: A (n, c) activations of one class, W (k, c) the dictionary rows (concepts), U (n, k) codes.
+
+Tensors (float32), by method:
+    W       (k, c) shared, or (n_classes, k, c) one dictionary per class.
+    gates   (n_classes, k) logits lambda of the per-class gates sigma(lambda) (c2mf only).
+    mean    (c,) or (n_classes, c) centring of PCA.
+    shift   () offset added to A before NMF when the user opted into `--shift` (A - min(A)).
+
+File format: one `.safetensors` file; the JSON metadata (method, every hyper-parameter, the source's
+provenance, loss history, fit time, device, c2mf version, `encoding-type` "c2mf-dictionary" and
+`encoding-version`) sits in the safetensors header under the key "c2mf". Written atomically (temporary name,
+then os.replace). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from . import __version__
+from .errors import C2MFError
+
+ENCODING_TYPE = "c2mf-dictionary"
+ENCODING_VERSION = 1
+_META_KEY = "c2mf"
+
+# Keys of a store's info that identify the model and layer; a dictionary only applies where they agree.
+_IDENTITY_KEYS = ("model", "model_spec", "weights_sha256", "layer", "layout", "n_features")
+
+Array = np.ndarray | torch.Tensor
+
+
+def _to_tensor(x: Array, device: torch.device) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    return x.to(device=device, dtype=torch.float32)
+
+
+def _like(result: torch.Tensor, template: Array) -> Array:
+    """Return numpy for numpy input, a tensor (on the dictionary's device) for tensor input."""
+    return result.cpu().numpy() if isinstance(template, np.ndarray) else result
+
+
+class ConceptDictionary:
+    """A learned concept dictionary with its provenance.
+
+    Args:
+        tensors: see the module docstring; at least "W".
+        meta: JSON-able metadata; must contain "method", "classes", "codes" ("nnls" or "projection").
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if "W" not in tensors:
+            raise C2MFError("a concept dictionary needs a tensor 'W'")
+        self.tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
+        self.meta = dict(meta)
+        self.meta.setdefault("encoding-type", ENCODING_TYPE)
+        self.meta.setdefault("encoding-version", ENCODING_VERSION)
+        self.meta.setdefault("c2mf_version", __version__)
+        self.meta.setdefault("classes", [])
+        self.meta.setdefault("codes", "nnls")
+        self.meta.setdefault("ridge", 0.0)
+        self.device = self.tensors["W"].device
+
+    # ----- shape and identity -----
+    @property
+    def method(self) -> str:
+        return str(self.meta.get("method", "?"))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def per_class(self) -> bool:
+        return self.tensors["W"].ndim == 3
+
+    @property
+    def n_concepts(self) -> int:
+        return int(self.tensors["W"].shape[-2])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.tensors["W"].shape[-1])
+
+    @property
+    def has_gates(self) -> bool:
+        return "gates" in self.tensors
+
+    def class_index(self, name: str) -> int:
+        """Position of class `name` (the `y` every method takes)."""
+        try:
+            return self.classes.index(name)
+        except ValueError:
+            raise C2MFError(f"class {name!r} is not in this dictionary; it has: {', '.join(self.classes)}") from None
+
+    def to(self, device: str | torch.device) -> "ConceptDictionary":
+        """The same dictionary with its tensors on `device`."""
+        return ConceptDictionary({k: v.to(device) for k, v in self.tensors.items()}, self.meta)
+
+    def _check_y(self, y: int | None) -> int | None:
+        needs_y = self.per_class or self.has_gates or self.tensors.get("mean", torch.zeros(1)).ndim == 2
+        if y is None:
+            if needs_y:
+                raise C2MFError(f"this {self.method} dictionary is per class: give the class index y")
+            return None
+        if not 0 <= int(y) < len(self.classes):
+            raise C2MFError(f"class index {y} out of range: the dictionary has {len(self.classes)} classes")
+        return int(y)
+
+    # ----- the contract -----
+    def gates(self, y: int) -> torch.Tensor:
+        """sigma(lambda_y), (k,): how much class y uses each concept (ones for methods without gates)."""
+        y = self._check_y(y)
+        if not self.has_gates:
+            return torch.ones(self.n_concepts, device=self.device)
+        return torch.sigmoid(self.tensors["gates"][y])
+
+    def basis(self, y: int | None = None) -> torch.Tensor:
+        """The (k, c) dictionary used for class y: diag(sigma(lambda_y)) W* for c2mf, W (or W[y]) otherwise."""
+        y = self._check_y(y)
+        W = self.tensors["W"]
+        if self.per_class:
+            W = W[y]
+        if self.has_gates:
+            W = torch.sigmoid(self.tensors["gates"][y])[:, None] * W
+        return W
+
+    def _mean(self, y: int | None) -> torch.Tensor | None:
+        mean = self.tensors.get("mean")
+        if mean is None:
+            return None
+        return mean[y] if mean.ndim == 2 else mean
+
+    def encode(self, A: Array, y: int | None = None, *, iters: int = 100, batch_size: int = 65536) -> Array:
+        """Codes of activations A (n, c) for class y: NNLS (U >= 0) or, for PCA, (A - mean) W^T.
+
+        For c2mf the codes carry the fit's ridge term (`meta["ridge"]`): it is what makes the gates act
+        (a concept with gate g costs ridge / g^2), so codes match the objective the dictionary was fitted on.
+        """
+        y = self._check_y(y)
+        a = _to_tensor(A, self.device)
+        if a.ndim != 2 or a.shape[1] != self.n_features:
+            raise C2MFError(f"activations of shape {tuple(a.shape)} do not match the dictionary's "
+                            f"{self.n_features} channels: expected (n, {self.n_features})")
+        W = self.basis(y)
+        if self.meta["codes"] == "projection":
+            mean = self._mean(y)
+            return _like((a - mean) @ W.T if mean is not None else a @ W.T, A)
+        if "shift" in self.tensors:
+            a = a + self.tensors["shift"]
+        from .methods.nnls import nnls  # lazy: the methods package imports this module
+
+        U = nnls(a, W, ridge=float(self.meta.get("ridge", 0.0)), iters=iters, batch_size=batch_size)
+        return _like(U, A)
+
+    def decode(self, U: Array, y: int | None = None) -> Array:
+        """Reconstruction U W (+ mean for PCA, - shift for shifted NMF), (n, c)."""
+        y = self._check_y(y)
+        u = _to_tensor(U, self.device)
+        if u.ndim != 2 or u.shape[1] != self.n_concepts:
+            raise C2MFError(f"codes of shape {tuple(u.shape)} do not match the dictionary's "
+                            f"{self.n_concepts} concepts")
+        out = u @ self.basis(y)
+        mean = self._mean(y)
+        if mean is not None:
+            out = out + mean
+        if "shift" in self.tensors:
+            out = out - self.tensors["shift"]
+        return _like(out, U)
+
+    def concepts_used(self, y: int, threshold: float = 0.5) -> list[int]:
+        """Concepts class y uses: gates above `threshold` for c2mf; every concept for the other methods."""
+        return [int(j) for j in torch.nonzero(self.gates(y) > threshold).flatten().tolist()]
+
+    def check_compatible(self, store_info: dict[str, Any]) -> None:
+        """Fail clearly if a store (its info dict) comes from another model, layer or channel count."""
+        mine = self.meta.get("source", {}).get("info", {})
+        theirs = dict(store_info)
+        if "n_features" not in theirs and "channels" in theirs:
+            theirs["n_features"] = theirs["channels"]
+        mine = dict(mine, n_features=self.n_features)
+        for key in _IDENTITY_KEYS:
+            if key in mine and key in theirs and mine[key] != theirs[key]:
+                raise C2MFError(
+                    f"dictionary and store do not match: the dictionary was fitted on {key} = {mine[key]!r}, "
+                    f"the store has {key} = {theirs[key]!r}; use a dictionary fitted on a store of the same "
+                    "model and layer"
+                )
+
+    # ----- storage -----
+    def save(self, path: str | Path) -> Path:
+        """Write one .safetensors file atomically (temporary file in the same folder, then os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {_META_KEY: json.dumps(self.meta, default=_json_default)}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ConceptDictionary":
+        """Read a dictionary file, checking that it is one and that this c2mf can read its version."""
+        path = Path(path)
+        if not path.is_file():
+            raise C2MFError(f"no dictionary file at {path}: give the --out path of `c2mf factorize`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise C2MFError(f"{path} is not a readable c2mf dictionary (safetensors error: {e})") from None
+        if _META_KEY not in header:
+            raise C2MFError(f"{path} is a safetensors file but not a c2mf dictionary (no '{_META_KEY}' metadata)")
+        try:
+            meta = json.loads(header[_META_KEY])
+        except json.JSONDecodeError as e:
+            raise C2MFError(f"{path}: its metadata is not valid JSON ({e}); the file is damaged") from None
+        if meta.get("encoding-type") != ENCODING_TYPE:
+            raise C2MFError(f"{path} has encoding-type {meta.get('encoding-type')!r}, expected {ENCODING_TYPE!r}")
+        version = meta.get("encoding-version")
+        if not isinstance(version, int) or version > ENCODING_VERSION:
+            raise C2MFError(
+                f"{path} has dictionary encoding-version {version!r}, this c2mf ({__version__}) reads up to "
+                f"{ENCODING_VERSION}: upgrade c2mf or refit the dictionary"
+            )
+        return cls(tensors, meta)
+
+    def __repr__(self) -> str:
+        kind = "per-class" if self.per_class else "shared"
+        return (f"ConceptDictionary(method={self.method!r}, {kind}, k={self.n_concepts}, "
+                f"c={self.n_features}, classes={len(self.classes)})")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (Path, torch.device)):
+        return str(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} into dictionary metadata")

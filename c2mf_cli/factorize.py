@@ -1,0 +1,76 @@
+"""Library entry point of `c2mf factorize`: learn a concept dictionary from a row source or a store.
+
+    from c2mf_cli.factorize import factorize
+    d = factorize(source, "c2mf", concepts=10, alpha=0.05, device="auto")
+    d.save("dict.safetensors")
+
+The CLI calls exactly these functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .devices import resolve_device
+from .dictionary import ConceptDictionary
+from .errors import C2MFError
+from .methods import get_method
+from .progress import ProgressFn, no_progress
+from .sources import RowSource
+
+
+def make_config(method: str, **options: Any) -> Any:
+    """The frozen config of `method` from option values; unknown names are an error listing the valid ones."""
+    return get_method(method).make_config(**options)
+
+
+def factorize(
+    source: RowSource,
+    method: str,
+    config: Any | None = None,
+    *,
+    device: str | torch.device = "auto",
+    progress: ProgressFn = no_progress,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> ConceptDictionary:
+    """Fit `method` on `source` and return its dictionary.
+
+    Args:
+        source: rows per class (an `ArraySource`, or `ActivationStore.open(path).row_source()`).
+        method: a registered name (see `c2mf_cli.methods.list_methods()`).
+        config: the method's config; built from `options` (checked by name) when None.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        progress: progress callback (see `c2mf_cli.progress`).
+        checkpoint_path: where to checkpoint the fit atomically every `checkpoint_every` passes.
+        resume: continue from `checkpoint_path` (same settings and data, or an error).
+        **options: settings of the method's config when `config` is None (e.g. concepts=10, alpha=0.05).
+    """
+    m = get_method(method)
+    if config is None:
+        config = m.make_config(**options)
+    elif options:
+        raise C2MFError(f"give either a config or options, not both (got {', '.join(sorted(options))})")
+    if not isinstance(config, m.config_class):
+        raise C2MFError(f"config for method {method!r} must be a {m.config_class.__name__}, got {type(config).__name__}")
+    dev = resolve_device(device)
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    return m.fit(source, config, device=dev, progress=progress, checkpoint_path=ckpt, resume=resume)
+
+
+def open_store_source(path: str | Path) -> RowSource:
+    """The row source of an activation store written by `c2mf extract`."""
+    from .store import ActivationStore
+
+    return ActivationStore.open(path).row_source()
+
+
+def factorize_store(store: str | Path, method: str, out: str | Path, **kwargs: Any) -> ConceptDictionary:
+    """Open a store, fit, and save the dictionary to `out` (atomically); returns the dictionary."""
+    d = factorize(open_store_source(store), method, **kwargs)
+    d.save(out)
+    return d

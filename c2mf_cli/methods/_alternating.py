@@ -1,0 +1,312 @@
+"""The streaming alternating engine behind c2mf, craft, nmf and semi-nmf.
+
+Notation: for class i of a group, A_i (n_i, c) its rows, D_i (k, c) its dictionary (W, or diag(g_i) W for
+c2mf), U (n_i, k) >= 0 its codes.
+
+One pass over the data = one iteration:
+  1. code step: for every batch of every class, U = NNLS(A_batch, D_i) (+ ridge), computed in the Gram form;
+  2. accumulate the sufficient statistics S_i = sum U^T U (k, k), R_i = sum U^T A (k, c), ||A_i||^2, n_i;
+  3. dictionary step: the method updates W (and the gates) from the statistics alone, with exact block
+     updates that lower the objective; several sweeps cost only O(k^2 c) each, no data pass.
+Memory is one batch plus the (k, c) statistics per class, flat in the number of rows. Codes are solved from a
+start that depends only on the dictionary (not on earlier passes) and rows are independent, so streaming
+and full batch (batch_size=None) give the same answer, and a resumed fit continues exactly where it stopped.
+
+The objective is evaluated exactly from the statistics (never forming U W):
+  ||A_i - U D_i||^2 = ||A_i||^2 - 2 <R_i, D_i> + <S_i, D_i D_i^T>.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..errors import C2MFError
+from ..progress import ProgressFn
+from ..sources import RowSource
+from .base import check_batch, to_device
+from .nnls import gram, nnls_gram
+
+State = dict[str, torch.Tensor]  # "W" (k, c) and, for gated models, "g" (m, k) gate values in (0, 1)
+CHECKPOINT_TYPE = "c2mf-checkpoint"
+
+
+@dataclass
+class Stats:
+    """Sufficient statistics of one pass for the m classes of a group."""
+
+    S: torch.Tensor  # (m, k, k)
+    R: torch.Tensor  # (m, k, c)
+    a2: torch.Tensor  # (m,) float64
+    n: torch.Tensor  # (m,) float64
+
+
+@dataclass
+class EngineSettings:
+    k: int
+    iterations: int
+    tol: float
+    batch_size: int | None
+    seed: int
+    code_iters: int
+    code_solver: str
+    ridge: float
+    alpha: float
+    weighting: Literal["class", "pooled"]  # per-class mean (c2mf) or pooled rows (NMF)
+    nonnegative: bool  # refuse negative inputs (NMF without --shift)
+    nonneg_hint: str
+    checkpoint_every: int
+    config: dict[str, Any]  # the method's resolved config, recorded in checkpoints
+    warmup: int = 0  # passes over which alpha ramps up linearly from 0 (no early stop before the end)
+
+    def alpha_at(self, p: int) -> float:
+        return self.alpha if p >= self.warmup else self.alpha * (p + 1) / (self.warmup + 1)
+
+
+@dataclass
+class GroupResult:
+    classes: list[int]
+    state: State
+    history: list[dict[str, float]] = field(default_factory=list)
+    converged: bool = False
+
+
+def basis(state: State, i: int) -> torch.Tensor:
+    W = state["W"]
+    return state["g"][i][:, None] * W if "g" in state else W
+
+
+def _batches(source: RowSource, y: int, batch_size: int | None):
+    if batch_size is None:
+        yield source.load(y)
+    else:
+        yield from source.batches(y, batch_size)
+
+
+def global_min(source: RowSource, classes: list[int], batch_size: int | None, device: torch.device) -> float:
+    """min(A) over the given classes (a data pass; also checks every batch for NaN / inf)."""
+    lo = math.inf
+    for y in classes:
+        for b in _batches(source, y, batch_size):
+            a = to_device(b, device)
+            check_batch(a, source.classes[y])
+            if a.numel():
+                lo = min(lo, float(a.min()))
+    return lo
+
+
+def sample_rows(source: RowSource, classes: list[int], n_total: int, seed: int, device: torch.device,
+                shift: float = 0.0) -> torch.Tensor:
+    """Up to n_total rows drawn evenly from the classes (for initialisation)."""
+    per = max(1, n_total // len(classes))
+    parts = []
+    for y in classes:
+        for b in source.batches(y, per, shuffle=True, seed=seed):
+            a = to_device(b, device)
+            check_batch(a, source.classes[y])
+            parts.append(a + shift)
+            break
+    return torch.cat(parts)
+
+
+def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k rows of X chosen by k-means++ seeding (D^2 sampling): spread-out data points as a first dictionary."""
+    gen = torch.Generator().manual_seed(seed)
+    n = X.shape[0]
+    if n < k:
+        raise C2MFError(f"only {n} rows to learn {k} concepts from: use fewer --concepts or more images")
+    first = int(torch.randint(n, (1,), generator=gen))
+    centers = [X[first]]
+    d2 = ((X - X[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        p = d2.clamp_min(0).double().cpu()
+        if float(p.sum()) <= 0:
+            idx = int(torch.randint(n, (1,), generator=gen))
+        else:
+            idx = int(torch.multinomial(p / p.sum(), 1, generator=gen))
+        centers.append(X[idx])
+        d2 = torch.minimum(d2, ((X - X[idx]) ** 2).sum(1))
+    return torch.stack(centers).clone()
+
+
+def pass_stats(source: RowSource, classes: list[int], state: State, st: EngineSettings, device: torch.device,
+               shift: float) -> Stats:
+    """Step 1-2: codes per batch given the current dictionary, accumulated into the statistics."""
+    k, c, m = st.k, source.n_features, len(classes)
+    S = torch.zeros((m, k, k), device=device)
+    R = torch.zeros((m, k, c), device=device)
+    a2 = torch.zeros(m, dtype=torch.float64, device=device)
+    n = torch.zeros(m, dtype=torch.float64, device=device)
+    for i, y in enumerate(classes):
+        D = basis(state, i)
+        G = gram(D, st.ridge)
+        for b in _batches(source, y, st.batch_size):
+            a = to_device(b, device)
+            check_batch(a, source.classes[y], nonnegative=st.nonnegative, hint=st.nonneg_hint)
+            if shift:
+                a = a + shift
+            U = nnls_gram(G, a @ D.T, iters=st.code_iters, solver=st.code_solver)  # type: ignore[arg-type]
+            S[i] += U.T @ U
+            R[i] += U.T @ a
+            a2[i] += (a.double() ** 2).sum()
+            n[i] += a.shape[0]
+    return Stats(S, R, a2, n)
+
+
+def class_weights(stats: Stats, weighting: str) -> torch.Tensor:
+    """w_i: per-class mean relative to the mean squared row norm (c2mf), or 1/||A||^2 pooled (NMF)."""
+    total = stats.a2.sum().clamp_min(1e-30)
+    if weighting == "class":
+        m = total / stats.n.sum()
+        return (1.0 / (stats.n * m)).float()
+    return (torch.ones_like(stats.a2) / total).float()
+
+
+def objective(state: State, stats: Stats, st: EngineSettings, alpha: float) -> dict[str, float]:
+    """The method's objective and the relative reconstruction error ||A - U D||_F / ||A||_F, exactly."""
+    w = class_weights(stats, st.weighting)
+    recon = []
+    for i in range(stats.S.shape[0]):
+        D = basis(state, i)
+        r = stats.a2[i] - 2 * (stats.R[i] * D).sum().double() + (stats.S[i] * (D @ D.T)).sum().double()
+        recon.append(r.clamp_min(0.0))
+    recon_t = torch.stack(recon)
+    ridge = st.ridge * torch.diagonal(stats.S, dim1=1, dim2=2).sum(1).double()
+    obj = float((w.double() * (recon_t + ridge)).sum())
+    if "g" in state:
+        obj += alpha * float(state["g"].sum())
+    rel = float(torch.sqrt(recon_t.sum() / stats.a2.sum().clamp_min(1e-30)))
+    return {"objective": obj, "relative_error": rel}
+
+
+# ----- checkpoints -----
+def _save_checkpoint(path: Path, done: list[GroupResult], current: GroupResult, passes: int,
+                     st: EngineSettings, fingerprint: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for gi, res in enumerate(done + [current]):
+        for name, t in res.state.items():
+            tensors[f"{gi}.{name}"] = t.detach().cpu().contiguous()
+        groups.append({"classes": res.classes, "history": res.history, "converged": res.converged})
+    meta = {"encoding-type": CHECKPOINT_TYPE, "config": st.config, "source": fingerprint,
+            "groups": groups, "passes": passes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"c2mf": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any],
+                     device: torch.device) -> tuple[list[GroupResult], int]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("c2mf", "{}"))
+        tensors = load_file(str(path), device=str(device))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise C2MFError(f"cannot read checkpoint {path} ({e}): delete it and fit again without --resume") from None
+    if meta.get("encoding-type") != CHECKPOINT_TYPE:
+        raise C2MFError(f"{path} is not a c2mf checkpoint: delete it or give another --checkpoint path")
+    if meta.get("config") != st.config or meta.get("source") != fingerprint:
+        raise C2MFError(
+            f"checkpoint {path} was written by a fit with other settings or data: rerun with the same options "
+            "and store, or drop --resume to start afresh"
+        )
+    results = []
+    for gi, g in enumerate(meta["groups"]):
+        state = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.split(".", 1)[0] == str(gi)}
+        results.append(GroupResult(g["classes"], state, g["history"], g["converged"]))
+    return results, int(meta["passes"])
+
+
+def fit_groups(
+    source: RowSource,
+    groups: list[list[int]],
+    st: EngineSettings,
+    *,
+    init: Callable[[torch.Tensor, int], State],
+    update: Callable[[State, Stats, torch.Tensor, float], None],
+    device: torch.device,
+    progress: ProgressFn,
+    label: str,
+    shift: float = 0.0,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+) -> list[GroupResult]:
+    """Fit each group of classes (one shared dictionary per group) by alternating code and dictionary steps.
+
+    Args:
+        init: (sample rows, group index) -> initial state.
+        update: (state, stats, class weights, alpha of this pass) -> None; lowers the objective in place.
+        shift: offset added to every batch (NMF on A - min(A)).
+    """
+    fingerprint = {"classes": list(source.classes), "n_rows": [int(source.n_rows(y)) for y in range(len(source.classes))],
+                   "n_features": int(source.n_features), "info": str(source.info.get("fingerprint", ""))}
+    done: list[GroupResult] = []
+    start_pass = 0
+    current: GroupResult | None = None
+    if resume:
+        if checkpoint_path is None or not checkpoint_path.exists():
+            raise C2MFError(f"--resume given but there is no checkpoint at {checkpoint_path}: drop --resume")
+        results, passes = _load_checkpoint(checkpoint_path, st, fingerprint, device)
+        done, current = results[:-1], results[-1]
+        start_pass = passes
+        if current.converged or passes >= st.iterations:
+            done, current, start_pass = results, None, 0
+    advance = progress(label, st.iterations * len(groups))
+    advance(len(done) * st.iterations + start_pass)
+    for gi in range(len(done), len(groups)):
+        classes = groups[gi]
+        if current is None:
+            sample = sample_rows(source, classes, 20000, st.seed + gi, device, shift)
+            current = GroupResult(classes, init(sample, gi))
+            start_pass = 0
+        steps = 0
+        for p in range(start_pass, st.iterations):
+            t0 = time.perf_counter()
+            stats = pass_stats(source, classes, current.state, st, device, shift)
+            alpha = st.alpha_at(p)
+            update(current.state, stats, class_weights(stats, st.weighting), alpha)
+            rec = objective(current.state, stats, st, alpha)
+            rec["seconds"] = time.perf_counter() - t0
+            current.history.append(rec)
+            advance(1)
+            steps += 1
+            prev = current.history[-2]["objective"] if len(current.history) > 1 else None
+            if prev is not None and p > st.warmup and prev - rec["objective"] <= st.tol * abs(rec["objective"]):
+                current.converged = True
+            if checkpoint_path is not None and (current.converged or (p + 1) % st.checkpoint_every == 0
+                                                or p + 1 == st.iterations):
+                _save_checkpoint(checkpoint_path, done, current, p + 1, st, fingerprint)
+            if current.converged:
+                advance(st.iterations - p - 1)
+                break
+        done.append(current)
+        current = None
+        start_pass = 0
+    return done
+
+
+def history_of(results: list[GroupResult], source: RowSource) -> list[dict[str, Any]]:
+    return [{"classes": [source.classes[y] for y in r.classes], "passes": len(r.history),
+             "converged": r.converged, "loss": r.history} for r in results]
+
+
+def settings_dict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: (v if not isinstance(v, np.generic) else v.item()) for k, v in asdict(obj).items()}

@@ -1,0 +1,161 @@
+"""C2MF: one signed dictionary W* shared by all classes, per-class gates sigma(lambda_y), codes U >= 0.
+
+Objective (METHOD.md section 2, with the scale fixed; docs/methods.md explains the choice):
+
+    min_{U>=0, ||W*_j||=1, g in (0,1)}  sum_y (1 / (n_y m)) (||A_y - U_y diag(g_y) W*||^2 + beta ||U_y||^2)
+                                        + alpha sum_y ||g_y||_1
+
+with g_y = sigma(lambda_y), n_y the rows of class y and m the mean squared row norm of the data (so the
+reconstruction term of each class is a relative squared error and alpha is dimensionless). Unit-norm rows fix
+the scale of W*; the ridge beta fixes the scale of U against the gates: writing V = U diag(g), the ridge is
+beta sum_j ||V_j||^2 / g_j^2, so a concept a class uses costs least with its gate near 1, and alpha closes the
+gates of concepts it does not use.
+
+Solved by the streaming alternating engine: codes per batch by NNLS (ridge beta) given diag(g_y) W*, then exact
+block updates from the pass statistics: each row of W* is the unit vector that minimises the objective with
+the others fixed, each gate the clipped minimiser of its quadratic plus alpha.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..dictionary import ConceptDictionary
+from ..errors import UsageError
+from ..progress import ProgressFn, no_progress
+from ..sources import RowSource
+from ._alternating import EngineSettings, Stats, State, fit_groups, history_of, kmeans_pp
+from ._factorization import check_common
+from .base import Method, check_source, register_method, source_summary
+
+_EPS = 1e-4  # gates live in [eps, 1 - eps] so that lambda = logit(g) stays finite
+
+
+@dataclass(frozen=True)
+class C2MFConfig:
+    """Settings of a C2MF fit.
+
+    Attributes:
+        concepts: k, the size of the shared dictionary.
+        alpha: L1 weight on the gates; larger means fewer concepts per class.
+        beta: ridge on the codes that fixes the scale of U against the gates (must be > 0).
+        iterations: passes over the data (each pass: codes for every batch, then a dictionary update).
+        tol: stop when a pass lowers the objective by less than tol times its value.
+        batch_size: rows per batch streamed from the store; None loads each class whole (full batch).
+        seed: seeds the initial dictionary (k-means++ rows of a sample).
+        code_iters: HALS sweeps of the NNLS code step per batch.
+        code_solver: "hals" or "fista".
+        dict_sweeps: block-update sweeps over W* and the gates per pass.
+        gate_init: starting value of every gate.
+        warmup: passes over which alpha ramps up from 0, so the dictionary forms before gates close (a gate
+            at its floor never reopens: its concept's codes are 0, so nothing pulls it back).
+        checkpoint_every: passes between checkpoints (when a checkpoint path is given).
+    """
+
+    concepts: int
+    alpha: float = 0.05
+    beta: float = 0.1
+    iterations: int = 100
+    tol: float = 1e-5
+    batch_size: int | None = 32768
+    seed: int = 0
+    code_iters: int = 10
+    code_solver: str = "hals"
+    dict_sweeps: int = 5
+    gate_init: float = 0.5
+    warmup: int = 10
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise UsageError(f"--alpha must be >= 0, got {self.alpha}")
+        if self.beta <= 0:
+            raise UsageError(f"--beta must be > 0 (it fixes the scale of the codes against the gates), got {self.beta}")
+        check_common(self)
+        if self.warmup < 0:
+            raise UsageError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 < self.gate_init < 1:
+            raise UsageError(f"gate_init must be in (0, 1), got {self.gate_init}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def update_c2mf(state: State, stats: Stats, w: torch.Tensor, alpha: float, sweeps: int) -> None:
+    """Exact block updates of W* (rows on the unit sphere) and the gates, given the pass statistics."""
+    W, g = state["W"], state["g"]
+    S, R = stats.S, stats.R
+    k = W.shape[0]
+    wS = w[:, None, None] * S
+    for _ in range(sweeps):
+        Sbar = (g[:, :, None] * wS * g[:, None, :]).sum(0)
+        Rbar = ((w[:, None] * g)[:, :, None] * R).sum(0)
+        for j in range(k):
+            r = Rbar[j] - Sbar[j] @ W + Sbar[j, j] * W[j]
+            nr = r.norm()
+            if float(nr) > 0:
+                W[j] = r / nr
+        M = W @ W.T
+        rho = torch.einsum("mkc,kc->mk", R, W)
+        for j in range(k):
+            cross = (g * S[:, j, :] * M[j][None, :]).sum(1) - g[:, j] * S[:, j, j] * M[j, j]
+            num = w * (rho[:, j] - cross) - alpha / 2
+            den = w * S[:, j, j] * M[j, j]
+            new = torch.where(den > 0, (num / den.clamp_min(1e-30)).clamp(_EPS, 1 - _EPS),
+                              torch.full_like(num, _EPS) if alpha > 0 else g[:, j])
+            g[:, j] = new
+
+
+@register_method
+class C2MF(Method):
+    name = "c2mf"
+    description = "signed dictionary shared by all classes, per-class gates, codes U >= 0 (the paper's method)"
+    needs = "full"
+    signed_dictionary = True
+    requires_nonnegative_input = False
+    config_class = C2MFConfig
+
+    def fit(self, source: RowSource, config: C2MFConfig, *, device: torch.device,
+            progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,
+            resume: bool = False) -> ConceptDictionary:
+        check_source(self, source, config.concepts)
+        t0 = time.perf_counter()
+        m = len(source.classes)
+        st = EngineSettings(
+            k=config.concepts, iterations=config.iterations, tol=config.tol, batch_size=config.batch_size,
+            seed=config.seed, code_iters=config.code_iters, code_solver=config.code_solver, ridge=config.beta,
+            alpha=config.alpha, weighting="class", nonnegative=False, nonneg_hint="",
+            checkpoint_every=config.checkpoint_every, config={"method": self.name, **config.to_dict()},
+            warmup=config.warmup,
+        )
+
+        def init(sample: torch.Tensor, gi: int) -> State:
+            W = kmeans_pp(sample, config.concepts, config.seed + gi)
+            W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return {"W": W, "g": torch.full((m, config.concepts), config.gate_init, device=device)}
+
+        def update(state: State, stats: Stats, w: torch.Tensor, alpha: float) -> None:
+            update_c2mf(state, stats, w, alpha, config.dict_sweeps)
+
+        results = fit_groups(source, [list(range(m))], st, init=init, update=update, device=device,
+                             progress=progress, label="c2mf", checkpoint_path=checkpoint_path, resume=resume)
+        state = results[0].state
+        g = state["g"].clamp(_EPS, 1 - _EPS)
+        tensors = {"W": state["W"], "gates": torch.log(g) - torch.log1p(-g)}
+        meta = {
+            "method": self.name,
+            "config": config.to_dict(),
+            "ridge": config.beta,
+            "codes": "nnls",
+            "shared": True,
+            "classes": list(source.classes),
+            "source": source_summary(source),
+            "history": history_of(results, source),
+            "fit_seconds": time.perf_counter() - t0,
+            "device": str(device),
+        }
+        return ConceptDictionary(tensors, meta)

@@ -1,0 +1,121 @@
+"""PCA, per class or global, from a streaming covariance (one pass, memory O(c^2) whatever the rows).
+
+Dictionary: the top-k eigenvectors of the covariance (orthonormal rows); codes are signed projections
+U = (A - mean) W^T; decode U W + mean. The sign of each component is fixed (largest-magnitude entry positive)
+so that fits are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dictionary import ConceptDictionary
+from ..errors import C2MFError, UsageError
+from ..progress import ProgressFn, no_progress
+from ..sources import RowSource
+from ._alternating import _batches
+from .base import Method, check_batch, check_source, register_method, source_summary, to_device
+
+
+@dataclass(frozen=True)
+class PCAConfig:
+    """Settings of a PCA fit.
+
+    Attributes:
+        concepts: number of components k.
+        batch_size: rows per streamed batch; None loads each class whole.
+        shared: one global PCA on the rows of every class instead of one per class.
+    """
+
+    concepts: int
+    batch_size: int | None = 32768
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
+         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    c = source.n_features
+    total = torch.zeros(c, dtype=torch.float64, device=device)
+    xtx = torch.zeros((c, c), dtype=torch.float64, device=device)
+    n = 0
+    for y in classes:
+        for b in _batches(source, y, batch_size):
+            a = to_device(b, device)
+            check_batch(a, source.classes[y])
+            a64 = a.double()
+            total += a64.sum(0)
+            xtx += a64.T @ a64
+            n += a.shape[0]
+    if n <= k:
+        names = ", ".join(source.classes[y] for y in classes)
+        raise C2MFError(f"PCA with k={k} needs more than {k} rows, class(es) {names} have {n}: use fewer --concepts")
+    mean = total / n
+    cov = (xtx - n * torch.outer(mean, mean)) / (n - 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    W = evecs[:, :k].T.contiguous()
+    sign = torch.sign(W.gather(1, W.abs().argmax(1, keepdim=True)))
+    W = W * sign
+    var_total = float(evals.clamp_min(0).sum())
+    kept = float(evals[:k].clamp_min(0).sum())
+    a2 = float(torch.trace(xtx))
+    residual = max(0.0, var_total - kept) * (n - 1)
+    rec = {"explained_variance_ratio": kept / var_total if var_total > 0 else 1.0,
+           "relative_error": math.sqrt(residual / a2) if a2 > 0 else 0.0}
+    return W.float(), mean.float(), rec
+
+
+@register_method
+class PCA(Method):
+    name = "pca"
+    description = "baseline: PCA per class or global (orthonormal W, signed codes), streaming covariance"
+    needs = "full"
+    signed_dictionary = True
+    requires_nonnegative_input = False
+    config_class = PCAConfig
+
+    def fit(self, source: RowSource, config: PCAConfig, *, device: torch.device,
+            progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,
+            resume: bool = False) -> ConceptDictionary:
+        check_source(self, source, config.concepts)
+        t0 = time.perf_counter()
+        m = len(source.classes)
+        groups = [list(range(m))] if config.shared else [[y] for y in range(m)]
+        advance = progress("pca", len(groups))
+        Ws, means, history = [], [], []
+        for classes in groups:
+            W, mean, rec = _pca(source, classes, config.concepts, config.batch_size, device)
+            Ws.append(W)
+            means.append(mean)
+            history.append({"classes": [source.classes[y] for y in classes], "passes": 1, "converged": True,
+                            "loss": [rec]})
+            advance(1)
+        if config.shared:
+            tensors = {"W": Ws[0], "mean": means[0]}
+        else:
+            tensors = {"W": torch.stack(Ws), "mean": torch.stack(means)}
+        meta = {
+            "method": self.name,
+            "config": config.to_dict(),
+            "codes": "projection",
+            "shared": config.shared,
+            "classes": list(source.classes),
+            "source": source_summary(source),
+            "history": history,
+            "fit_seconds": time.perf_counter() - t0,
+            "device": str(device),
+        }
+        return ConceptDictionary(tensors, meta)
