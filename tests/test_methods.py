@@ -1,0 +1,169 @@
+"""Every registered method through the same contract tests (registry, fit, encode/decode, save/load,
+seed, streaming == full batch, bad inputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.errors import C2MFError, UsageError
+from c2mf_cli.factorize import factorize, make_config
+from c2mf_cli.methods import get_method, list_methods, method_table
+from c2mf_cli.sources import ArraySource
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: intra-op threads only add contention on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(seed: int = 0, classes: int = 3, n: int = 240, c: int = 16, k: int = 4) -> list[np.ndarray]:
+    """Non-negative planted data (so every method, NMF included, applies)."""
+    rng = np.random.default_rng(seed)
+    W = np.abs(rng.standard_normal((k, c)))
+    return [(rng.exponential(1.0, (n, k)) @ W + 0.05 * rng.random((n, c))).astype(np.float32)
+            for _ in range(classes)]
+
+
+def _source(method: str, arrays: list[np.ndarray] | None = None) -> ArraySource:
+    m = get_method(method)
+    return ArraySource(arrays if arrays is not None else _data(), classes=["a", "b", "c"][: len(arrays or _data())],
+                       mode=m.needs, info={"model": {"name": "toy"}, "layer": "l1", "fingerprint": "f0"})
+
+
+def _options(method: str, **extra) -> dict:
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    opts = {"concepts": 4, "iterations": 12, "batch_size": 100, "seed": 3}
+    opts.update(extra)
+    return {k: v for k, v in opts.items() if k in fields}
+
+
+METHODS = list_methods()
+
+
+def test_registry_lists_every_method_and_refuses_unknown_names():
+    assert METHODS == ["c2mf", "craft", "pca", "nmf", "semi-nmf"]
+    rows = method_table()
+    assert [r["name"] for r in rows] == METHODS
+    assert all(r["description"] and r["learns_from"] in ("full", "crops") for r in rows)
+    with pytest.raises(C2MFError, match="unknown method 'ica': choose one of c2mf, craft, pca, nmf, semi-nmf"):
+        get_method("ica")
+
+
+def test_configs_are_frozen_and_refuse_unknown_settings():
+    cfg = make_config("c2mf", concepts=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.concepts = 6  # type: ignore[misc]
+    with pytest.raises(UsageError, match="method 'pca' does not take alpha"):
+        make_config("pca", concepts=5, alpha=0.1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fit_encode_decode_contract(method):
+    src = _source(method)
+    d = factorize(src, method, device="cpu", **_options(method))
+    assert isinstance(d, ConceptDictionary)
+    assert d.method == method and d.classes == ["a", "b", "c"] and d.n_concepts == 4 and d.n_features == 16
+    assert d.meta["source"]["info"]["layer"] == "l1" and d.meta["device"] == "cpu"
+    assert d.meta["config"]["concepts"] == 4 and d.meta["history"] and d.meta["fit_seconds"] > 0
+    m = get_method(method)
+    if not m.signed_dictionary:
+        assert (d.tensors["W"] >= 0).all()
+    for y in range(3):
+        A = src.load(y)
+        B = d.basis(y)
+        assert B.shape == (4, 16)
+        U = d.encode(A, y)
+        assert U.shape == (A.shape[0], 4)
+        if d.meta["codes"] == "nnls":
+            assert (U >= 0).all()
+        R = d.decode(U, y)
+        rel = np.linalg.norm(R - A) / np.linalg.norm(A)
+        assert rel < 0.35, (method, y, rel)
+        assert len(d.concepts_used(y)) <= 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_gives_the_same_codes(method, tmp_path: Path):
+    src = _source(method)
+    d = factorize(src, method, device="cpu", **_options(method))
+    e = ConceptDictionary.load(d.save(tmp_path / f"{method}.safetensors"))
+    assert e.meta == d.meta
+    A = src.load(1)
+    np.testing.assert_allclose(e.encode(A, 1), d.encode(A, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_seed_makes_a_fit_reproducible(method):
+    src = _source(method)
+    d1 = factorize(src, method, device="cpu", **_options(method, seed=7))
+    d2 = factorize(src, method, device="cpu", **_options(method, seed=7))
+    for name in d1.tensors:
+        torch.testing.assert_close(d1.tensors[name], d2.tensors[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streaming_equals_full_batch(method):
+    src = _source(method)
+    full = factorize(src, method, device="cpu", **_options(method, batch_size=None))
+    stream = factorize(src, method, device="cpu", **_options(method, batch_size=37))
+    for name in full.tensors:
+        torch.testing.assert_close(full.tensors[name], stream.tensors[name], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_k_larger_than_channels(method):
+    with pytest.raises(UsageError, match="--concepts 17 is larger than the 16 channels"):
+        factorize(_source(method), method, device="cpu", **_options(method, concepts=17))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_class(method):
+    arrays = _data()
+    arrays[1] = arrays[1][:0]
+    with pytest.raises(C2MFError, match="class 'b' has no activations"):
+        factorize(_source(method, arrays), method, device="cpu", **_options(method))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_in_a_late_batch(method, bad):
+    arrays = _data()
+    arrays[2][-1, 5] = bad  # in the last streamed batch of the last class
+    with pytest.raises(C2MFError, match="class 'c' has NaN or infinite activations"):
+        factorize(_source(method, arrays), method, device="cpu", **_options(method))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wrong_store_mode(method):
+    m = get_method(method)
+    other = "crops" if m.needs == "full" else "full"
+    src = ArraySource(_data(), classes=["a", "b", "c"], mode=other)
+    expected = "this store holds crops" if other == "crops" else "this store holds whole images"
+    with pytest.raises(C2MFError, match=expected):
+        factorize(src, method, device="cpu", **_options(method))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).requires_nonnegative_input])
+def test_signed_input_needs_explicit_shift(method):
+    arrays = [a - 0.5 for a in _data()]
+    src = _source(method, arrays)
+    with pytest.raises(C2MFError, match="negative activations .* Pass --shift"):
+        factorize(src, method, device="cpu", **_options(method))
+    d = factorize(src, method, device="cpu", **_options(method, shift=True))
+    lo = min(float(a.min()) for a in arrays)
+    assert float(d.tensors["shift"]) == pytest.approx(-lo)
+    A = arrays[0]
+    rel = np.linalg.norm(d.decode(d.encode(A, 0), 0) - A) / np.linalg.norm(A)
+    assert rel < 0.5

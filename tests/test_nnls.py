@@ -1,0 +1,60 @@
+"""Batched NNLS (methods/nnls.py) against scipy.optimize.nnls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls as scipy_nnls
+
+from c2mf_cli.errors import C2MFError
+from c2mf_cli.methods.nnls import gram, nnls, nnls_gram
+
+
+def _problem(seed: int, n: int = 40, k: int = 6, c: int = 20):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((k, c)).astype(np.float32)
+    A = (np.maximum(rng.standard_normal((n, k)), 0) @ W + 0.3 * rng.standard_normal((n, c))).astype(np.float32)
+    return A, W
+
+
+@pytest.mark.parametrize("solver,iters", [("hals", 200), ("fista", 2000)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_scipy(solver, iters, seed):
+    A, W = _problem(seed)
+    U = nnls(torch.from_numpy(A), torch.from_numpy(W), iters=iters, solver=solver).numpy()
+    ref = np.stack([scipy_nnls(W.T.astype(np.float64), a.astype(np.float64))[0] for a in A])
+    assert (U >= 0).all()
+    np.testing.assert_allclose(U, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_ridge_matches_augmented_scipy():
+    A, W = _problem(2)
+    beta = 0.5
+    U = nnls(torch.from_numpy(A), torch.from_numpy(W), ridge=beta, iters=300).numpy()
+    # ||a - u W||^2 + beta ||u||^2 = || [a, 0] - u [W, sqrt(beta) I] ||^2
+    Waug = np.concatenate([W, np.sqrt(beta) * np.eye(W.shape[0])], 1).astype(np.float64)
+    ref = np.stack([scipy_nnls(Waug.T, np.concatenate([a, np.zeros(W.shape[0])]))[0] for a in A])
+    np.testing.assert_allclose(U, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_rows_are_independent_of_batching():
+    A, W = _problem(3, n=100)
+    At, Wt = torch.from_numpy(A), torch.from_numpy(W)
+    whole = nnls(At, Wt, iters=30, batch_size=1000)
+    pieces = nnls(At, Wt, iters=30, batch_size=7)
+    torch.testing.assert_close(whole, pieces, atol=1e-5, rtol=1e-5)
+
+
+def test_rank_deficient_dictionary_and_zero_row():
+    A, W = _problem(4)
+    W[2] = 0.0  # a dead concept: its codes must be 0, not NaN
+    U = nnls(torch.from_numpy(A), torch.from_numpy(W), iters=50)
+    assert torch.isfinite(U).all() and (U[:, 2] == 0).all()
+
+
+def test_unknown_solver_is_an_error():
+    A, W = _problem(5)
+    G = gram(torch.from_numpy(W))
+    with pytest.raises(C2MFError, match="unknown NNLS solver 'cg'"):
+        nnls_gram(G, torch.from_numpy(A) @ torch.from_numpy(W).T, solver="cg")  # type: ignore[arg-type]
