@@ -41,6 +41,8 @@ Box = tuple[int, int, int, int]
 #: One colormap for every heatmap c2mf draws (non-negative codes), and one for signed codes (PCA).
 HEATMAP_CMAP = "inferno"
 SIGNED_CMAP = "RdBu_r"
+#: A panel's colour scale is at least this fraction of the strongest concept's in the same figure.
+PANEL_FLOOR = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,10 +343,11 @@ def _heatmap_norm(panels: Sequence[ConceptPanel]) -> tuple[mcolors.Normalize, st
     return mcolors.Normalize(0.0, max(hi, 1e-12)), HEATMAP_CMAP
 
 
-def _panel_norm(p: ConceptPanel, signed: bool) -> mcolors.Normalize:
-    """Per-panel scale: 0 to the panel's max (or symmetric around 0 for signed codes)."""
+def _panel_norm(p: ConceptPanel, signed: bool, floor: float) -> mcolors.Normalize:
+    """Per-panel scale: 0 to the panel's max (or symmetric around 0 for signed codes), but never below
+    `floor`, so a concept that is barely present is drawn faint instead of its noise stretched to full colour."""
     m = float(np.max(np.abs(p.heatmap))) if signed else float(np.max(p.heatmap))
-    m = max(m, 1e-12)
+    m = max(m, floor, 1e-12)
     return mcolors.Normalize(-m, m) if signed else mcolors.Normalize(0.0, m)
 
 
@@ -413,7 +416,7 @@ def explanation_figure(
     ax_img.set_title(f"image {W}x{H}" + (" (dashed: model crop)" if cropped else ""), fontsize=8.5)
     ax_img.set_axis_off()
 
-    _barh(fig.add_subplot(top[0, 1]), [_short(lbl, 26) for lbl, _ in top_classes],
+    _barh(fig.add_subplot(top[0, 1]), [_short(lbl, 34) for lbl, _ in top_classes],
           [float(p) for _, p in top_classes], f"top-{len(top_classes)} classes", "probability",
           ["#4c72b0"] * len(top_classes), xlim=(0.0, 1.0))
 
@@ -437,7 +440,7 @@ def explanation_figure(
         ax = fig.add_subplot(grid[k // ncols, k % ncols])
         axes.append(ax)
         values, seen = heatmap_to_original(p.heatmap, geometry, out_size=(dh, dw))
-        norm = shared if shared_scale else _panel_norm(p, signed)
+        norm = shared if shared_scale else _panel_norm(p, signed, PANEL_FLOOR * float(shared.vmax))
         ax.imshow(gray, extent=extent, interpolation="lanczos")
         ax.imshow(overlay_rgba(values, seen, norm, cmap), extent=extent, interpolation="bilinear")
         name = f" '{_short(p.name, 18)}'" if p.name else ""
@@ -452,7 +455,7 @@ def explanation_figure(
         fig.add_subplot(grid[k // ncols, k % ncols]).set_axis_off()
     if axes:
         bar_norm = shared if shared_scale else (mcolors.Normalize(-1, 1) if signed else mcolors.Normalize(0, 1))
-        label = "U (codes)" if shared_scale else ("U / max |U| of the panel" if signed else "U / max U of the panel")
+        label = "U (codes)" if shared_scale else "U / panel max"
         cb = fig.colorbar(plt.cm.ScalarMappable(norm=bar_norm, cmap=cmap), ax=axes, shrink=0.85, aspect=25,
                           pad=0.01)
         cb.set_label(label, fontsize=8)

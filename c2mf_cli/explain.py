@@ -1,0 +1,400 @@
+"""Explain one image with a concept dictionary (METHOD.md section 5).
+
+For an image x: A = g(x) at the dictionary's layer, codes U = encode(A) on the spatial grid (for c2mf with
+the gate of the explained class), the importance of every concept for the explained class c by Grad-CAM or
+Integrated Gradients on U (c2mf_cli.metrics.importance, through head(U) = h(decode(U))), and for the top
+concepts their code maps U[:, j] on the grid, drawn over the original image by c2mf_cli.render.
+
+Notation: P positions of the grid (gh x gw; the patch tokens of a ViT), k concepts, c channels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .devices import resolve_device
+from .dictionary import ConceptDictionary
+from .errors import C2MFError, UsageError
+from .metrics.importance import gradcam, integrated_gradients
+from .models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
+from .render import ConceptPanel, InputGeometry, explanation_figure, geometry_from_preprocess, open_image, save_figure
+
+ImportanceMethod = Literal["gradcam", "ig"]
+IMPORTANCE_LABELS = {"gradcam": "Grad-CAM", "ig": "IG"}
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """How to explain.
+
+    Attributes:
+        importance: "gradcam" or "ig" (Integrated Gradients from U = 0, `ig_steps` Gauss-Legendre points).
+        top: concepts drawn (the most important ones).
+        target: the class to explain: a model output index, a class name, or None for the prediction.
+        top_classes: classes listed with their probabilities.
+        ig_steps: points of the IG path integral.
+        encode_iters: NNLS iterations of the codes.
+    """
+
+    importance: ImportanceMethod = "gradcam"
+    top: int = 5
+    target: int | str | None = None
+    top_classes: int = 5
+    ig_steps: int = 32
+    encode_iters: int = 200
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_LABELS:
+            raise UsageError(f"unknown importance method {self.importance!r}: use gradcam or ig")
+        if self.top < 1:
+            raise UsageError(f"--top must be at least 1, got {self.top}")
+        if self.ig_steps < 2:
+            raise UsageError(f"IG needs at least 2 steps, got {self.ig_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _source_config(dictionary: ConceptDictionary) -> dict[str, Any]:
+    """The extract config of the store the dictionary was fitted on (model, layer, preprocessing)."""
+    info = dictionary.meta.get("source", {}).get("info", {}) or {}
+    return info.get("config", {}) or {}
+
+
+def _source_classes(dictionary: ConceptDictionary) -> list[dict[str, Any]]:
+    info = dictionary.meta.get("source", {}).get("info", {}) or {}
+    return list(info.get("classes", []) or [])
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """A label file: one class name per line, in model output order."""
+    p = Path(path)
+    if not p.is_file():
+        raise C2MFError(f"labels file {str(p)!r} does not exist: give a text file with one label per line")
+    labels = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    while labels and not labels[-1]:
+        labels.pop()
+    if not labels:
+        raise C2MFError(f"labels file {str(p)!r} is empty: it needs one label per line, in model output order")
+    return labels
+
+
+@dataclass
+class Explainer:
+    """A model split at the dictionary's layer, ready to explain images. Build with `Explainer.create`."""
+
+    dictionary: ConceptDictionary
+    loaded: LoadedModel
+    split: Split
+    preprocess: Preprocess
+    device: torch.device
+    labels: dict[int, str]
+    dict_class_of_output: dict[int, int]  # model output index -> dictionary class index
+    n_outputs: int
+    config: ExplainConfig = field(default_factory=ExplainConfig)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        dictionary: ConceptDictionary | str | os.PathLike[str],
+        config: ExplainConfig | None = None,
+        *,
+        model: str | None = None,
+        checkpoint: str | None = None,
+        labels: Sequence[str] | str | os.PathLike[str] | None = None,
+        device: str | torch.device = "auto",
+    ) -> "Explainer":
+        """Load the model, checkpoint, layer and preprocessing named in the dictionary's metadata.
+
+        Args:
+            dictionary: a ConceptDictionary or the path of one.
+            config: how to explain.
+            model, checkpoint: override the model name / weights file recorded in the dictionary.
+            labels: the model's labels in output order (a list or a file); default the store's class names.
+            device: "auto", "cpu", "cuda"...
+        """
+        config = config or ExplainConfig()
+        dev = resolve_device(device)
+        d = dictionary if isinstance(dictionary, ConceptDictionary) else ConceptDictionary.load(dictionary)
+        d = d.to(dev)
+        cfg = _source_config(d)
+        recorded = cfg.get("model") or {}
+        if model is None and not recorded.get("name"):
+            raise C2MFError("the dictionary does not record its model: give --model (and --checkpoint)")
+        layer = cfg.get("layer")
+        if not layer:
+            raise C2MFError("the dictionary does not record the layer it was fitted on: refit it from a c2mf store")
+        spec = ModelSpec(
+            name=model or recorded["name"],
+            checkpoint=checkpoint if checkpoint is not None else (None if model else recorded.get("checkpoint")),
+            pretrained=bool(recorded.get("pretrained", False)) if model is None else False,
+        )
+        warnings: list[str] = []
+        try:
+            loaded = load_model(spec)
+        except C2MFError as e:
+            raise C2MFError(f"cannot load the dictionary's model {spec.name!r}: {e}") from None
+        except (OSError, ImportError, RuntimeError, ValueError, KeyError) as e:
+            raise C2MFError(
+                f"cannot load the dictionary's model {spec.name!r} ({type(e).__name__}: {e}): "
+                "give --model/--checkpoint that point to it"
+            ) from None
+        want = recorded.get("weights_sha256")
+        if want and loaded.weights_sha256 != want:
+            msg = (f"the weights loaded ({loaded.weights_sha256[:12]}) are not those the dictionary was fitted "
+                   f"on ({str(want)[:12]})")
+            if model is None and checkpoint is None:
+                raise C2MFError(msg + ": the checkpoint file changed; give --checkpoint to use these weights anyway")
+            warnings.append(msg)
+        preprocess = Preprocess.from_dict(cfg["preprocess"]) if cfg.get("preprocess") else loaded.preprocess
+        split = split_model(loaded.model, layer, preprocess.input_size)
+        if split.layout == "vector":
+            raise C2MFError(f"layer {layer!r} has no spatial grid: explain needs a CNN map or ViT tokens")
+        if split.channels != d.n_features:
+            raise C2MFError(
+                f"layer {layer!r} has {split.channels} channels but the dictionary has {d.n_features}: "
+                "the dictionary belongs to another model or layer"
+            )
+        split.g.to(dev)
+        split.h.to(dev)
+        with torch.no_grad():
+            n_outputs = int(split.h(split.g(torch.zeros(1, *preprocess.input_size, device=dev))).shape[-1])
+        label_map = {int(c["label"]): str(c["name"]) for c in _source_classes(d) if "label" in c}
+        if labels is not None:
+            lst = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+            label_map = dict(enumerate(lst))
+        dict_class = {}
+        for c in _source_classes(d):
+            if "label" in c and c.get("name") in d.classes:
+                dict_class[int(c["label"])] = d.classes.index(c["name"])
+        explainer = cls(d, loaded, split, preprocess, dev, label_map, dict_class, n_outputs, config, warnings)
+        if config.target is not None:
+            explainer.resolve_target(config.target, np.zeros(n_outputs))
+        return explainer
+
+    # -- pieces
+    def label(self, index: int) -> str:
+        return self.labels.get(int(index), f"output {int(index)}")
+
+    def activations(self, image: Image.Image) -> tuple[torch.Tensor, InputGeometry]:
+        """The layer output of one image (model layout, batch of 1) and its preprocessing geometry."""
+        x = self.preprocess(image).unsqueeze(0).to(self.device)
+        with torch.no_grad():
+            a = self.split.g(x)
+        return a, geometry_from_preprocess(self.preprocess, (image.height, image.width))
+
+    def _grid_rows(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P, c) rows on the grid and the prefix tokens (ViT CLS...) the head also needs."""
+        s = self.split.to_store(a)[0]
+        if self.split.layout == "nchw":
+            return s.reshape(-1, s.shape[-1]), None
+        p = self.split.num_prefix_tokens
+        return s[p:], s[:p]
+
+    def head(self, y: int | None, prefix: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+        """head(U) = h(decode(U)) for codes (m, P, k): the rest of the network on the reconstruction."""
+        gh, gw = self.split.grid
+        d, split = self.dictionary, self.split
+
+        def f(U: torch.Tensor) -> torch.Tensor:
+            m, P, k = U.shape
+            A = d.decode(U.reshape(m * P, k), y).reshape(m, P, -1)
+            if split.layout == "nchw":
+                return split.h(split.from_store(A.reshape(m, gh, gw, -1)))
+            side = prefix.unsqueeze(0).expand(m, *prefix.shape) if prefix is not None else A[:, :0]
+            return split.h(torch.cat([side, A], dim=1))
+
+        return f
+
+    def resolve_target(self, target: int | str | None, probs: np.ndarray) -> int:
+        """The model output index to explain: the argument, a class name, or the prediction."""
+        n = probs.shape[0]
+        if target is None:
+            return int(np.argmax(probs))
+        if isinstance(target, str) and not target.lstrip("-").isdigit():
+            by_name = {v: k for k, v in self.labels.items()}
+            if target not in by_name:
+                raise UsageError(f"--class {target!r} is not a known class name: give a name from the store or "
+                                 f"--labels, or a model output index in 0..{n - 1}")
+            return by_name[target]
+        t = int(target)
+        if not 0 <= t < n:
+            raise UsageError(f"--class {t} is out of range: the model has {n} outputs (0..{n - 1})")
+        return t
+
+    def dictionary_class(self, target: int, probs: np.ndarray) -> tuple[int | None, str]:
+        """The dictionary class whose codes (gates / per-class dictionary) explain output `target`."""
+        needs_y = self.dictionary.per_class or self.dictionary.has_gates
+        if target in self.dict_class_of_output:
+            return self.dict_class_of_output[target], "explained class"
+        if not needs_y:
+            return None, "shared dictionary"
+        if not self.dict_class_of_output:
+            if len(self.dictionary.classes) == 1:
+                return 0, "the dictionary's only class"
+            raise C2MFError("this per-class dictionary does not record which model output each class is: "
+                            "refit it from a c2mf store")
+        best = max(self.dict_class_of_output, key=lambda o: probs[o])
+        return self.dict_class_of_output[best], (
+            f"{self.label(target)!r} is not a class of the dictionary; codes use the gates of its most probable "
+            f"class {self.label(best)!r}")
+
+    # -- the whole explanation
+    def explain(self, image: Image.Image, *, target: int | str | None = None) -> dict[str, Any]:
+        """Every number of one explanation (JSON-able) plus the arrays the figure needs under "_arrays"."""
+        cfg = self.config
+        a, geometry = self.activations(image)
+        rows, prefix = self._grid_rows(a)
+        with torch.no_grad():
+            logits = self.split.h(a)[0].float()
+        probs = torch.softmax(logits, dim=0).cpu().numpy()
+        t = self.resolve_target(target if target is not None else cfg.target, probs)
+        y, why = self.dictionary_class(t, probs)
+        U = self.dictionary.encode(rows, y, iters=cfg.encode_iters)  # (P, k)
+        U = U.detach().float()
+        head = self.head(y, prefix)
+        targets = torch.tensor([t], device=self.device)
+        extra: dict[str, Any] = {}
+        if cfg.importance == "gradcam":
+            imp = gradcam(U[None], head, targets)[0]
+        else:
+            res = integrated_gradients(U[None], head, targets, steps=cfg.ig_steps)
+            imp = res.attributions[0]
+            extra = {"ig_logit": float(res.logit[0]), "ig_baseline_logit": float(res.baseline_logit[0]),
+                     "ig_completeness_error": float(res.completeness_error[0])}
+        with torch.no_grad():
+            rec_logits = head(U[None])[0].float()
+        rec_probs = torch.softmax(rec_logits, dim=0).cpu().numpy()
+        imp_np = imp.detach().cpu().numpy().astype(np.float64)
+        order = np.argsort(-imp_np, kind="stable")
+        top = [int(j) for j in order[: min(cfg.top, imp_np.shape[0])]]
+        gh, gw = self.split.grid
+        codes = U.cpu().numpy().reshape(gh, gw, -1)
+        top_cls = np.argsort(-probs, kind="stable")[: cfg.top_classes]
+        gates = self.dictionary.gates(y).cpu().numpy() if self.dictionary.has_gates else None
+        record: dict[str, Any] = {
+            "image": {"width": image.width, "height": image.height},
+            "geometry": geometry.to_dict(),
+            "model": {"name": self.loaded.spec.name, "checkpoint": self.loaded.spec.checkpoint,
+                      "weights_sha256": self.loaded.weights_sha256, "layer": self.split.layer,
+                      "layout": self.split.layout, "grid": [gh, gw]},
+            "dictionary": {"method": self.dictionary.method, "concepts": self.dictionary.n_concepts,
+                           "class": None if y is None else self.dictionary.classes[y], "class_reason": why},
+            "config": cfg.to_dict(),
+            "top_classes": [{"index": int(i), "label": self.label(int(i)), "probability": float(probs[i])}
+                            for i in top_cls],
+            "prediction": {"index": int(np.argmax(probs)), "label": self.label(int(np.argmax(probs)))},
+            "explained": {"index": t, "label": self.label(t), "logit": float(logits[t]),
+                          "probability": float(probs[t])},
+            "reconstruction": {"logit": float(rec_logits[t]), "probability": float(rec_probs[t]),
+                               "prediction": int(np.argmax(rec_probs)),
+                               "relative_error": float(torch.linalg.norm(rows - self.dictionary.decode(U, y))
+                                                       / torch.linalg.norm(rows).clamp_min(1e-12))},
+            "importance_method": cfg.importance,
+            "importance": [float(v) for v in imp_np],
+            "ranking": [int(j) for j in order],
+            "top_concepts": [
+                {"concept": j, "importance": float(imp_np[j]), "mean_code": float(codes[..., j].mean()),
+                 "max_code": float(codes[..., j].max()),
+                 "peak_cell": [int(v) for v in np.unravel_index(np.argmax(codes[..., j]), (gh, gw))],
+                 **({"gate": float(gates[j])} if gates is not None else {})}
+                for j in top
+            ],
+            **extra,
+            "warnings": list(self.warnings),
+        }
+        if gates is not None:
+            record["gates"] = [float(g) for g in gates]
+        record["_arrays"] = {"codes": codes, "geometry": geometry}
+        return record
+
+    def figure(self, image: Image.Image, record: dict[str, Any], title: str | None = None):
+        """The explanation figure of a record made by `explain`."""
+        codes = record["_arrays"]["codes"]
+        panels = [ConceptPanel(c["concept"], c["importance"], codes[..., c["concept"]]) for c in record["top_concepts"]]
+        return explanation_figure(
+            image,
+            record["_arrays"]["geometry"],
+            [(c["label"], c["probability"]) for c in record["top_classes"]],
+            panels,
+            importances=list(enumerate(record["importance"])),
+            title=title,
+            explained=f"{record['explained']['label']} (p={record['explained']['probability']:.3f})",
+            importance_label=IMPORTANCE_LABELS[record["importance_method"]],
+        )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _out_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems for the outputs, unique even when two images share a name."""
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        s = p.stem or "image"
+        n = seen.get(s, 0)
+        seen[s] = n + 1
+        stems.append(s if n == 0 else f"{s}-{n}")
+    return stems
+
+
+def explain_images(
+    images: Sequence[str | os.PathLike[str]],
+    explainer: Explainer,
+    out_dir: str | os.PathLike[str],
+    *,
+    target: int | str | None = None,
+    on_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Explain each image into out_dir/<stem>.png and out_dir/<stem>.json; go on past images that fail.
+
+    Returns a summary: {"explained": [{"image", "png", "json", "prediction", "explained", "top_concepts"}],
+    "failed": [{"image", "error"}]}; the summary is also written to out_dir/explain.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in images]
+    done, failed = [], []
+    if target is not None:  # a bad --class is one error for the whole batch, not one per image
+        explainer.resolve_target(target, np.zeros(explainer.n_outputs))
+    for path, stem in zip(paths, _out_stems(paths)):
+        try:
+            image = open_image(path)
+            record = explainer.explain(image, target=target)
+        except UsageError:
+            raise
+        except C2MFError as e:
+            failed.append({"image": str(path), "error": str(e)})
+            if on_done:
+                on_done(1)
+            continue
+        record = {"image_path": str(path), **record}
+        arrays = record.pop("_arrays")
+        record["codes"] = np.round(arrays["codes"], 6).tolist()
+        png = save_figure(explainer.figure(image, {**record, "_arrays": arrays}, title=path.name), out / f"{stem}.png")
+        _write_json(out / f"{stem}.json", record)
+        done.append({"image": str(path), "png": png.name, "json": f"{stem}.json",
+                     "prediction": record["prediction"], "explained": record["explained"],
+                     "top_concepts": [c["concept"] for c in record["top_concepts"]]})
+        if on_done:
+            on_done(1)
+    summary = {"out_dir": str(out), "explained": done, "failed": failed,
+               "dictionary": explainer.dictionary.meta.get("method"), "config": explainer.config.to_dict()}
+    _write_json(out / "explain.json", summary)
+    return summary
