@@ -1,0 +1,140 @@
+"""C2MF on planted ground truth: recovery of the dictionary and of each class's concepts, alpha's control,
+checkpoint and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from c2mf_cli.errors import C2MFError
+from c2mf_cli.factorize import factorize
+from c2mf_cli.sources import ArraySource
+
+SUBSETS = [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]  # overlapping: concepts are shared between classes
+ALPHAS = [0.0, 0.01, 0.05, 0.2, 1.0]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def planted(seed: int = 0, c: int = 64, k: int = 8, n: int = 800, noise: float = 0.05):
+    """A(y) = U(y) W[S_y] + noise with a known signed, unit-norm W and known subsets S_y."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((k, c))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    arrays = []
+    for s in SUBSETS:
+        U = np.zeros((n, k))
+        U[:, s] = rng.exponential(1.0, (n, len(s))) * (rng.random((n, len(s))) < 0.6)
+        arrays.append((U @ W + noise * rng.standard_normal((n, c))).astype(np.float32))
+    return ArraySource(arrays, classes=[f"class{i}" for i in range(len(SUBSETS))]), W
+
+
+def matched(W_learned: np.ndarray, W_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian matching on |cosine|: (|cosine| per true concept, learned index of each true concept)."""
+    C = np.abs(W_learned @ W_true.T) / np.outer(np.linalg.norm(W_learned, axis=1), np.linalg.norm(W_true, axis=1))
+    rows, cols = linear_sum_assignment(-C)
+    learned_of_true = np.empty(W_true.shape[0], int)
+    learned_of_true[cols] = rows
+    return C[rows, cols][np.argsort(cols)], learned_of_true
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    torch.set_num_threads(1)
+    src, W = planted()
+    fits = {a: factorize(src, "c2mf", concepts=8, alpha=a, batch_size=None, iterations=60, tol=1e-4, device="cpu")
+            for a in ALPHAS}
+    return src, W, fits
+
+
+def test_recovers_dictionary_and_class_subsets(sweep):
+    _, W, fits = sweep
+    d = fits[0.05]
+    cos, learned_of_true = matched(d.tensors["W"].numpy(), W)
+    assert cos.min() > 0.95, cos
+    true_of_learned = {int(l): t for t, l in enumerate(learned_of_true)}
+    for y, subset in enumerate(SUBSETS):
+        used = sorted(true_of_learned[j] for j in d.concepts_used(y))
+        assert used == sorted(subset), (y, used)
+
+
+def test_concepts_used_fall_monotonically_with_alpha(sweep):
+    _, _, fits = sweep
+    counts = [sum(len(fits[a].concepts_used(y)) for y in range(len(SUBSETS))) for a in ALPHAS]
+    assert all(a >= b for a, b in zip(counts, counts[1:])), counts
+    assert counts[0] == 8 * len(SUBSETS) and counts[-1] < counts[0] and counts[2] == 12
+
+
+def test_loss_history_is_recorded_and_decreases_after_warmup(sweep):
+    _, _, fits = sweep
+    hist = fits[0.05].meta["history"][0]
+    losses = [r["objective"] for r in hist["loss"]]
+    warm = fits[0.05].meta["config"]["warmup"]
+    tail = losses[warm + 1 :]
+    assert all(b <= a + 1e-6 * abs(a) for a, b in zip(tail, tail[1:]))
+    assert hist["converged"] and hist["passes"] < 60
+
+
+def test_scale_is_fixed_unit_rows_and_gates_near_one():
+    src, _ = planted(seed=1, n=300)
+    d = factorize(src, "c2mf", concepts=8, alpha=0.05, batch_size=None, iterations=40, device="cpu")
+    torch.testing.assert_close(d.tensors["W"].norm(dim=1), torch.ones(8), atol=1e-5, rtol=0)
+    g = torch.sigmoid(d.tensors["gates"])
+    open_gates = g[g > 0.5]
+    assert open_gates.numel() > 0 and float(open_gates.min()) > 0.7  # used concepts are cheap near 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after(n_passes: int):
+    def progress(description, total):
+        seen = [0]
+
+        def advance(k=1):
+            seen[0] += k
+            if seen[0] >= n_passes:
+                raise _Interrupt
+
+        return advance
+
+    return progress
+
+
+def test_checkpoint_and_resume_continue_exactly(tmp_path: Path):
+    src, _ = planted(seed=2, n=200)
+    opts = dict(concepts=8, alpha=0.05, batch_size=128, iterations=14, tol=0.0, checkpoint_every=3, device="cpu")
+    ref = factorize(src, "c2mf", **opts)
+    ckpt = tmp_path / "fit.ckpt"
+    with pytest.raises(_Interrupt):
+        factorize(src, "c2mf", checkpoint_path=ckpt, progress=_stop_after(8), **opts)
+    assert ckpt.exists() and not list(tmp_path.glob("*.tmp"))
+    resumed = factorize(src, "c2mf", checkpoint_path=ckpt, resume=True, **opts)
+    # same trajectory; only float rounding may differ (buffers reloaded from disk can take other SIMD paths)
+    torch.testing.assert_close(resumed.tensors["W"], ref.tensors["W"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.sigmoid(resumed.tensors["gates"]), torch.sigmoid(ref.tensors["gates"]),
+                               atol=1e-5, rtol=0)
+    assert resumed.meta["history"][0]["passes"] == 14
+    with pytest.raises(C2MFError, match="other settings or data"):
+        factorize(src, "c2mf", checkpoint_path=ckpt, resume=True, **dict(opts, alpha=0.1))
+    with pytest.raises(C2MFError, match="no checkpoint"):
+        factorize(src, "c2mf", checkpoint_path=tmp_path / "none.ckpt", resume=True, **opts)
+
+
+def test_bad_settings():
+    src, _ = planted(n=50)
+    with pytest.raises(C2MFError, match="--beta must be > 0"):
+        factorize(src, "c2mf", concepts=4, beta=0.0, device="cpu")
+    with pytest.raises(C2MFError, match="--alpha must be >= 0"):
+        factorize(src, "c2mf", concepts=4, alpha=-1.0, device="cpu")
