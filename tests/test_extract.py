@@ -1,0 +1,282 @@
+"""`extract`: store content, crops, resume after a crash, shards, fingerprints, bad images, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from c2mf_cli.cli import app
+from c2mf_cli.data import CropSpec, DatasetSpec, resolve_dataset
+from c2mf_cli.errors import C2MFError
+from c2mf_cli.extract import ShardSpec
+from c2mf_cli.models import ModelSpec, load_model, split_model
+from c2mf_cli.store import ActivationStore, StoreWriter
+
+from .conftest import SHARED_DATA, TINY_INPUT, TINY_LAYER, TINY_MODEL, build_store, make_image_folder, needs_shared_data
+
+runner = CliRunner()
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    store = ActivationStore.open(path)
+    out = {}
+    for y in range(len(store.classes)):
+        out[f"{y}/a"] = store.activations(y)
+        out[f"{y}/l"] = store.logits(y)
+    return out
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    xa, xb = _arrays(a), _arrays(b)
+    assert xa.keys() == xb.keys()
+    for k in xa:
+        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
+
+
+def test_store_holds_g_of_x_and_the_models_logits(tiny_store, image_folder):
+    store = ActivationStore.open(tiny_store)
+    assert store.classes == ["class_0", "class_1", "class_2"]
+    assert store.row_shape == (4, 4, 192)
+    assert store.layout == "nchw" and store.grid == (4, 4)
+    lm = load_model(ModelSpec(TINY_MODEL), preprocess_overrides={"input_size": (3, 64, 64)})
+    split = split_model(lm.model, TINY_LAYER, (3, 64, 64))
+    paths = store.paths(1)
+    x = torch.stack([lm.preprocess(Image.open(p)) for p in paths])
+    with torch.no_grad():
+        a = split.to_store(split.g(x)).numpy()
+        logits = lm.model(x).numpy()
+    np.testing.assert_allclose(store.activations(1), a, atol=2e-2, rtol=2e-3)  # float16 storage
+    np.testing.assert_allclose(store.logits(1), logits, atol=1e-4, rtol=1e-4)
+    assert (store.labels(1) == 1).all()
+    rows = store.row_source()
+    assert rows.n_rows(1) == 6 * 16
+    assert sum(b.shape[0] for b in rows.batches(1, 10, shuffle=True, seed=1)) == 96
+
+
+def test_crop_store_rows_are_pooled_crops(tiny_crop_store):
+    store = ActivationStore.open(tiny_crop_store)
+    n_crops = CropSpec().n_crops(64, 64)
+    assert n_crops == 16  # CRAFT's grid: 18-px crops at stride 14 on a 64-px input -> 4 x 4
+    assert store.mode == "crops"
+    assert store.row_shape == (192,)
+    assert store.n_images(0) == 6 * n_crops
+    assert store.logits(0).shape == (6 * n_crops, 1000)
+    assert len(store.paths(0)) == 6 * n_crops
+
+
+def test_craft_grid_on_a_224_input_matches_the_reference():
+    boxes = CropSpec().boxes(224, 224)
+    assert {s for _, _, s in boxes} == {64}
+    assert sorted({t for t, _, _ in boxes}) == [0, 51, 102, 153]
+
+
+def test_random_crops_are_seeded_per_image():
+    spec = CropSpec(kind="random", count=5, seed=3)
+    assert spec.boxes(64, 64, "a.png") == spec.boxes(64, 64, "a.png")
+    assert spec.boxes(64, 64, "a.png") != spec.boxes(64, 64, "b.png")
+    assert all(t + s <= 64 and l + s <= 64 for t, l, s in spec.boxes(64, 64, "a.png"))
+
+
+def test_interrupted_run_resumes_to_the_same_store(tmp_path, image_folder, monkeypatch):
+    reference = build_store(tmp_path / "ref.zarr", image_folder)
+    calls = {"n": 0}
+    original = StoreWriter.write_unit
+
+    def crash_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the run is killed between two units
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write_unit", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(tmp_path / "resumed.zarr", image_folder)
+    monkeypatch.setattr(StoreWriter, "write_unit", original)
+    with pytest.raises(C2MFError, match="incomplete"):
+        ActivationStore.open(tmp_path / "resumed.zarr")
+    # a chunk written without its marker (killed mid-unit) must not be trusted: poison one
+    writer = StoreWriter(tmp_path / "resumed.zarr")
+    assert len(writer.done_units()) == 2
+    writer.root["c0002"]["activations"][0:4] = np.full((4, 4, 4, 192), 7.0, dtype=np.float16)
+    build_store(tmp_path / "resumed.zarr", image_folder)
+    _assert_same_store(reference, tmp_path / "resumed.zarr")
+
+
+def test_two_shards_in_parallel_equal_one_process(tmp_path, image_folder):
+    one = build_store(tmp_path / "one.zarr", image_folder)
+    cmd = [sys.executable, "-m", "c2mf_cli.cli", "extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d",
+           str(image_folder), "-o", str(tmp_path / "sharded.zarr"), "--input-size", TINY_INPUT,
+           "--chunk-images", "4", "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    store = ActivationStore.open(tmp_path / "sharded.zarr")  # finalized by whichever shard finished last
+    assert store.info["complete"]
+    _assert_same_store(one, tmp_path / "sharded.zarr")
+
+
+def test_shard_spec_from_environment(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
+    assert ShardSpec.parse(None) == ShardSpec(0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    assert ShardSpec.parse(None) == ShardSpec(2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert ShardSpec.parse(None) == ShardSpec(1, 8)
+    assert ShardSpec.parse("3/4") == ShardSpec(3, 4)
+
+
+def test_store_of_another_configuration_is_refused(tmp_path, image_folder):
+    build_store(tmp_path / "s.zarr", image_folder)
+    with pytest.raises(C2MFError, match=r"another configuration \(differs in: layer.*\).*another --out"):
+        build_store(tmp_path / "s.zarr", image_folder, layer="layer2")
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=3)
+    bad = data / "class_1" / "001.png"
+    bad.write_bytes(b"not an image at all")
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data), "-o",
+                                 str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable image(s) skipped" in result.output
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    assert [f["path"] for f in store.failures] == [str(bad)]
+    assert store.n_images(1) == 2 and len(store.paths(1)) == 2
+    info = runner.invoke(app, ["info", str(tmp_path / "s.zarr"), "--json"])
+    assert json.loads(info.stdout)["failed_images"][0]["path"] == str(bad)
+    strict = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data), "-o",
+                                 str(tmp_path / "t.zarr"), "--input-size", TINY_INPUT, "--workers", "0",
+                                 "--strict", "--quiet"])
+    assert strict.exit_code == 1
+    assert "Error: cannot read image" in strict.output and "001.png" in strict.output
+
+
+def test_cli_extract_json_and_info(tmp_path, image_folder):
+    out = tmp_path / "s.zarr"
+    args = ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(image_folder), "-o", str(out),
+            "--input-size", TINY_INPUT, "--workers", "0", "--split", "train", "--json", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["complete"] and summary["summary"]["rows"] == 15  # 5 of 6 per class in train
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert again["units_done_now"] == 0 and again["complete"]
+    info = runner.invoke(app, ["info", str(out), "--json", "--classes"])
+    assert info.exit_code == 0
+    data = json.loads(info.stdout)
+    assert data["layer"] == TINY_LAYER and data["mode"] == "full" and len(data["per_class"]) == 3
+
+
+@pytest.mark.parametrize(
+    "extra,message,code",
+    [
+        (["-l", "layr3"], "Error: unknown layer 'layr3'. Close matches: layer3", 1),
+        (["-l", "layer2.0.conv1"], "skip connection", 1),
+        (["--shard", "2/2"], "Error: --shard 2/2: need 0 <= i < n", 2),
+        (["--shard", "x"], "Error: --shard must look like i/n", 2),
+        (["--crop-size", "0", "--mode", "crops"], "Error:", 2),
+        (["--batch-size", "0"], "Error: --batch-size must be at least 1", 2),
+    ],
+)
+def test_cli_user_errors(tmp_path, image_folder, extra, message, code):
+    args = ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(image_folder), "-o", str(tmp_path / "s"),
+            "--input-size", TINY_INPUT, "--workers", "0", "--quiet"]
+    result = runner.invoke(app, args + extra)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_missing_data_and_store(tmp_path):
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(tmp_path / "none"),
+                                 "-o", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "Error: data" in result.output and "does not exist" in result.output
+    result = runner.invoke(app, ["info", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_cli_layers_lists_useful_layers():
+    result = runner.invoke(app, ["layers", "test_vit", "--json"])
+    assert result.exit_code == 0, result.output
+    layers = {entry["name"]: entry for entry in json.loads(result.stdout)["layers"]}
+    assert {f"blocks.{i}" for i in range(6)} <= set(layers)
+    assert layers["blocks.2"]["shape"] == [101, 64] and layers["blocks.2"]["splits"] is True
+
+
+def test_datasets_cub_csv_split_and_class_index(tmp_path):
+    root = make_image_folder(tmp_path / "cub" / "images", n_classes=2, per_class=4)
+    cub = tmp_path / "cub"
+    files = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    (cub / "images.txt").write_text("".join(f"{i + 1} {f}\n" for i, f in enumerate(files)))
+    (cub / "image_class_labels.txt").write_text("".join(f"{i + 1} {1 + (f.parts[0] == 'class_1')}\n"
+                                                        for i, f in enumerate(files)))
+    (cub / "classes.txt").write_text("1 class_0\n2 class_1\n")
+    (cub / "train_test_split.txt").write_text("".join(f"{i + 1} {int(i % 2 == 0)}\n" for i in range(len(files))))
+    train = resolve_dataset(DatasetSpec(str(cub), split="train"))
+    test = resolve_dataset(DatasetSpec(str(cub), split="test"))
+    assert len(train) == len(test) == 4 and not {i.path for i in train} & {i.path for i in test}
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"classes": {"class_0": {"model_index": 7}, "class_1": {"model_index": 3}}}))
+    mapped = resolve_dataset(DatasetSpec(str(cub), class_index=str(index)))
+    assert {i.class_name: i.label for i in mapped} == {"class_0": 7, "class_1": 3}
+    with pytest.raises(C2MFError, match="outside the model's 5 outputs"):
+        resolve_dataset(DatasetSpec(str(cub), class_index=str(index)), num_outputs=5)
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\n" + "".join(f"cub/images/{f},{f.parts[0]}\n" for f in files))
+    assert [i.path for i in resolve_dataset(DatasetSpec(str(csv)))] == [i.path for i in resolve_dataset(
+        DatasetSpec(str(root)))]
+
+
+def test_seeded_split_is_deterministic_and_disjoint(image_folder):
+    a = resolve_dataset(DatasetSpec(str(image_folder), split="train", seed=1))
+    b = resolve_dataset(DatasetSpec(str(image_folder), split="train", seed=1))
+    t = resolve_dataset(DatasetSpec(str(image_folder), split="test", seed=1))
+    assert a == b
+    assert not {i.path for i in a} & {i.path for i in t}
+    assert len(a) + len(t) == 18
+    assert resolve_dataset(DatasetSpec(str(image_folder), split="train", seed=2)) != a
+
+
+@needs_shared_data
+def test_real_cifar_store_reproduces_the_measured_accuracy(tmp_path):
+    args = ["extract", "-m", f"{SHARED_DATA}/models.py:cifar_resnet20", "-c",
+            str(SHARED_DATA / "cifar10/resnet20-12fca82f.th"), "-l", "layer3", "-d",
+            str(SHARED_DATA / "cifar10/images"), "-o", str(tmp_path / "c.zarr"), "--workers", "1", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(tmp_path / "c.zarr")
+    correct = sum(int((store.logits(y).argmax(1) == store.labels(y)).sum()) for y in range(10))
+    assert correct / 1000 == pytest.approx(0.804, abs=0.002)  # the data README's measured top-1
+    assert store.row_shape == (8, 8, 64)
+
+
+@needs_shared_data
+def test_real_cub_store_with_class_index(tmp_path):
+    args = ["extract", "-m", f"{SHARED_DATA}/models.py:mobilenet_v2_inat_birds", "-c",
+            str(SHARED_DATA / "cub/mobilenet_v2_inat_birds.pt"), "-l", "blocks.16", "-d",
+            str(SHARED_DATA / "cub/images"), "--class-index", str(SHARED_DATA / "cub/class_index.json"),
+            "--max-per-class", "1", "-o", str(tmp_path / "b.zarr"), "--workers", "1", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(tmp_path / "b.zarr")
+    assert len(store.classes) == 78 and store.row_shape == (7, 7, 320)
+    index = json.loads((SHARED_DATA / "cub/class_index.json").read_text())["classes"]
+    assert store.class_indices == [index[c]["model_index"] for c in store.classes]
+    assert (np.concatenate([store.activations(y) for y in range(78)]) < 0).any()  # the signed layer
