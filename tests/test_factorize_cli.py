@@ -1,0 +1,142 @@
+"""`c2mf factorize` and `c2mf methods` through the CLI, on the small stores of conftest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from c2mf_cli.cli import app
+from c2mf_cli.commands.factorize import describe_dictionary
+from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.errors import C2MFError
+from c2mf_cli.store import ActivationStore
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _error_line(result) -> str:
+    text = result.output  # click mixes stderr into output
+    lines = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_methods_lists_the_registry():
+    r = _run("methods", "--json")
+    assert r.exit_code == 0, r.output
+    assert [row["name"] for row in json.loads(r.stdout)] == ["c2mf", "craft", "pca", "nmf", "semi-nmf"]
+    r = _run("methods")
+    assert r.exit_code == 0 and "semi-nmf" in r.stdout
+
+
+def test_help_has_an_example():
+    r = _run("factorize", "--help")
+    assert r.exit_code == 0 and "Example: c2mf factorize" in r.stdout
+    for name in ("c2mf", "craft", "pca", "nmf", "semi-nmf"):
+        assert name in r.stdout
+
+
+def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
+    out = tmp_path / "c2mf.safetensors"
+    r = _run("factorize", tiny_store, "--method", "c2mf", "--concepts", 4, "--iterations", 6, "--batch-size", 40,
+             "--checkpoint-every", 2, "--device", "cpu", "--json", "--out", out)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["method"] == "c2mf" and summary["concepts"] == 4 and summary["gated"]
+    assert len(summary["per_class_concepts"]) == 3 and summary["layer"]
+    assert not out.with_name(out.name + ".ckpt").exists()  # removed once the dictionary is written
+    d = ConceptDictionary.load(out)
+    store = ActivationStore.open(tiny_store)
+    assert d.classes == store.classes
+    assert d.meta["source"]["info"]["fingerprint"] == store.fingerprint
+    d.check_compatible(store.describe_source())
+    other = dict(store.describe_source(), layer="layer1")
+    with pytest.raises(C2MFError, match="fitted on layer = .* the store has layer = 'layer1'"):
+        d.check_compatible(other)
+    info = describe_dictionary(out)
+    assert info["classes"] == 3 and all("concepts_used" in row for row in info["per_class_concepts"])
+    r = _run("info", out, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "c2mf"
+
+
+@pytest.mark.parametrize("args", [["--method", "pca", "--shared"], ["--method", "semi-nmf", "--full-batch"],
+                                  ["--method", "nmf", "--shift", "--iterations", "3"]])
+def test_other_methods_on_full_store(tiny_store: Path, tmp_path: Path, args):
+    out = tmp_path / "d.safetensors"
+    r = _run("factorize", tiny_store, *args, "--concepts", 3, "--device", "cpu", "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert ConceptDictionary.load(out).n_concepts == 3
+
+
+def test_craft_on_crop_store(tiny_crop_store: Path, tmp_path: Path):
+    out = tmp_path / "craft.safetensors"
+    r = _run("factorize", tiny_crop_store, "--method", "craft", "--concepts", 3, "--iterations", 5, "--shift",
+             "--device", "cpu", "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    d = ConceptDictionary.load(out)
+    assert d.per_class and d.meta["source"]["mode"] == "crops"
+
+
+@pytest.mark.parametrize(
+    "store_fixture,args,code,message",
+    [
+        ("tiny_crop_store", ["--method", "c2mf"], 1, "learns from whole-image activations, but this store holds crops"),
+        ("tiny_store", ["--method", "craft"], 1, "learns from crop activations (the CRAFT reference)"),
+        ("tiny_store", ["--method", "c2mf", "--concepts", "500"], 2, "--concepts 500 is larger than the 192 channels"),
+        ("tiny_store", ["--method", "pca", "--alpha", "0.1"], 2, "--alpha does not apply to --method pca"),
+        ("tiny_store", ["--method", "craft", "--shared"], 2, "--shared/--per-class does not apply to --method craft"),
+        ("tiny_store", ["--method", "c2mf", "--beta", "0"], 2, "--beta must be > 0"),
+        ("tiny_store", ["--method", "c2mf", "--resume"], 1, "--resume given but there is no checkpoint"),
+        ("tiny_store", ["--method", "c2mf", "--device", "tpu"], 1, "unknown device 'tpu'"),
+    ],
+)
+def test_bad_inputs_by_message_and_exit_code(request, tmp_path: Path, store_fixture, args, code, message):
+    store = request.getfixturevalue(store_fixture)
+    if "--concepts" not in args:
+        args = args + ["--concepts", "3"]
+    r = _run("factorize", store, *args, "--iterations", "2", "--quiet", "--out", tmp_path / "d.safetensors")
+    assert r.exit_code == code, r.output
+    assert message in _error_line(r)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_missing_store_and_unknown_method(tmp_path: Path):
+    r = _run("factorize", tmp_path / "nope.zarr", "--method", "c2mf", "--concepts", 3, "--out", tmp_path / "d")
+    assert r.exit_code == 1 and "does not exist" in _error_line(r)
+    r = _run("factorize", tmp_path, "--method", "ica", "--concepts", 3, "--out", tmp_path / "d")
+    assert r.exit_code == 2 and "ica" in r.output
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nan_in_store_is_an_error(tiny_store: Path, tmp_path: Path):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(tiny_store, bad)
+    root = zarr.open_group(str(bad), mode="r+", zarr_format=3)
+    name = [k for k in root.group_keys()][-1]
+    arr = root[name]["activations"]
+    block = np.asarray(arr[:1])
+    block[...] = np.nan
+    arr[:1] = block
+    r = _run("factorize", bad, "--method", "c2mf", "--concepts", 3, "--iterations", 2, "--quiet",
+             "--out", tmp_path / "d.safetensors")
+    assert r.exit_code == 1, r.output
+    assert "NaN or infinite activations" in _error_line(r)
