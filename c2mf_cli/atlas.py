@@ -206,7 +206,7 @@ def build_atlas(
             box = geo.cell_box(r.cell, store.grid, window=config.window)
             crops.append(np.asarray(im.crop(box)))
             values.append(r.value)
-            captions.append(f"{store.classes[r.class_index]} · {path.name}")
+            captions.append(f"{store.classes[r.class_index]}\n{path.name}")
             entries.append({"value": r.value, "class": store.classes[r.class_index], "image": str(path),
                             "cell": list(r.cell), "box": list(box)})
         png = f"concept_{j:03d}.png"

@@ -529,7 +529,7 @@ def atlas_concept_figure(
         ax.imshow(_tile(crops[k], tile_px))
         cap = f"U = {_fmt(float(values[k]))}"
         if captions is not None:
-            cap = f"{_short(captions[k], 22)}\n" + cap
+            cap = "\n".join(_short(line, 24) for line in str(captions[k]).split("\n")) + "\n" + cap
         ax.set_title(cap, fontsize=7.5)
     fig.suptitle(f"concept {concept}" + (f" '{name}'" if name else "") + f": top {len(crops)} regions", fontsize=10)
     return fig
@@ -553,10 +553,10 @@ def atlas_overview_figure(
     """
     n = max(1, len(rows))
     fig, axes = plt.subplots(
-        n, per_row, figsize=(per_row * 1.15 + 1.3, n * 1.2 + 0.4), dpi=110, squeeze=False,
+        n, per_row, figsize=(per_row * 1.15 + 1.3, n * 1.2 + 0.5), dpi=110, squeeze=False,
         gridspec_kw={"wspace": 0.04, "hspace": 0.08},
     )
-    fig.subplots_adjust(left=1.25 / (per_row * 1.15 + 1.3), right=0.99, top=1 - 0.35 / (n * 1.2 + 0.4), bottom=0.01)
+    fig.subplots_adjust(left=1.25 / (per_row * 1.15 + 1.3), right=0.99, top=1 - 0.45 / (n * 1.2 + 0.4), bottom=0.01)
     for r, (concept, crops) in enumerate(rows):
         for c in range(per_row):
             ax = axes[r, c]
