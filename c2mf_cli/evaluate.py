@@ -138,7 +138,9 @@ def _tail_from_store(store: StoreLike, device: torch.device) -> _Tail:
 
     spec = store.model_spec  # type: ignore[attr-defined]
     lm = load_model(spec)
-    split = split_model(lm.model, store.layer, verify=False)
+    pre = getattr(store, "preprocess", None)
+    size = tuple(pre.input_size) if pre is not None and getattr(pre, "input_size", None) else None
+    split = split_model(lm.model, store.layer, size, verify=False)  # type: ignore[arg-type]
     h = split.h.to(device).eval()
     for p in h.parameters():
         p.requires_grad_(False)
@@ -191,8 +193,8 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
     for s, role in ((test, "test"), (crops, "crops")):
         if s is None:
             continue
-        for key in ("model_spec", "weights_sha256", "layer"):
-            a, b = train.info.get(key), s.info.get(key)
+        for key in ("weights_sha256", "layer", "layout"):
+            a, b = getattr(train, key, None), getattr(s, key, None)
             if a is not None and b is not None and a != b:
                 raise C2MFError(
                     f"the train and {role} stores differ in {key} ({a!r} vs {b!r}): evaluate needs stores of "
@@ -213,7 +215,8 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
             )
         check = getattr(d, "check_compatible", None)
         if check is not None:
-            check(test.info)
+            describe = getattr(test, "describe_source", None)
+            check(describe() if describe is not None else test.info)
 
 
 def _store_width(store: StoreLike) -> int:
