@@ -188,8 +188,11 @@ Load it like any user model:  c2mf extract --model {file}:create --checkpoint {c
 from c2mf_cli.demo.train import ModelConfig, create_model
 
 
-def create():
-    return create_model(ModelConfig(**{config!r}))
+def create(num_classes=None):
+    config = {config!r}
+    if num_classes is not None:
+        config["num_classes"] = num_classes
+    return create_model(ModelConfig(**config))
 '''
 
 

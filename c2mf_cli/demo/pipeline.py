@@ -1,0 +1,461 @@
+"""The demo chain: generate a world, train a model, extract, factorize, evaluate, and measure recovery.
+
+Everything goes under one output folder:
+
+    OUT/world/                 the synthetic images, masks and world.json (synthetic.py)
+    OUT/model/                 model.py (factory `create`) + model.safetensors + train.json
+    OUT/stores/                train / test whole-image stores, train / test crop stores (Zarr)
+    OUT/dictionaries/          c2mf.safetensors, craft.safetensors, pca.safetensors
+    OUT/evaluation/            evaluation.json (with the ground-truth "recovery" section) and plots
+    OUT/explain/, OUT/atlas/   figures, when those library modules are present
+    OUT/demo.json              the summary: accuracy, timings, recovery table, gate selection
+
+Ground-truth recovery (METHOD.md section 4 item 8), for each method:
+- heatmap IoU: codes of the test images upsampled to the image (bilinear; the demo model sees the 64 px image
+  whole: crop_pct 1.0), thresholded at 50 % of each map's maximum (`metrics.recovery.binarize`), IoU with each
+  primitive's mask. `per_class`: for every class that contains the primitive, the best concept of the
+  dictionary that class uses, averaged over those classes (comparable across per-class and shared methods).
+  `shared` (shared dictionaries only): one concept per primitive for all classes, a stricter test.
+  PCA codes are signed with arbitrary sign: both U and -U are candidates.
+- gate selection (c2mf): do the class gates open on the concepts matched to that class's primitives?
+- planted dictionary: activations A = U W_planted (+ noise) built with the world's class structure, fitted by
+  each method; Hungarian-matched cosine to W_planted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..errors import C2MFError
+from ..progress import ProgressFn, no_progress
+from .synthetic import World, WorldConfig, generate
+from .train import CONCEPT_LAYER, ModelConfig, TrainConfig, TrainResult, save_model, train_model
+
+METHODS = ("c2mf", "craft", "pca")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every setting of one demo run; written into demo.json."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    c2mf_concepts: int = 12  # one shared dictionary
+    concepts_per_class: int = 5  # craft and pca: one dictionary per class
+    c2mf_alpha: float = 0.05
+    crop_size: float = 0.5  # crops of half the image, every quarter image: 3 x 3 = 9 per image
+    crop_stride: float = 0.5
+    iterations: int = 100
+    ig_steps: int = 16
+    explain_images: int = 3
+    planted_rows: int = 1000
+    device: str = "auto"
+
+    @classmethod
+    def quick(cls, seed: int = 0, device: str = "auto") -> "DemoConfig":
+        """A small run for tests and a first look (~4x fewer images, fewer epochs and iterations)."""
+        return cls(
+            world=WorldConfig(images_per_class=24, test_per_class=12, seed=seed),
+            train=TrainConfig(epochs=4, seed=seed),
+            iterations=30,
+            ig_steps=8,
+            explain_images=1,
+            planted_rows=300,
+            device=device,
+        )
+
+    @classmethod
+    def full(cls, seed: int = 0, device: str = "auto") -> "DemoConfig":
+        return cls(world=WorldConfig(seed=seed), train=TrainConfig(seed=seed), device=device)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["world"] = self.world.to_dict()
+        d["train"] = self.train.to_dict()
+        return d
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+
+
+def _store_index(world: World, split: str, store: Any) -> list[np.ndarray]:
+    """For each class of the store, the world index (within `split`) of each stored image."""
+    where = {str(p.resolve()): i for i, p in enumerate(world.paths(split))}
+    out = []
+    for y in range(len(store.classes)):
+        try:
+            out.append(np.array([where[str(Path(p).resolve())] for p in store.paths(y)], dtype=np.int64))
+        except KeyError as e:
+            raise C2MFError(f"store image {e.args[0]} is not in the world at {world.root}: re-run the demo "
+                            "into a fresh --out folder") from None
+    return out
+
+
+def concept_heatmaps(dictionary: Any, activations: np.ndarray, y: int | None, size: int) -> np.ndarray:
+    """Codes of (n, h, w, c) activations for class y, upsampled to (n, k, size, size) (2k for PCA: U and -U)."""
+    n, h, w, c = activations.shape
+    U = torch.as_tensor(dictionary.encode(activations.reshape(-1, c), y)).float().cpu()
+    U = U.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    if dictionary.meta.get("codes") == "projection":
+        U = torch.cat([U, -U], dim=1)
+    return F.interpolate(U, size=(size, size), mode="bilinear", align_corners=False).numpy()
+
+
+def heatmap_recovery(dictionary: Any, store: Any, world: World, split: str = "test") -> dict[str, Any]:
+    """Per-primitive IoU between the best-matching concept's heatmaps and the primitive masks (see module doc)."""
+    from ..metrics.recovery import heatmap_mask_iou
+
+    P = len(world.primitives)
+    masks_all = world.primitive_masks(split)
+    index = _store_index(world, split, store)
+    cls_of = {name: i for i, name in enumerate(dictionary.classes)}
+    per_class = np.full((len(store.classes), P), np.nan)
+    shared_sum: np.ndarray | None = None
+    shared_n = np.zeros(P)
+    for y, name in enumerate(store.classes):
+        if store.n_images(y) == 0:
+            continue
+        if name not in cls_of:
+            raise C2MFError(f"class {name!r} of the store is not in the {dictionary.method} dictionary")
+        hm = concept_heatmaps(dictionary, store.activations(y), cls_of[name], world.config.image_size)
+        masks = masks_all[index[y]]
+        r = heatmap_mask_iou(hm, masks)
+        best = np.array(r["best_iou"], dtype=float)
+        per_class[y] = best
+        iou = np.nan_to_num(np.array(r["iou"], dtype=float), nan=0.0)  # (k, P)
+        present = masks.any(axis=(2, 3)).sum(axis=0)  # images of this class showing each primitive
+        shared_sum = iou * present[None, :] if shared_sum is None else shared_sum + iou * present[None, :]
+        shared_n += present
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a primitive no class shows: all-NaN column
+        per_prim = np.nanmean(per_class, axis=0)
+    out: dict[str, Any] = {
+        "primitives": world.primitive_names,
+        "per_class": {"best_iou": _nan_list(per_prim), "mean": _nanmean(per_prim),
+                      "by_class": [_nan_list(r) for r in per_class]},
+    }
+    if not dictionary.per_class and shared_sum is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_iou = shared_sum / np.maximum(shared_n, 1)[None, :]
+        best_concept = mean_iou.argmax(axis=0)
+        best = mean_iou[best_concept, np.arange(P)]
+        k = dictionary.n_concepts
+        out["shared"] = {
+            "best_iou": _nan_list(best),
+            "best_concept": [int(j) % k for j in best_concept],
+            "best_sign": [(-1 if j >= k else 1) for j in best_concept],
+            "mean": _nanmean(best),
+        }
+    return out
+
+
+def gate_recovery(dictionary: Any, world: World, assignment: list[int]) -> dict[str, Any]:
+    """For c2mf: gates against the class -> primitive table, with primitives matched to concepts by heatmap IoU."""
+    from ..metrics.recovery import gate_selection_accuracy
+
+    order = [dictionary.class_index(name) for name in world.classes]
+    gates = np.stack([dictionary.gates(y).cpu().numpy() for y in order])
+    res = gate_selection_accuracy(gates, world.class_matrix(), assignment)
+    res["open_gates"] = {name: [int(j) for j in np.nonzero(g > 0.5)[0]] for name, g in zip(world.classes, gates)}
+    res["planted_concepts"] = {
+        name: sorted({int(assignment[p]) for p in ps}) for name, ps in zip(world.classes, world.class_primitives)
+    }
+    return res
+
+
+def planted_activations(world: World, n_features: int, rows: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-class rows A(y) = U W_planted + noise, with U >= 0 using only class y's primitives; W_planted >= 0.
+
+    Non-negative like the demo layer (post-ReLU), so NMF-based methods are well posed; rows that show no primitive
+    (background) are kept, as in images.
+    """
+    rng = np.random.default_rng([seed, 424242])
+    P = len(world.primitives)
+    W = np.maximum(rng.normal(size=(P, n_features)), 0.0)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    arrays = []
+    for ps in world.class_primitives:
+        U = np.zeros((rows, P))
+        for p in ps:
+            U[:, p] = rng.exponential(1.0, size=rows) * (rng.random(rows) < 0.5)
+        A = U @ W + 0.01 * np.abs(rng.normal(size=(rows, n_features)))
+        arrays.append(A.astype(np.float32))
+    return arrays, W.astype(np.float32)
+
+
+def planted_recovery(world: World, config: DemoConfig, device: str, progress: ProgressFn) -> dict[str, Any]:
+    """Fit each method on planted activations and report the Hungarian-matched cosine to W_planted."""
+    from ..factorize import factorize
+    from ..metrics.recovery import matched_cosine
+    from ..sources import ArraySource
+
+    arrays, W = planted_activations(world, 64, config.planted_rows, config.world.seed)
+    P = len(world.primitives)
+    out: dict[str, Any] = {"n_features": 64, "rows_per_class": config.planted_rows, "n_planted": P}
+    fits = {
+        "c2mf": ("full", dict(concepts=P, alpha=config.c2mf_alpha, iterations=config.iterations, seed=config.world.seed)),
+        "craft": ("crops", dict(concepts=3, iterations=config.iterations, seed=config.world.seed)),
+        "pca": ("full", dict(concepts=3)),
+    }
+    for name, (mode, opts) in fits.items():
+        source = ArraySource(arrays, classes=world.classes, mode=mode)
+        d = factorize(source, name, device=device, progress=progress, **opts)
+        Wl = d.tensors["W"].cpu().numpy().reshape(-1, W.shape[1])
+        res = matched_cosine(Wl, W, absolute=name == "pca")
+        out[name] = {"mean": res["mean"], "min": res["min"], "per_planted": res["per_planted"]}
+        if d.has_gates:
+            order = [d.class_index(n) for n in world.classes]
+            gates = np.stack([d.gates(y).cpu().numpy() for y in order])
+            from ..metrics.recovery import gate_selection_accuracy
+
+            out[name]["gates"] = gate_selection_accuracy(gates, world.class_matrix(), res["assignment"])
+    return out
+
+
+def _nan_list(a: Any) -> list[float | None]:
+    return [None if (v is None or not math.isfinite(float(v))) else float(v) for v in np.asarray(a, dtype=float)]
+
+
+def _nanmean(a: Any) -> float | None:
+    a = np.asarray(a, dtype=float)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else None
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    summary: dict[str, Any]
+    report: Path | None
+
+    @property
+    def json_path(self) -> Path:
+        return self.out / "demo.json"
+
+
+def _train_or_reuse(world: World, config: DemoConfig, out: Path, progress: ProgressFn,
+                    log: Callable[[str], None]) -> tuple[Path, Path, dict[str, Any]]:
+    mdir = out / "model"
+    meta_path = mdir / "train.json"
+    wanted = {"world": config.world.to_dict(), "train": config.train.to_dict(), "c2mf_version": __version__}
+    if meta_path.is_file() and (mdir / "model.safetensors").is_file() and (mdir / "model.py").is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("made_from") == wanted:
+            log("model: reusing the trained model in " + str(mdir))
+            return mdir / "model.py", mdir / "model.safetensors", meta["result"]
+    model, result = train_model(world, config.train, progress=progress)
+    mcfg = ModelConfig(num_classes=len(world.classes), image_size=world.config.image_size)
+    factory, ckpt = save_model(model, mcfg, mdir)
+    meta = {"made_from": wanted, "model": mcfg.to_dict(), "result": result.to_dict()}
+    tmp = meta_path.with_name("train.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+    return factory, ckpt, result.to_dict()
+
+
+def run_demo(
+    out_dir: str | os.PathLike[str],
+    config: DemoConfig = DemoConfig(),
+    progress: ProgressFn = no_progress,
+    log: Callable[[str], None] = lambda msg: None,
+) -> DemoResult:
+    """Run the whole demo chain into `out_dir`; return the summary (also written to OUT/demo.json).
+
+    Re-running into the same folder reuses the world, the model and the stores when their settings match.
+    Torch runs on one CPU thread here: the demo's tensors are small, and on a busy machine two OpenMP threads
+    per process were measured 20x slower per training step than one (spin-waiting on shared cores).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out_dir, config, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: ProgressFn,
+              log: Callable[[str], None]) -> DemoResult:
+    from ..data import CropSpec, DatasetSpec
+    from ..dictionary import ConceptDictionary
+    from ..evaluate import EvaluateConfig, evaluate, write_results
+    from ..extract import ExtractConfig, extract
+    from ..factorize import factorize
+    from ..models import ModelSpec
+    from ..store import ActivationStore
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t = time.perf_counter()
+    world = generate(config.world, out / "world", progress=progress)
+    timings["generate"] = time.perf_counter() - t
+    log(f"world: {len(world.classes)} classes, {len(world.primitives)} primitives, "
+        f"{len(world.records('train'))} train / {len(world.records('test'))} test images in {out / 'world'}")
+
+    t = time.perf_counter()
+    factory, ckpt, train_result = _train_or_reuse(world, config, out, progress, log)
+    timings["train"] = time.perf_counter() - t
+    log(f"model: test accuracy {train_result['test_accuracy']:.1%} (train {train_result['train_accuracy']:.1%}); "
+        f"use it as --model {factory}:create --checkpoint {ckpt}")
+
+    t = time.perf_counter()
+    spec = ModelSpec(name=f"{factory}:create", checkpoint=str(ckpt))
+    crops = CropSpec(kind="grid", size=config.crop_size, stride=config.crop_stride)
+    stores: dict[str, ActivationStore] = {}
+    for split in ("train", "test"):
+        for mode in ("full", "crops"):
+            key = split if mode == "full" else f"{split}_crops"
+            path = out / "stores" / f"{key}.zarr"
+            ecfg = ExtractConfig(
+                model=spec, layer=CONCEPT_LAYER, data=DatasetSpec(root=str(world.root / split), kind="folder"),
+                out=str(path), mode=mode, crops=crops, dtype="float32", batch_size=64, workers=0,
+                device=config.device, seed=config.world.seed,
+            )
+            extract(ecfg, progress=progress, log=log)
+            stores[key] = ActivationStore.open(path)
+    timings["extract"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    seed = config.world.seed
+    dicts: dict[str, ConceptDictionary] = {}
+    ddir = out / "dictionaries"
+    fits = {
+        "c2mf": (stores["train"], dict(concepts=config.c2mf_concepts, alpha=config.c2mf_alpha,
+                                       iterations=config.iterations, seed=seed)),
+        "craft": (stores["train_crops"], dict(concepts=config.concepts_per_class, iterations=config.iterations,
+                                              seed=seed)),
+        "pca": (stores["train"], dict(concepts=config.concepts_per_class)),
+    }
+    for name, (store, opts) in fits.items():
+        d = factorize(store.row_source(), name, device=config.device, progress=progress, **opts)
+        d.save(ddir / f"{name}.safetensors")
+        dicts[name] = ConceptDictionary.load(ddir / f"{name}.safetensors")
+    timings["factorize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ecfg = EvaluateConfig(ig_steps=config.ig_steps, seed=seed)
+    result = evaluate(stores["train"], stores["test"], [dicts[m] for m in METHODS], crops_store=stores["test_crops"],
+                      config=ecfg, progress=progress, names=list(METHODS), device=config.device)
+    timings["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    recovery: dict[str, Any] = {"heatmaps": {}, "threshold": {"method": "relative", "level": 0.5}}
+    advance = progress("ground-truth recovery", len(METHODS) + 1)
+    for name in METHODS:
+        recovery["heatmaps"][name] = heatmap_recovery(dicts[name], stores["test"], world)
+        advance(1)
+    c2 = recovery["heatmaps"]["c2mf"]
+    recovery["gates"] = {"c2mf": gate_recovery(dicts["c2mf"], world, c2["shared"]["best_concept"])}
+    recovery["planted_dictionary"] = planted_recovery(world, config, config.device, progress)
+    advance(1)
+    recovery["class_primitives"] = {n: [world.primitive_names[p] for p in ps]
+                                    for n, ps in zip(world.classes, world.class_primitives)}
+    result["recovery"] = recovery
+    timings["recovery"] = time.perf_counter() - t
+    write_results(result, out / "evaluation")
+
+    t = time.perf_counter()
+    extras = _pictures(out, world, stores, dicts, config, recovery, progress)
+    timings["pictures"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    methods_rows = []
+    for m in result["methods"]:
+        name = m["name"]
+        rec = recovery["heatmaps"][name]
+        methods_rows.append({
+            "method": name,
+            "k": m["k"],
+            "per_class_dictionary": m["per_class_dictionary"],
+            "iou_per_class": rec["per_class"]["mean"],
+            "iou_shared": rec.get("shared", {}).get("mean"),
+            "planted_cosine": recovery["planted_dictionary"][name]["mean"],
+            "reconstruction_accuracy": m["reconstruction"]["accuracy"]["mean"],
+        })
+    summary = {
+        "c2mf_version": __version__,
+        "config": config.to_dict(),
+        "model": {"factory": f"{factory}:create", "checkpoint": str(ckpt), "layer": CONCEPT_LAYER, **train_result},
+        "table": methods_rows,
+        "gate_selection": {k: v for k, v in recovery["gates"]["c2mf"].items() if k in
+                           ("accuracy", "exact", "precision", "recall", "extra_selected")},
+        "recovery": recovery,
+        "evaluation": str(out / "evaluation" / "evaluation.json"),
+        "pictures": extras,
+        "timings_s": timings,
+    }
+    tmp = out / "demo.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "demo.json")
+    report = Path(extras["report"]) if extras.get("report") else None
+    return DemoResult(out=out, summary=summary, report=report)
+
+
+def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, Any], config: DemoConfig,
+              recovery: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    """Explain a few test images with the c2mf dictionary, draw its atlas (concepts named by the primitive they
+    match best), and write the HTML report over the evaluation, atlas and explanations."""
+    from ..atlas import AtlasConfig, build_atlas
+    from ..explain import ExplainConfig, Explainer, explain_images
+    from ..report import build_report
+
+    made: dict[str, Any] = {}
+    shared = recovery["heatmaps"]["c2mf"]["shared"]
+    names: dict[int, str] = {}
+    for p, j in enumerate(shared["best_concept"]):
+        iou = shared["best_iou"][p]
+        label = f"{world.primitive_names[p]} (IoU {iou:.2f})" if iou is not None else world.primitive_names[p]
+        names[j] = f"{names[j]} / {label}" if j in names else label
+    d = dicts["c2mf"]
+    if config.explain_images > 0:
+        # one test image of each of the first classes, so different primitives show
+        paths = [world.paths("test")[next(i for i, r in enumerate(world.records("test")) if r.label == y)]
+                 for y in range(min(config.explain_images, len(world.classes)))]
+        advance = progress("explain", len(paths))
+        explainer = Explainer.create(_with_source_config(d), ExplainConfig(top=4, ig_steps=config.ig_steps),
+                                     device=config.device)
+        summary = explain_images(paths, explainer, out / "explain", on_done=lambda i: advance(1))
+        made["explain"] = str(out / "explain")
+        made["explained"] = [e.get("png") for e in summary.get("explained", [])]
+    advance = progress("atlas", len(stores["test"].classes))
+    build_atlas(stores["test"], d, out / "atlas", AtlasConfig(top=8), names=names, progress=lambda n=1: advance(n))
+    made["atlas"] = str(out / "atlas")
+    made["report"] = str(build_report(out, evaluate_dir=out / "evaluation", atlas_dir=out / "atlas",
+                                      explain_dir=out / "explain" if "explain" in made else None,
+                                      title="c2mf demo: concepts planted in a synthetic world"))
+    return made
+
+
+def _with_source_config(d: Any) -> Any:
+    """The dictionary with its store provenance also under the keys explain.py reads (info.config.model/layer/
+    preprocess, classes as {name, label}); the store records them at the top of info. Only missing keys are
+    added, so this is a no-op once the two agree."""
+    from ..dictionary import ConceptDictionary
+
+    meta = json.loads(json.dumps(d.meta))
+    info = meta.setdefault("source", {}).setdefault("info", {})
+    cfg = info.setdefault("config", {})
+    for key in ("model", "layer", "preprocess"):
+        if key in info:
+            cfg.setdefault(key, info[key])
+    names, labels = info.get("classes") or [], info.get("class_indices") or []
+    if names and all(isinstance(c, str) for c in names) and len(labels) == len(names):
+        info["classes"] = [{"name": n, "label": int(i)} for n, i in zip(names, labels)]
+    return ConceptDictionary(d.tensors, meta)
