@@ -165,7 +165,7 @@ def class_labels(path: str | Path) -> dict[str, str]:
 
 def resolve_dataset(spec: DatasetSpec, num_outputs: int | None = None) -> list[Item]:
     """The images of `spec` in a deterministic order (class, then path), with their model output indices."""
-    root = Path(spec.root).expanduser()
+    root = Path(spec.root).expanduser().resolve()  # stores record absolute image paths
     kind = detect_kind(root) if spec.kind == "auto" else spec.kind
     if not root.exists():
         raise C2MFError(f"data {str(root)!r} does not exist")
