@@ -56,13 +56,18 @@ def register(app: typer.Typer) -> None:
         out.print(f"model: timm resnet10t (small), layer {model['layer']}, test accuracy "
                   f"{model['test_accuracy']:.1%}, trained in {model['seconds']:.0f} s")
         table = Table(title="ground-truth concept recovery (test images)", title_justify="left")
-        for col in ("method", "k", "IoU per class", "IoU shared", "planted cos", "recon. acc."):
+        for col in ("method", "k", "IoU class", "IoU shared", "planted cos", "recon acc"):
             table.add_column(col, justify="right" if col != "method" else "left")
         for row in s["table"]:
             k = f"{row['k']}/class" if row["per_class_dictionary"] else f"{row['k']} shared"
             table.add_row(row["method"], k, _fmt(row["iou_per_class"]), _fmt(row["iou_shared"]),
                           _fmt(row["planted_cosine"]), _fmt(row["reconstruction_accuracy"], pct=True))
+        ref = s["references"]
+        table.add_row("probe*", "1/prim.", _fmt(ref["linear_probe"]), "", "", "")
+        table.add_row("ceiling*", "", _fmt(ref["grid_ceiling"]), "", "", "")
         out.print(table)
+        out.print("* yardsticks, not methods: a supervised linear probe of the layer, and the masks themselves seen "
+                  "through the layer's grid")
         g = s["gate_selection"]
         out.print(f"c2mf gates vs planted class primitives: accuracy {_fmt(g['accuracy'], True)}, "
                   f"precision {_fmt(g['precision'], True)}, recall {_fmt(g['recall'], True)}, "

@@ -66,11 +66,11 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, seed: int = 0, device: str = "auto") -> "DemoConfig":
-        """A small run for tests and a first look (~4x fewer images, fewer epochs and iterations)."""
+        """A smaller run for a first look: half the images, fewer epochs and iterations."""
         return cls(
-            world=WorldConfig(images_per_class=24, test_per_class=12, seed=seed),
-            train=TrainConfig(epochs=4, seed=seed),
-            iterations=30,
+            world=WorldConfig(images_per_class=40, test_per_class=20, seed=seed),
+            train=TrainConfig(epochs=10, seed=seed),
+            iterations=40,
             ig_steps=8,
             explain_images=1,
             planted_rows=300,
@@ -160,6 +160,77 @@ def heatmap_recovery(dictionary: Any, store: Any, world: World, split: str = "te
             "mean": _nanmean(best),
         }
     return out
+
+
+def ungated(dictionary: Any) -> Any:
+    """The c2mf shared dictionary W* without the class gates (every class may use every concept).
+
+    Matching primitives to concepts on ungated codes asks "which concept detects this primitive" independently
+    of the gates, so the gate check that follows is not circular.
+    """
+    from ..dictionary import ConceptDictionary
+
+    return ConceptDictionary(
+        {"W": dictionary.tensors["W"]},
+        {"method": f"{dictionary.method} (ungated)", "classes": dictionary.classes, "codes": "nnls",
+         "ridge": float(dictionary.meta.get("ridge", 0.0))},
+    )
+
+
+def _diagonal_recovery(maps: list[np.ndarray], masks: list[np.ndarray], P: int) -> dict[str, Any]:
+    """IoU of map p with mask p (one map per primitive), averaged over the images showing p."""
+    from ..metrics.recovery import heatmap_mask_iou
+
+    total, count = np.zeros(P), np.zeros(P)
+    for hm, mk in zip(maps, masks):
+        r = heatmap_mask_iou(hm, mk)
+        diag = np.nan_to_num(np.diag(np.array(r["iou"], dtype=float)), nan=0.0)
+        present = mk.any(axis=(2, 3)).sum(axis=0)
+        total += diag * present
+        count += present
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return {"iou": _nan_list(iou), "mean": _nanmean(iou)}
+
+
+def reference_recovery(train: Any, test: Any, world: World, ridge: float = 1e-2) -> dict[str, Any]:
+    """Two yardsticks for the heatmap IoU of the methods.
+
+    grid_ceiling: each mask average-pooled to the layer's grid and upsampled back, as a concept map would be:
+    the best IoU any map on this grid can reach. linear_probe: a ridge regression from the activations of each
+    position to the fraction of each primitive in its cell, fitted on train and applied to test: what the best
+    linear concept direction of this layer (with supervision) reaches, so a primitive the model does not
+    encode shows a low probe IoU whatever the method.
+    """
+    P = len(world.primitives)
+    size = world.config.image_size
+    h, w = test.grid
+
+    def pooled(masks: np.ndarray) -> torch.Tensor:  # (n, P, H, W) -> (n, P, h, w) area fractions
+        return F.adaptive_avg_pool2d(torch.from_numpy(masks.astype(np.float32)), (h, w))
+
+    def up(maps: torch.Tensor) -> np.ndarray:
+        return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False).numpy()
+
+    tr_index, te_index = _store_index(world, "train", train), _store_index(world, "test", test)
+    tr_masks, te_masks = world.primitive_masks("train"), world.primitive_masks("test")
+    A = np.concatenate([train.activations(y).reshape(-1, train.activations(y).shape[-1])
+                        for y in range(len(train.classes))]).astype(np.float64)
+    T = np.concatenate([pooled(tr_masks[tr_index[y]]).permute(0, 2, 3, 1).reshape(-1, P).numpy()
+                        for y in range(len(train.classes))]).astype(np.float64)
+    mu_a, mu_t = A.mean(0), T.mean(0)
+    Ac = A - mu_a
+    coef = np.linalg.solve(Ac.T @ Ac + ridge * len(A) * np.eye(A.shape[1]), Ac.T @ (T - mu_t))
+    ceiling_maps, probe_maps, masks = [], [], []
+    for y in range(len(test.classes)):
+        mk = te_masks[te_index[y]]
+        a = test.activations(y)
+        pred = ((a.reshape(-1, a.shape[-1]) - mu_a) @ coef + mu_t).reshape(a.shape[0], h, w, P)
+        probe_maps.append(up(torch.from_numpy(pred.astype(np.float32)).permute(0, 3, 1, 2)))
+        ceiling_maps.append(up(pooled(mk)))
+        masks.append(mk)
+    return {"grid_ceiling": _diagonal_recovery(ceiling_maps, masks, P),
+            "linear_probe": _diagonal_recovery(probe_maps, masks, P)}
 
 
 def gate_recovery(dictionary: Any, world: World, assignment: list[int]) -> dict[str, Any]:
@@ -361,8 +432,10 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
     for name in METHODS:
         recovery["heatmaps"][name] = heatmap_recovery(dicts[name], stores["test"], world)
         advance(1)
-    c2 = recovery["heatmaps"]["c2mf"]
-    recovery["gates"] = {"c2mf": gate_recovery(dicts["c2mf"], world, c2["shared"]["best_concept"])}
+    recovery["references"] = reference_recovery(stores["train"], stores["test"], world)
+    matched = heatmap_recovery(ungated(dicts["c2mf"]), stores["test"], world)["shared"]
+    recovery["c2mf_concept_of_primitive"] = matched
+    recovery["gates"] = {"c2mf": gate_recovery(dicts["c2mf"], world, matched["best_concept"])}
     recovery["planted_dictionary"] = planted_recovery(world, config, config.device, progress)
     advance(1)
     recovery["class_primitives"] = {n: [world.primitive_names[p] for p in ps]
@@ -394,6 +467,12 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
         "config": config.to_dict(),
         "model": {"factory": f"{factory}:create", "checkpoint": str(ckpt), "layer": CONCEPT_LAYER, **train_result},
         "table": methods_rows,
+        "references": {k: v["mean"] for k, v in recovery["references"].items()},
+        "per_primitive_iou": {
+            "primitives": world.primitive_names,
+            **{name: recovery["heatmaps"][name]["per_class"]["best_iou"] for name in METHODS},
+            **{k: v["iou"] for k, v in recovery["references"].items()},
+        },
         "gate_selection": {k: v for k, v in recovery["gates"]["c2mf"].items() if k in
                            ("accuracy", "exact", "precision", "recall", "extra_selected")},
         "recovery": recovery,
@@ -417,9 +496,9 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
     from ..report import build_report
 
     made: dict[str, Any] = {}
-    shared = recovery["heatmaps"]["c2mf"]["shared"]
+    shared = recovery["c2mf_concept_of_primitive"]
     names: dict[int, str] = {}
-    for p, j in enumerate(shared["best_concept"]):
+    for p, j in enumerate(shared["best_concept"]):  # primitives matched on the ungated W*
         iou = shared["best_iou"][p]
         label = f"{world.primitive_names[p]} (IoU {iou:.2f})" if iou is not None else world.primitive_names[p]
         names[j] = f"{names[j]} / {label}" if j in names else label

@@ -31,7 +31,7 @@ from .synthetic import World
 ARCH = "resnet10t"
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-CONCEPT_LAYER = "layer4"  # last stage before pooling: (64, 8, 8) on 64 px images
+CONCEPT_LAYER = "layer3"  # third stage: (48, 8, 8) on 64 px images; primitives are local there (see docs/demo.md)
 
 
 @dataclass(frozen=True)
