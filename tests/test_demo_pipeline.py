@@ -99,7 +99,8 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert set(rec["heatmaps"]) == {"c2mf", "craft", "pca"}
     for name in ("c2mf", "craft", "pca"):
         assert len(rec["heatmaps"][name]["per_class"]["best_iou"]) == TINY_WORLD.n_primitives
-        assert rec["planted_dictionary"][name]["mean"] is not None
+        assert rec["planted_dictionary"]["nonnegative"][name]["mean"] is not None
+        assert rec["planted_dictionary"]["signed"][name]["mean"] is not None
     assert "accuracy" in rec["gates"]["c2mf"]
     # a re-run reuses the world, the model and the stores
     again = run_demo(tmp_path / "demo", _tiny_config())

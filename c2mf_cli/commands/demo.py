@@ -11,10 +11,10 @@ from .._console import Reporter, err, out, print_json
 from ..errors import UsageError
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def _fmt(v: Any, pct: bool = False, d: int = 3) -> str:
     if v is None:
         return "-"
-    return f"{v:.1%}" if pct else f"{v:.3f}"
+    return f"{v:.0%}" if pct else f"{v:.{d}f}"
 
 
 def register(app: typer.Typer) -> None:
@@ -56,18 +56,24 @@ def register(app: typer.Typer) -> None:
         out.print(f"model: timm resnet10t (small), layer {model['layer']}, test accuracy "
                   f"{model['test_accuracy']:.1%}, trained in {model['seconds']:.0f} s")
         table = Table(title="ground-truth concept recovery (test images)", title_justify="left")
-        for col in ("method", "k", "IoU class", "IoU shared", "planted cos", "recon acc"):
+        cols = ("method", "k", "IoU class", "IoU shared", "cos W+", "cos W±", "|r|", "rel err", "acc")
+        for col in cols:
             table.add_column(col, justify="right" if col != "method" else "left")
         for row in s["table"]:
-            k = f"{row['k']}/class" if row["per_class_dictionary"] else f"{row['k']} shared"
-            table.add_row(row["method"], k, _fmt(row["iou_per_class"]), _fmt(row["iou_shared"]),
-                          _fmt(row["planted_cosine"]), _fmt(row["reconstruction_accuracy"], pct=True))
+            k = f"{row['k']}/cls" if row["per_class_dictionary"] else f"{row['k']}"
+            table.add_row(row["method"], k, _fmt(row["iou_per_class"], d=2), _fmt(row["iou_shared"], d=2),
+                          _fmt(row["planted_cosine"], d=2), _fmt(row["planted_cosine_signed"], d=2),
+                          _fmt(row["pearson"], d=2), _fmt(row["test_relative_error"], d=2),
+                          _fmt(row["reconstruction_accuracy"], pct=True))
         ref = s["references"]
-        table.add_row("probe*", "1/prim.", _fmt(ref["linear_probe"]), "", "", "")
-        table.add_row("ceiling*", "", _fmt(ref["grid_ceiling"]), "", "", "")
+        table.add_row("probe*", "", _fmt(ref["linear_probe"], d=2), *[""] * 6)
+        table.add_row("grid*", "", _fmt(ref["grid_ceiling"], d=2), *[""] * 6)
         out.print(table)
-        out.print("* yardsticks, not methods: a supervised linear probe of the layer, and the masks themselves seen "
-                  "through the layer's grid")
+        out.print("IoU: concept heatmap vs primitive masks (best concept per primitive; 'class': per class, 'shared':"
+                  " one concept for all classes). cos W+/W±: matched cosine to a planted non-negative / signed "
+                  "dictionary. |r|: mean |Pearson| between concepts (lower = more distinct). rel err: test "
+                  "||A - UW|| / ||A||. acc: accuracy of h(UW). * yardsticks: a supervised linear probe of the layer, "
+                  "and the masks seen through the layer's grid.")
         g = s["gate_selection"]
         out.print(f"c2mf gates vs planted class primitives: accuracy {_fmt(g['accuracy'], True)}, "
                   f"precision {_fmt(g['precision'], True)}, recall {_fmt(g['recall'], True)}, "
