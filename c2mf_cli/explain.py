@@ -64,15 +64,27 @@ class ExplainConfig:
         return asdict(self)
 
 
+def _source_info(dictionary: ConceptDictionary) -> dict[str, Any]:
+    return dictionary.meta.get("source", {}).get("info", {}) or {}
+
+
 def _source_config(dictionary: ConceptDictionary) -> dict[str, Any]:
-    """The extract config of the store the dictionary was fitted on (model, layer, preprocessing)."""
-    info = dictionary.meta.get("source", {}).get("info", {}) or {}
-    return info.get("config", {}) or {}
+    """The model, layer and preprocessing of the store the dictionary was fitted on.
+
+    Dictionaries record `ActivationStore.describe_source()` (flat: model, layer, preprocess...); a full store
+    attribute dict (with its extract `config`) is accepted too.
+    """
+    info = _source_info(dictionary)
+    return info.get("config") or info
 
 
 def _source_classes(dictionary: ConceptDictionary) -> list[dict[str, Any]]:
-    info = dictionary.meta.get("source", {}).get("info", {}) or {}
-    return list(info.get("classes", []) or [])
+    """[{"name", "label"}] of the store's classes, whichever way the dictionary recorded them."""
+    classes = list(_source_info(dictionary).get("classes", []) or [])
+    if classes and isinstance(classes[0], str):
+        indices = _source_info(dictionary).get("class_indices") or list(range(len(classes)))
+        return [{"name": n, "label": int(i)} for n, i in zip(classes, indices)]
+    return classes
 
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
