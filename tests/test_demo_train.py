@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from c2mf_cli.demo.synthetic import WorldConfig, generate
 from c2mf_cli.demo.train import (
@@ -21,6 +19,7 @@ from c2mf_cli.demo.train import (
     train_model,
 )
 from c2mf_cli.errors import C2MFError
+from c2mf_cli.models import ModelSpec, load_model
 
 
 def test_model_shape_and_pretrained_cfg() -> None:
@@ -43,13 +42,10 @@ def test_train_save_and_reload_as_a_user_would(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(x)
         assert torch.equal(load_trained(ckpt)(x), expected)
-    spec = importlib.util.spec_from_file_location("demo_model_file", factory)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fresh = module.create()
-    fresh.load_state_dict(load_file(str(ckpt)))
+    # the way every c2mf command loads a user's model: --model FILE.py:create --checkpoint FILE.safetensors
+    lm = load_model(ModelSpec(name=f"{factory}:create", checkpoint=str(ckpt)))
+    assert tuple(lm.preprocess.input_size) == (3, 64, 64) and lm.preprocess.crop_pct == 1.0 and lm.preprocess_declared
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(x), expected)
-    assert fresh.pretrained_cfg["num_classes"] == 3
+        assert torch.equal(lm.model(x), expected)
     with pytest.raises(C2MFError, match="no checkpoint"):
         load_trained(tmp_path / "missing.safetensors")
