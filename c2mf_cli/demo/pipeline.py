@@ -17,9 +17,12 @@ Ground-truth recovery (METHOD.md section 4 item 8), for each method:
   dictionary that class uses, averaged over those classes (comparable across per-class and shared methods).
   `shared` (shared dictionaries only): one concept per primitive for all classes, a stricter test.
   PCA codes are signed with arbitrary sign: both U and -U are candidates.
-- gate selection (c2mf): do the class gates open on the concepts matched to that class's primitives?
-- planted dictionary: activations A = U W_planted (+ noise) built with the world's class structure, fitted by
-  each method; Hungarian-matched cosine to W_planted.
+- yardsticks: the masks seen through the layer's grid (the IoU ceiling) and a supervised linear probe.
+- gate selection (c2mf): primitives matched to concepts on the ungated W*; do the class gates open on the
+  concepts of that class's primitives?
+- planted dictionary: activations A = U W_planted (+ noise) built with the world's class structure, with W_planted
+  non-negative and signed, fitted by each method; Hungarian-matched cosine to W_planted.
+Torch runs on one CPU thread during the demo (see `run_demo`). docs/demo.md has the measured results.
 """
 
 from __future__ import annotations
