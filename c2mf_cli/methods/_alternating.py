@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from ..errors import C2MFError
 from ..progress import ProgressFn
-from ..sources import RowSource
+from ..sources import ArraySource, RowSource
 from .base import check_batch, to_device
 from .nnls import gram, nnls_gram
 
@@ -68,6 +68,7 @@ class EngineSettings:
     checkpoint_every: int
     config: dict[str, Any]  # the method's resolved config, recorded in checkpoints
     warmup: int = 0  # passes over which alpha ramps up linearly from 0 (no early stop before the end)
+    subsample_rows: int = 0  # fit first on this many sampled rows, then refine on all rows (0: off)
 
     def alpha_at(self, p: int) -> float:
         return self.alpha if p >= self.warmup else self.alpha * (p + 1) / (self.warmup + 1)
@@ -79,6 +80,7 @@ class GroupResult:
     state: State
     history: list[dict[str, float]] = field(default_factory=list)
     converged: bool = False
+    subsample: dict[str, Any] | None = None  # summary of the subsample fit that started this one
 
 
 def basis(state: State, i: int) -> torch.Tensor:
@@ -106,8 +108,8 @@ def global_min(source: RowSource, classes: list[int], batch_size: int | None, de
 
 
 def sample_rows(source: RowSource, classes: list[int], n_total: int, seed: int, device: torch.device,
-                shift: float = 0.0) -> torch.Tensor:
-    """Up to n_total rows drawn evenly from the classes (for initialisation)."""
+                shift: float = 0.0) -> list[torch.Tensor]:
+    """Up to n_total rows drawn evenly from the classes, one tensor per class (initialisation, subsample fit)."""
     per = max(1, n_total // len(classes))
     parts = []
     for y in classes:
@@ -116,7 +118,7 @@ def sample_rows(source: RowSource, classes: list[int], n_total: int, seed: int, 
             check_batch(a, source.classes[y])
             parts.append(a + shift)
             break
-    return torch.cat(parts)
+    return parts
 
 
 def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -158,7 +160,8 @@ def pass_stats(source: RowSource, classes: list[int], state: State, st: EngineSe
             U = nnls_gram(G, a @ D.T, iters=st.code_iters, solver=st.code_solver)  # type: ignore[arg-type]
             S[i] += U.T @ U
             R[i] += U.T @ a
-            a2[i] += (a.double() ** 2).sum()
+            flat = a.reshape(-1)
+            a2[i] += float(flat @ flat)  # no float64 copy of the batch
             n[i] += a.shape[0]
     return Stats(S, R, a2, n)
 
@@ -197,7 +200,8 @@ def _save_checkpoint(path: Path, done: list[GroupResult], current: GroupResult, 
     for gi, res in enumerate(done + [current]):
         for name, t in res.state.items():
             tensors[f"{gi}.{name}"] = t.detach().cpu().contiguous()
-        groups.append({"classes": res.classes, "history": res.history, "converged": res.converged})
+        groups.append({"classes": res.classes, "history": res.history, "converged": res.converged,
+                       "subsample": res.subsample})
     meta = {"encoding-type": CHECKPOINT_TYPE, "config": st.config, "source": fingerprint,
             "groups": groups, "passes": passes}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,8 +233,43 @@ def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any]
     results = []
     for gi, g in enumerate(meta["groups"]):
         state = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.split(".", 1)[0] == str(gi)}
-        results.append(GroupResult(g["classes"], state, g["history"], g["converged"]))
+        results.append(GroupResult(g["classes"], state, g["history"], g["converged"], g.get("subsample")))
     return results, int(meta["passes"])
+
+
+def _run_passes(source: RowSource, classes: list[int], res: GroupResult, st: EngineSettings,
+                update: Callable[[State, Stats, torch.Tensor, float], None], device: torch.device, shift: float,
+                start_pass: int, on_pass: Callable[[int], None]) -> None:
+    """Alternate code and dictionary steps from `start_pass` until `tol` or `st.iterations` passes."""
+    for p in range(start_pass, st.iterations):
+        t0 = time.perf_counter()
+        stats = pass_stats(source, classes, res.state, st, device, shift)
+        alpha = st.alpha_at(p)
+        update(res.state, stats, class_weights(stats, st.weighting), alpha)
+        rec = objective(res.state, stats, st, alpha)
+        rec["seconds"] = time.perf_counter() - t0
+        res.history.append(rec)
+        prev = res.history[-2]["objective"] if len(res.history) > 1 else None
+        if prev is not None and p > st.warmup and prev - rec["objective"] <= st.tol * abs(rec["objective"]):
+            res.converged = True
+        on_pass(p)
+        if res.converged:
+            return
+
+
+def _subsample_fit(source: RowSource, classes: list[int], parts: list[torch.Tensor], state: State,
+                   st: EngineSettings, update: Callable[[State, Stats, torch.Tensor, float], None],
+                   device: torch.device) -> dict[str, Any]:
+    """Fit on the (in-memory) sample first: passes over it are cheap, and the dictionary it gives is close to
+    the full-data one, so the full passes only refine it (most of the speed on large stores)."""
+    sub = ArraySource([p.cpu().numpy() for p in parts], classes=[source.classes[y] for y in classes])
+    res = GroupResult(list(range(len(parts))), state)
+    t0 = time.perf_counter()
+    _run_passes(sub, res.classes, res, replace(st, batch_size=None, nonnegative=False), update, device, 0.0, 0,
+                lambda p: None)
+    last = res.history[-1] if res.history else {}
+    return {"rows": int(sum(p.shape[0] for p in parts)), "passes": len(res.history), "converged": res.converged,
+            "relative_error": last.get("relative_error"), "seconds": time.perf_counter() - t0}
 
 
 def fit_groups(
@@ -271,30 +310,27 @@ def fit_groups(
     advance(len(done) * st.iterations + start_pass)
     for gi in range(len(done), len(groups)):
         classes = groups[gi]
+        group_st = st
         if current is None:
-            sample = sample_rows(source, classes, 20000, st.seed + gi, device, shift)
-            current = GroupResult(classes, init(sample, gi))
+            n_sample = st.subsample_rows if st.subsample_rows > 0 else 20000
+            parts = sample_rows(source, classes, n_sample, st.seed + gi, device, shift)
+            current = GroupResult(classes, init(torch.cat(parts), gi))
             start_pass = 0
-        steps = 0
-        for p in range(start_pass, st.iterations):
-            t0 = time.perf_counter()
-            stats = pass_stats(source, classes, current.state, st, device, shift)
-            alpha = st.alpha_at(p)
-            update(current.state, stats, class_weights(stats, st.weighting), alpha)
-            rec = objective(current.state, stats, st, alpha)
-            rec["seconds"] = time.perf_counter() - t0
-            current.history.append(rec)
+            total = sum(source.n_rows(y) for y in classes)
+            if st.subsample_rows > 0 and total > 2 * sum(p.shape[0] for p in parts):
+                current.subsample = _subsample_fit(source, classes, parts, current.state, st, update, device)
+        if current.subsample is not None:
+            group_st = replace(st, warmup=0)  # alpha's ramp happened on the sample
+
+        def on_pass(p: int, res: GroupResult = current) -> None:
             advance(1)
-            steps += 1
-            prev = current.history[-2]["objective"] if len(current.history) > 1 else None
-            if prev is not None and p > st.warmup and prev - rec["objective"] <= st.tol * abs(rec["objective"]):
-                current.converged = True
-            if checkpoint_path is not None and (current.converged or (p + 1) % st.checkpoint_every == 0
+            if checkpoint_path is not None and (res.converged or (p + 1) % st.checkpoint_every == 0
                                                 or p + 1 == st.iterations):
-                _save_checkpoint(checkpoint_path, done, current, p + 1, st, fingerprint)
-            if current.converged:
+                _save_checkpoint(checkpoint_path, done, res, p + 1, st, fingerprint)
+            if res.converged:
                 advance(st.iterations - p - 1)
-                break
+
+        _run_passes(source, classes, current, group_st, update, device, shift, start_pass, on_pass)
         done.append(current)
         current = None
         start_pass = 0
@@ -303,7 +339,7 @@ def fit_groups(
 
 def history_of(results: list[GroupResult], source: RowSource) -> list[dict[str, Any]]:
     return [{"classes": [source.classes[y] for y in r.classes], "passes": len(r.history),
-             "converged": r.converged, "loss": r.history} for r in results]
+             "converged": r.converged, "subsample": r.subsample, "loss": r.history} for r in results]
 
 
 def settings_dict(obj: Any) -> dict[str, Any]:

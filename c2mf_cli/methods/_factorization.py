@@ -33,6 +33,8 @@ def check_common(cfg: Any) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be at least 1, got {cfg.checkpoint_every}")
+    if cfg.subsample_rows < 0:
+        raise UsageError(f"subsample_rows must be >= 0, got {cfg.subsample_rows}")
     if cfg.code_solver not in ("hals", "fista"):
         raise UsageError(f"code_solver must be hals or fista, got {cfg.code_solver!r}")
 
@@ -74,6 +76,7 @@ def fit_factorization(method: Method, source: RowSource, config: Any, *, signed:
         seed=config.seed, code_iters=config.code_iters, code_solver=config.code_solver, ridge=0.0, alpha=0.0,
         weighting="pooled", nonnegative=not signed and not shift_opt, nonneg_hint=SHIFT_HINT,
         checkpoint_every=config.checkpoint_every, config={"method": method.name, **config.to_dict()},
+        subsample_rows=config.subsample_rows,
     )
 
     def init(sample: torch.Tensor, gi: int) -> State:

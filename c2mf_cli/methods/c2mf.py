@@ -53,6 +53,8 @@ class C2MFConfig:
         gate_init: starting value of every gate.
         warmup: passes over which alpha ramps up from 0, so the dictionary forms before gates close (a gate
             at its floor never reopens: its concept's codes are 0, so nothing pulls it back).
+        subsample_rows: fit first on this many rows drawn evenly from the classes, then refine on all rows
+            (skipped when the data has fewer than twice as many; 0 turns it off).
         checkpoint_every: passes between checkpoints (when a checkpoint path is given).
     """
 
@@ -68,6 +70,7 @@ class C2MFConfig:
     dict_sweeps: int = 5
     gate_init: float = 0.5
     warmup: int = 10
+    subsample_rows: int = 20000
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
@@ -130,7 +133,7 @@ class C2MF(Method):
             seed=config.seed, code_iters=config.code_iters, code_solver=config.code_solver, ridge=config.beta,
             alpha=config.alpha, weighting="class", nonnegative=False, nonneg_hint="",
             checkpoint_every=config.checkpoint_every, config={"method": self.name, **config.to_dict()},
-            warmup=config.warmup,
+            warmup=config.warmup, subsample_rows=config.subsample_rows,
         )
 
         def init(sample: torch.Tensor, gi: int) -> State:

@@ -37,6 +37,8 @@ class NMFConfig:
         code_iters: HALS sweeps of the NNLS code step per batch.
         code_solver: "hals" or "fista".
         dict_sweeps: HALS sweeps over W per pass (from the statistics; no data pass).
+        subsample_rows: fit first on this many rows drawn evenly from the classes, then refine on all rows
+            (skipped when the data has fewer than twice as many; 0 turns it off).
         checkpoint_every: passes between checkpoints.
     """
 
@@ -50,6 +52,7 @@ class NMFConfig:
     code_iters: int = 10
     code_solver: str = "hals"
     dict_sweeps: int = 10
+    subsample_rows: int = 20000
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:

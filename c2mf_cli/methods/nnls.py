@@ -63,17 +63,19 @@ def nnls_gram(
         raise C2MFError(f"unknown NNLS solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     U = _start(G, B) if U0 is None else U0.clamp_min(0.0).clone()
     if solver == "hals":
+        # codes stored transposed (k, n): each column update then reads and writes contiguous memory
+        Ut, Bt = U.T.contiguous(), B.T.contiguous()
         diag = torch.diagonal(G)
-        active = [j for j in range(G.shape[0]) if float(diag[j]) > 0]
         for j in range(G.shape[0]):
-            if j not in active:
-                U[:, j] = 0.0
+            if not float(diag[j]) > 0:
+                Ut[j] = 0.0
+        active = [j for j in range(G.shape[0]) if float(diag[j]) > 0]
         for _ in range(iters):
             for j in active:
                 # exact minimisation over column j with the others fixed
-                step = (B[:, j] - U @ G[:, j]) / diag[j]
-                U[:, j] = (U[:, j] + step).clamp_min_(0.0)
-        return U
+                r = torch.addmv(Bt[j], Ut.T, G[j], alpha=-1.0)
+                Ut[j].add_(r, alpha=1.0 / float(diag[j])).clamp_(min=0.0)
+        return Ut.T
     # FISTA with step 1/L, L = largest eigenvalue of G
     L = float(torch.linalg.eigvalsh(G)[-1].clamp_min(1e-12))
     Y, t = U.clone(), 1.0

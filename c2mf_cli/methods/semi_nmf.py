@@ -33,6 +33,7 @@ class SemiNMFConfig:
     shared: bool = False
     code_iters: int = 10
     code_solver: str = "hals"
+    subsample_rows: int = 20000
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
