@@ -168,3 +168,14 @@ def test_signed_input_needs_explicit_shift(method):
     A = arrays[0]
     rel = np.linalg.norm(d.decode(d.encode(A, 0), 0) - A) / np.linalg.norm(A)
     assert rel < 0.5
+
+
+@pytest.mark.parametrize("method", ["c2mf", "nmf"])
+def test_subsample_start_streaming_equals_full_batch(method):
+    src = _source(method)
+    full = factorize(src, method, device="cpu", **_options(method, batch_size=None, subsample_rows=90))
+    stream = factorize(src, method, device="cpu", **_options(method, batch_size=50, subsample_rows=90))
+    for h in (full.meta["history"][0], stream.meta["history"][0]):
+        assert h["subsample"] is not None and h["subsample"]["rows"] == 90 and h["subsample"]["passes"] >= 1
+    for name in full.tensors:
+        torch.testing.assert_close(full.tensors[name], stream.tensors[name], atol=2e-4, rtol=2e-4)
