@@ -527,7 +527,7 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
         paths = [world.paths("test")[next(i for i, r in enumerate(world.records("test")) if r.label == y)]
                  for y in range(min(config.explain_images, len(world.classes)))]
         advance = progress("explain", len(paths))
-        explainer = Explainer.create(_with_source_config(d), ExplainConfig(top=4, ig_steps=config.ig_steps),
+        explainer = Explainer.create(d, ExplainConfig(top=4, ig_steps=config.ig_steps),
                                      device=config.device)
         summary = explain_images(paths, explainer, out / "explain", on_done=lambda i: advance(1))
         made["explain"] = str(out / "explain")
@@ -540,20 +540,3 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
                                       title="c2mf demo: concepts planted in a synthetic world"))
     return made
 
-
-def _with_source_config(d: Any) -> Any:
-    """The dictionary with its store provenance also under the keys explain.py reads (info.config.model/layer/
-    preprocess, classes as {name, label}); the store records them at the top of info. Only missing keys are
-    added, so this is a no-op once the two agree."""
-    from ..dictionary import ConceptDictionary
-
-    meta = json.loads(json.dumps(d.meta))
-    info = meta.setdefault("source", {}).setdefault("info", {})
-    cfg = info.setdefault("config", {})
-    for key in ("model", "layer", "preprocess"):
-        if key in info:
-            cfg.setdefault(key, info[key])
-    names, labels = info.get("classes") or [], info.get("class_indices") or []
-    if names and all(isinstance(c, str) for c in names) and len(labels) == len(names):
-        info["classes"] = [{"name": n, "label": int(i)} for n, i in zip(names, labels)]
-    return ConceptDictionary(d.tensors, meta)
