@@ -181,6 +181,15 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         elapsed = np.cumsum([h.get("seconds", 0.0) for h in hist])
         rec["curve"] = [[init + float(t), h["relative_error"]] for t, h in zip(elapsed, hist)]
         rec["seconds"] = d.meta["fit_seconds"]
+        # independent check of the recorded error: the final dictionary's own codes, error by the Gram form
+        U = d.encode(A, 0 if d.per_class or d.has_gates or d.tensors.get("mean") is not None and
+                     d.tensors["mean"].ndim == 2 else None, iters=30)
+        Wf = d.basis(0 if d.has_gates or d.per_class else None).numpy()
+        if "mean" in d.tensors:
+            Ac = A - d.tensors["mean"].numpy()
+            rec["relative_error_check"] = _rel(Ac, U, Wf) * float(np.linalg.norm(Ac) / np.linalg.norm(A))
+        else:
+            rec["relative_error_check"] = _rel(A, U, Wf)
     elif name.startswith("sklearn-nmf") or name == "sklearn-minibatch-nmf":
         import warnings
 

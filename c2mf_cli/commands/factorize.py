@@ -74,10 +74,10 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
         "classes": len(d.classes),
         "concepts_used_per_class": (f"{min(counts)}-{max(counts)} (mean {sum(counts) / len(counts):.1f})"
                                     if counts else "-"),
-        "relative_error": (sum(rel) / len(rel)) if rel else None,
+        "relative_error": round(sum(rel) / len(rel), 5) if rel else None,
         "passes": sum(h.get("passes", 0) for h in history),
         "converged": all(h.get("converged", False) for h in history) if history else None,
-        "fit_seconds": meta.get("fit_seconds"),
+        "fit_seconds": round(float(meta["fit_seconds"]), 2) if "fit_seconds" in meta else None,
         "device": meta.get("device"),
         "model": model.get("name") if isinstance(model, dict) else model,
         "layer": info.get("layer"),

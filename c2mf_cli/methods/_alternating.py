@@ -127,9 +127,14 @@ def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     n = X.shape[0]
     if n < k:
         raise C2MFError(f"only {n} rows to learn {k} concepts from: use fewer --concepts or more images")
+    sq = (X * X).sum(1)
+
+    def dist2(i: int) -> torch.Tensor:  # ||x - X[i]||^2 without an (n, c) temporary
+        return (sq - 2 * (X @ X[i]) + sq[i]).clamp_min(0)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [X[first]]
-    d2 = ((X - X[first]) ** 2).sum(1)
+    d2 = dist2(first)
     for _ in range(1, k):
         p = d2.clamp_min(0).double().cpu()
         if float(p.sum()) <= 0:
@@ -137,7 +142,7 @@ def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         else:
             idx = int(torch.multinomial(p / p.sum(), 1, generator=gen))
         centers.append(X[idx])
-        d2 = torch.minimum(d2, ((X - X[idx]) ** 2).sum(1))
+        d2 = torch.minimum(d2, dist2(idx))
     return torch.stack(centers).clone()
 
 
@@ -160,10 +165,20 @@ def pass_stats(source: RowSource, classes: list[int], state: State, st: EngineSe
             U = nnls_gram(G, a @ D.T, iters=st.code_iters, solver=st.code_solver)  # type: ignore[arg-type]
             S[i] += U.T @ U
             R[i] += U.T @ a
-            flat = a.reshape(-1)
-            a2[i] += float(flat @ flat)  # no float64 copy of the batch
+            a2[i] += sq_norm(a)
             n[i] += a.shape[0]
     return Stats(S, R, a2, n)
+
+
+def sq_norm(a: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """||a||^2 accumulated in float64, a few rows at a time: a float32 sum over 10^8 entries loses about 1e-3,
+    which the objective's cancellation (||A||^2 - 2<R, D> + <S, D D^T>) would amplify; a float64 copy of a whole
+    batch would double its memory."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[0], rows):
+        block = a[s : s + rows].double()
+        total += (block * block).sum()
+    return total
 
 
 def class_weights(stats: Stats, weighting: str) -> torch.Tensor:

@@ -55,9 +55,10 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
         for b in _batches(source, y, batch_size):
             a = to_device(b, device)
             check_batch(a, source.classes[y])
-            a64 = a.double()
-            total += a64.sum(0)
-            xtx += a64.T @ a64
+            for s in range(0, a.shape[0], 4096):  # float64 a few rows at a time: accurate, small temporaries
+                a64 = a[s : s + 4096].double()
+                total += a64.sum(0)
+                xtx += a64.T @ a64
             n += a.shape[0]
     if n <= k:
         names = ", ".join(source.classes[y] for y in classes)
