@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         method: MethodName = typer.Option(..., "--method", "-m", help="Factorization method (see `c2mf methods`)."),
         concepts: int = typer.Option(..., "--concepts", "-k", help="Number of concepts k."),
         out_path: Path = typer.Option(..., "--out", "-o", help="Dictionary file to write (.safetensors)."),
-        alpha: Optional[float] = typer.Option(None, "--alpha", help="c2mf: L1 weight on the gates (default 0.05)."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="c2mf: L1 weight on the gates, larger = fewer concepts per class (default 0.02)."),
         beta: Optional[float] = typer.Option(None, "--beta", help="c2mf: ridge on the codes (default 0.1)."),
         iterations: Optional[int] = typer.Option(None, "--iterations", help="Passes over the data (max)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per streamed batch."),
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Learn a concept dictionary from an activation store.
 
-        Example: c2mf factorize train.zarr --method c2mf --concepts 10 --alpha 0.05 --out c2mf.safetensors
+        Example: c2mf factorize train.zarr --method c2mf --concepts 10 --alpha 0.02 --out c2mf.safetensors
         """
         from ..factorize import factorize, open_store_source
 

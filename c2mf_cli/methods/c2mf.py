@@ -41,7 +41,8 @@ class C2MFConfig:
 
     Attributes:
         concepts: k, the size of the shared dictionary.
-        alpha: L1 weight on the gates; larger means fewer concepts per class.
+        alpha: L1 weight on the gates, in units of relative squared error: a concept stays open for a class
+            if it explains about alpha of the class's energy; larger means fewer concepts per class.
         beta: ridge on the codes that fixes the scale of U against the gates (must be > 0).
         iterations: passes over the data (each pass: codes for every batch, then a dictionary update).
         tol: stop when a pass lowers the objective by less than tol times its value.
@@ -59,7 +60,7 @@ class C2MFConfig:
     """
 
     concepts: int
-    alpha: float = 0.05
+    alpha: float = 0.02
     beta: float = 0.1
     iterations: int = 100
     tol: float = 1e-5
