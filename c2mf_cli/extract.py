@@ -153,15 +153,6 @@ def _collate(batch):
     return list(slots), list(paths), torch.cat(xs, 0), list(errors), [x.shape[0] for x in xs]
 
 
-def _pool(a: torch.Tensor, split: Split) -> torch.Tensor:
-    """Mean over positions (CRAFT pools each crop's map); ViT: over the patch tokens."""
-    if split.layout == "nchw":
-        return a.mean(dim=(2, 3))
-    if split.layout == "tokens":
-        return a[:, split.num_prefix_tokens :].mean(dim=1)
-    return a
-
-
 def _files_digest(items: list[Item]) -> str:
     h = hashlib.sha256()
     for it in items:
@@ -342,7 +333,7 @@ def _run_units(
         with torch.inference_mode(), autocast:
             a = g(x)
             logits = hd(a)
-        a = _pool(a, split) if crops is not None else split.to_store(a)
+        a = split.pool(a) if crops is not None else split.to_store(a)  # CRAFT pools each crop's map
         a_np = a.float().cpu().numpy()
         l_np = logits.float().cpu().numpy()
         row = 0

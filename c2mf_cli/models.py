@@ -2,7 +2,8 @@
 
 Notation: `f(x) = h(g(x))`. `g` maps preprocessed images (n, 3, H, W) to the layer's output in the model's own
 layout; `h` maps that output to the logits. Stores keep activations channels-last: (n, h, w, c) for a CNN
-feature map, (n, T, c) for ViT tokens (prefix tokens such as CLS first).
+feature map, (n, T, c) for ViT tokens (prefix tokens such as CLS first). Layout "nchw" names any spatial map,
+including those a model keeps channels-last itself (timm's NHWC models: `Split.nhwc`, stored the same way).
 
 The split is built with torch.fx: the model is traced with every module a leaf except the ancestors of the
 layer, so user code inside leaf modules may do anything, and only the forward of the containers on the path
@@ -572,6 +573,7 @@ class Split:
     num_prefix_tokens: int
     channels: int
     model_shape: tuple[int, ...]  # one image's layer output in the model's layout
+    nhwc: bool = False  # a spatial map the model itself keeps as (n, h, w, c) (timm's Swin, MambaOut)
 
     @property
     def store_shape(self) -> tuple[int, ...]:
@@ -581,13 +583,21 @@ class Split:
         return tuple(self.model_shape)
 
     def to_store(self, a: torch.Tensor) -> torch.Tensor:
-        return a.permute(0, 2, 3, 1) if self.layout == "nchw" else a
+        return a.permute(0, 2, 3, 1) if self.layout == "nchw" and not self.nhwc else a
 
     def from_store(self, a: torch.Tensor) -> torch.Tensor:
-        return a.permute(0, 3, 1, 2) if self.layout == "nchw" else a
+        return a.permute(0, 3, 1, 2) if self.layout == "nchw" and not self.nhwc else a
+
+    def pool(self, a: torch.Tensor) -> torch.Tensor:
+        """Mean over the positions of a model-layout output: (n, c). ViT: over the patch tokens only."""
+        if self.layout == "nchw":
+            return a.mean(dim=(1, 2) if self.nhwc else (2, 3))
+        if self.layout == "tokens":
+            return a[:, self.num_prefix_tokens :].mean(dim=1)
+        return a
 
     def describe(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "layer": self.layer,
             "layout": self.layout,
             "grid": list(self.grid),
@@ -595,6 +605,9 @@ class Split:
             "channels": self.channels,
             "store_shape": list(self.store_shape),
         }
+        if self.nhwc:  # only then, so the fingerprints of stores of NCHW models stay what they were
+            d["model_format"] = "NHWC"
+        return d
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -617,6 +630,24 @@ def _token_grid(model: nn.Module, tokens: int, prefix: int) -> tuple[int, int]:
     if side * side == tokens - prefix:
         return side, side
     return 1, tokens - prefix
+
+
+def _is_nhwc(model: nn.Module, layer: str, shape: tuple[int, int, int]) -> bool:
+    """Whether a 4-D layer output of one image, `shape`, is (h, w, c) rather than (c, h, w).
+
+    timm's Swin, MambaOut and similar models keep their maps channels-last; reading them as (c, h, w) would
+    silently scramble every activation. The channel count that timm's `feature_info` gives for the layer decides;
+    otherwise the model's `output_fmt` ("NHWC", timm's convention, which a user model may declare too).
+    """
+    for info in getattr(model, "feature_info", None) or []:
+        if isinstance(info, dict) and info.get("module") == layer and isinstance(info.get("num_chs"), int):
+            chs = info["num_chs"]
+            if shape[2] == chs and shape[0] != chs:
+                return True
+            if shape[0] == chs and shape[2] != chs:
+                return False
+    fmt = getattr(model, "output_fmt", None)
+    return str(getattr(fmt, "value", fmt) or "NCHW").upper() == "NHWC"
 
 
 def split_model(
@@ -660,9 +691,14 @@ def split_model(
                     f"splitting at {layer!r} is not exact (max difference {err:.3g}): the forward probably "
                     "depends on more than this layer's output; pick another layer"
                 )
+    nhwc = False
     if a.ndim == 4:
         layout: Layout = "nchw"
-        grid, channels, prefix = (int(a.shape[2]), int(a.shape[3])), int(a.shape[1]), 0
+        nhwc = _is_nhwc(model, layer, tuple(int(s) for s in a.shape[1:]))
+        if nhwc:
+            grid, channels, prefix = (int(a.shape[1]), int(a.shape[2])), int(a.shape[3]), 0
+        else:
+            grid, channels, prefix = (int(a.shape[2]), int(a.shape[3])), int(a.shape[1]), 0
     elif a.ndim == 3:
         layout = "tokens"
         prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
@@ -671,7 +707,7 @@ def split_model(
         layout, grid, channels, prefix = "vector", (1, 1), int(a.shape[1]), 0
     else:
         raise C2MFError(f"layer {layer!r} outputs shape {tuple(a.shape)}: expected (n,c,h,w), (n,T,c) or (n,c)")
-    return Split(layer, g, h, layout, grid, prefix, channels, tuple(int(s) for s in a.shape[1:]))
+    return Split(layer, g, h, layout, grid, prefix, channels, tuple(int(s) for s in a.shape[1:]), nhwc)
 
 
 # ----------------------------------------------------------------------------------------------------------------

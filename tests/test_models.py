@@ -74,6 +74,23 @@ def test_cnn_split_store_layout_roundtrip():
     torch.testing.assert_close(split.from_store(split.to_store(a)), a)
 
 
+def test_nhwc_model_maps_are_stored_with_channels_last():
+    # timm's MambaOut (like Swin) keeps its maps (n, h, w, c); read as (n, c, h, w) they were scrambled.
+    lm = load_model(ModelSpec("test_mambaout"), preprocess_overrides={"input_size": (3, 64, 64)})
+    split = split_model(lm.model, "stages.1", (3, 64, 64))
+    assert split.nhwc and split.layout == "nchw"
+    assert split.grid == (8, 8) and split.channels == 32 and split.store_shape == (8, 8, 32)
+    assert split.describe()["model_format"] == "NHWC"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = split.g(x)
+        torch.testing.assert_close(split.to_store(a), a)
+        torch.testing.assert_close(split.h(split.from_store(split.to_store(a))), lm.model(x))
+        torch.testing.assert_close(split.pool(a), a.mean(dim=(1, 2)))
+    cnn = split_model(load_model(ModelSpec("test_resnet")).model, "layer2", (3, 64, 64))
+    assert not cnn.nhwc and "model_format" not in cnn.describe()  # NCHW stores keep their fingerprints
+
+
 def test_layer_inside_a_residual_branch_is_refused():
     lm = load_model(ModelSpec("test_resnet"))
     with pytest.raises(C2MFError, match="skip connection"):
