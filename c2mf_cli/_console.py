@@ -30,34 +30,42 @@ class Reporter:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self._progress: Progress | None = None
+        self._active = False
 
     @contextmanager
     def session(self) -> Iterator["Reporter"]:
-        if self.quiet:
+        """The span in which `task` shows bars. The display starts with the first task, so a command that
+        fails before any work prints its `Error:` line alone (an idle display would leave a blank line)."""
+        self._active = not self.quiet
+        try:
             yield self
-            return
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=False,
-        )
-        with self._progress:
-            yield self
-        self._progress = None
+        finally:
+            self._active = False
+            if self._progress is not None:
+                self._progress.stop()
+                self._progress = None
 
     def task(self, description: str, total: int | None):
-        if self.quiet or self._progress is None:
+        if not self._active:
             return lambda n=1: None
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            )
+            self._progress.start()
         tid = self._progress.add_task(description, total=total)
         return lambda n=1: self._progress.advance(tid, n) if self._progress is not None else None
 
     def log(self, message: str) -> None:
+        """One diagnostic line on stderr. Not markup: paths such as `birds/[juvenile]/x.jpg` print as they are."""
         if not self.quiet:
-            err.print(message)
+            err.print(message, markup=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:

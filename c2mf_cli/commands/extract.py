@@ -199,16 +199,20 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(result.to_dict())
             return
-        if result.failures:
+        if result.failures:  # a warning, so it survives --quiet (which only drops progress and the tally)
             err.print(f"{len(result.failures)} unreadable image(s) skipped (listed in the store and `c2mf info --json`):")
             for f in result.failures[:10]:
-                err.print(f"  {f['path']}: {f['error']}", markup=False)
-        status = "complete" if result.complete else "waiting for other shards"
-        verb = "resumed" if not result.created and result.units_skipped else ("created" if result.created else "checked")
-        err.print(
-            f"{verb} {result.path}: {result.units_done_now} chunk(s) computed, {result.units_skipped} already done, "
-            f"{result.images} images at {result.images_per_second:.1f}/s; {status}",
-            markup=False,
-        )
+                err.print(f"  {f['error']}", markup=False, soft_wrap=True)
+            if len(result.failures) > 10:
+                err.print(f"  ... and {len(result.failures) - 10} more", markup=False)
+        if not quiet:
+            status = "complete" if result.complete else "waiting for other shards"
+            done_before = not result.created and result.units_skipped
+            verb = "resumed" if done_before else ("created" if result.created else "checked")
+            err.print(
+                f"{verb} {result.path}: {result.units_done_now} chunk(s) computed, {result.units_skipped} already "
+                f"done, {result.images} images at {result.images_per_second:.1f}/s; {status}",
+                markup=False,
+            )
         if result.complete:
-            out.print(result.path, markup=False)
+            out.print(result.path, markup=False, soft_wrap=True)

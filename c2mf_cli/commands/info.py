@@ -53,8 +53,10 @@ def register(app: typer.Typer) -> None:
             print_json(summary)
             return
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(show_header=False, title=str(path), title_justify="left")
+        # Text, not markup: a path or class name such as `runs/[exp1]` must print as it is.
+        table = Table(show_header=False, title=Text(str(path)), title_justify="left")
         table.add_column(style="bold")
         table.add_column()
         for key, value in summary.items():
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
                 continue
             if isinstance(value, (list, tuple)):
                 value = ", ".join(map(str, value)) if len(value) <= 8 else f"{len(value)} items"
-            table.add_row(key, str(value))
+            table.add_row(Text(key), Text(str(value)))
         out.print(table)
         failed = summary.get("failed_images") or []
         if failed:
