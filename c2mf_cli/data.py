@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -62,12 +62,25 @@ def _folder(root: Path) -> list[tuple[str, str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise C2MFError(f"image folder {str(root)!r} has no class sub-folders: expected ROOT/<class>/<image>")
-    out = []
+    out, empty = [], []
     for c in classes:
-        files = sorted(p for p in (root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # A broken symlink is kept: it is then skipped and listed as unreadable instead of vanishing unnoticed.
+        files = sorted(
+            p for p in (root / c).rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         out.extend((str(p), c) for p in files)
+        if not files:
+            empty.append(c)
     if not out:
         raise C2MFError(f"image folder {str(root)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if empty:
+        # Labels follow the sorted folder names (as torchvision's ImageFolder does, which refuses empty folders
+        # too): dropping a folder silently would shift the output index of every class after it.
+        raise C2MFError(
+            f"{len(empty)} class folder(s) of {str(root)!r} hold no images (e.g. {', '.join(map(repr, empty[:3]))}; "
+            f"image suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder(s)"
+        )
     return out
 
 
@@ -163,14 +176,21 @@ def class_labels(path: str | Path) -> dict[str, str]:
     return out
 
 
-def resolve_dataset(spec: DatasetSpec, num_outputs: int | None = None) -> list[Item]:
-    """The images of `spec` in a deterministic order (class, then path), with their model output indices."""
+def resolve_dataset(
+    spec: DatasetSpec, num_outputs: int | None = None, *, log: Callable[[str], None] | None = None
+) -> list[Item]:
+    """The images of `spec` in a deterministic order (class, then path), with their model output indices.
+
+    `log` receives warnings, such as classes left without images by the split.
+    """
     root = Path(spec.root).expanduser().resolve()  # stores record absolute image paths
     kind = detect_kind(root) if spec.kind == "auto" else spec.kind
     if not root.exists():
         raise C2MFError(f"data {str(root)!r} does not exist")
     if spec.split not in ("train", "test", "all"):
         raise UsageError(f"unknown split {spec.split!r}: use train, test or all")
+    if spec.max_per_class is not None and spec.max_per_class < 1:
+        raise UsageError(f"--max-per-class must be at least 1, got {spec.max_per_class}")
     presplit = False
     if kind == "folder":
         pairs = _folder(root)
@@ -214,7 +234,17 @@ def resolve_dataset(spec: DatasetSpec, num_outputs: int | None = None) -> list[I
             paths = paths[: spec.max_per_class]
         items.extend(Item(p, c, label_of[c]) for p in paths)
     if not items:
-        raise C2MFError(f"no images left in {str(root)!r} after the {spec.split!r} split")
+        raise C2MFError(
+            f"no images left in {str(root)!r} after the {spec.split!r} split: a class needs at least 2 images "
+            "to give one to each side of a seeded split (or use --split all)"
+        )
+    kept = {it.class_name for it in items}
+    lost = [c for c in classes if c not in kept]
+    if lost and log is not None:
+        log(
+            f"warning: {len(lost)} class(es) have no images in the {spec.split!r} split and are left out "
+            f"(e.g. {', '.join(lost[:3])}): a class needs at least 2 images to appear on both sides"
+        )
     return items
 
 
@@ -234,11 +264,27 @@ def _seeded_split(paths: list[str], split: Split, fraction: float, seed: int, cl
     return keep
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images as 8-bit "L".
+
+    PIL's own convert("RGB") clips them at 255, so a 16-bit PNG came out white and a float TIFF in [0, 1] black.
+    16-bit data is scaled by 1/257; 32-bit integers likewise when they exceed 255; floats in [0, 1] by 255.
+    """
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
+        a = a / 257.0
+    elif im.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
+
+
 def read_image(path: str) -> Image.Image:
-    """Open and fully decode an image; raises C2MFError naming the file if it cannot be read."""
+    """Open and fully decode an image as RGB; raises C2MFError naming the file if it cannot be read."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I") or im.mode == "F":
+                return _to_8bit(im).convert("RGB")
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise C2MFError(f"cannot read image {path!r}: {e}") from None

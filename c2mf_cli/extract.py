@@ -233,7 +233,7 @@ def extract(
     split = split_model(lm.model, cfg.layer, lm.preprocess.input_size)
     with torch.no_grad():
         n_outputs = int(split.h(split.g(torch.zeros(1, *lm.preprocess.input_size))).shape[-1])
-    items = resolve_dataset(cfg.data, num_outputs=n_outputs)
+    items = resolve_dataset(cfg.data, num_outputs=n_outputs, log=log)
 
     h, w = lm.preprocess.size
     crops = cfg.crops if cfg.mode == "crops" else None

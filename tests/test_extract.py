@@ -280,3 +280,101 @@ def test_real_cub_store_with_class_index(tmp_path):
     index = json.loads((SHARED_DATA / "cub/class_index.json").read_text())["classes"]
     assert store.class_indices == [index[c]["model_index"] for c in store.classes]
     assert (np.concatenate([store.activations(y) for y in range(78)]) < 0).any()  # the signed layer
+
+
+def test_read_image_handles_every_pil_mode(tmp_path):
+    from c2mf_cli.data import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    grey16 = rng.integers(0, 65536, (12, 16)).astype(np.uint16)
+    cases = {
+        "grey.png": Image.fromarray(rgb).convert("L"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "bilevel.png": Image.fromarray(rgb).convert("1"),
+        "grey16.png": Image.fromarray(grey16),
+        "float.tif": Image.fromarray((grey16 / 65535.0).astype(np.float32)),
+        "one_pixel.png": Image.fromarray(rgb[:1, :1]),
+    }
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        out = read_image(str(tmp_path / name))
+        assert out.mode == "RGB" and out.size == im.size, name
+    # 16-bit and float data keep their brightness (PIL alone clips them to white and black)
+    expected = grey16 / 257.0
+    for name in ("grey16.png", "float.tif"):
+        got = np.asarray(read_image(str(tmp_path / name)))[..., 0].astype(float)
+        assert np.abs(got - expected).max() <= 1.0, name
+
+
+def test_bad_files_are_listed_not_lost(tmp_path):
+    """Empty files, non-images with an image suffix, truncated JPEGs and broken symlinks are skipped and listed."""
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2)
+    (data / "class_0" / "empty.png").write_bytes(b"")
+    (data / "class_0" / "text.jpg").write_text("hello")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "whole.jpg")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (data / "class_1" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (data / "class_1" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (data / "class_1" / "link.png").symlink_to(data / "class_1" / "000.png")
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data),
+                                 "-o", str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    failed = {Path(f["path"]).name for f in store.failures}
+    assert failed == {"empty.png", "text.jpg", "truncated.jpg", "dangling.png"}
+    assert store.n_images(0) == 2 and store.n_images(1) == 3  # the good symlink is read
+    assert "4 unreadable image(s) skipped" in result.output
+
+
+def test_folder_names_with_spaces_brackets_and_non_ascii(tmp_path):
+    data = tmp_path / "my data"
+    for name in ("cat [domestic]", "dög é"):
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(data / name / f"{i:03d} ü.png")
+    (data / "cat [domestic]" / "000 ü.png").write_bytes(b"broken")  # its warning names a path with brackets
+    out = tmp_path / "[run 1]" / "s.zarr"
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data),
+                                 "-o", str(out), "--input-size", TINY_INPUT, "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    # printed as is, not eaten as rich markup, and not wrapped
+    assert f"skipped: cannot read image '{data / 'cat [domestic]' / '000 ü.png'}'" in result.output
+    assert result.stdout.strip() == str(out)
+    assert ActivationStore.open(out).classes == ["cat [domestic]", "dög é"]
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "[run 1]" in info.stdout
+
+
+def test_empty_class_folder_is_an_error_not_a_label_shift(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2)
+    (data / "a_empty").mkdir()
+    with pytest.raises(C2MFError, match=r"class folder\(s\) .* hold no images \(e.g. 'a_empty'"):
+        resolve_dataset(DatasetSpec(str(data)))
+
+
+def test_max_per_class_and_splits_without_images(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=3)
+    for bad in (0, -1):  # -1 used to drop each class's last image
+        with pytest.raises(C2MFError, match="--max-per-class must be at least 1"):
+            resolve_dataset(DatasetSpec(str(data), max_per_class=bad))
+    for p in list((data / "class_0").iterdir())[1:]:
+        p.unlink()
+    warnings: list[str] = []
+    items = resolve_dataset(DatasetSpec(str(data), split="test"), log=warnings.append)
+    assert {it.class_name for it in items} == {"class_1"}
+    assert len(warnings) == 1 and "class_0" in warnings[0] and "'test' split" in warnings[0]
+    (data / "class_1").rename(tmp_path / "gone")
+    make_image_folder(tmp_path / "one", n_classes=1, per_class=1)
+    with pytest.raises(C2MFError, match="no images left .* at least 2 images"):
+        resolve_dataset(DatasetSpec(str(tmp_path / "one"), split="test"))
+
+
+def test_cli_error_before_any_work_is_one_line(tmp_path, image_folder):
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d",
+                                 str(image_folder), "-o", str(tmp_path / "s"), "--max-per-class", "0"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["Error: --max-per-class must be at least 1, got 0"]
+    assert not list(tmp_path.iterdir())  # no store, no temporary directory
