@@ -438,6 +438,10 @@ class ActivationStore:
     def row_source(self, include_prefix_tokens: bool = False) -> _StoreRows:
         return _StoreRows(self, include_prefix_tokens)
 
+    def _n_units_done(self) -> int:
+        d = self.path / PROGRESS_DIR
+        return sum(1 for _ in d.glob("*.json")) if d.is_dir() else 0
+
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
@@ -459,6 +463,7 @@ class ActivationStore:
             "split": cfg["data"]["split"],
             "classes": len(self.classes),
             "rows": int(sum(self.n_images(y) for y in range(len(self.classes)))),
+            "chunks_done": f"{self._n_units_done()}/{self.info['plan']['n_units']}",
             "failures": len(self.failures),
             "disk_mb": round(self.disk_bytes() / 1e6, 2),
             "fingerprint": self.fingerprint[:16],

@@ -378,3 +378,42 @@ def test_cli_error_before_any_work_is_one_line(tmp_path, image_folder):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["Error: --max-per-class must be at least 1, got 0"]
     assert not list(tmp_path.iterdir())  # no store, no temporary directory
+
+
+def test_cli_interrupt_then_shards_of_another_count_finish_the_store(tmp_path, image_folder, monkeypatch):
+    args = ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(image_folder), "-o",
+            str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "--chunk-images", "2", "-q"]
+    original = StoreWriter.write_unit
+    calls = {"n": 0}
+
+    def ctrl_c_after_two(self, *a, **kw):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write_unit", ctrl_c_after_two)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "Interrupted: the finished chunks" in result.output and "rerun the same command" in result.output
+    monkeypatch.setattr(StoreWriter, "write_unit", original)
+    info = runner.invoke(app, ["info", str(tmp_path / "s.zarr")])
+    assert info.exit_code == 0 and "incomplete: 2/9 chunks done" in info.output
+    # resumed by shards of a count the first run never used: units are the same whatever the shard count
+    for shard in ("0/3", "2/3"):
+        assert runner.invoke(app, args + ["--shard", shard]).exit_code == 0
+    assert not ActivationStore.open(tmp_path / "s.zarr", require_complete=False).info["complete"]
+    last = runner.invoke(app, args[:-1] + ["--shard", "1/3"])
+    assert last.exit_code == 0 and last.stdout.strip() == str(tmp_path / "s.zarr")
+    assert ActivationStore.open(tmp_path / "s.zarr").summary()["chunks_done"] == "9/9"
+    again = runner.invoke(app, args[:-1])
+    assert "already complete (9 chunks)" in again.output
+
+
+def test_cli_info_on_things_that_are_not_stores(tmp_path):
+    (tmp_path / "plain").mkdir()
+    result = runner.invoke(app, ["info", str(tmp_path / "plain")])
+    assert result.exit_code == 1 and "is a directory but not an activation store (no zarr.json)" in result.output
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    result = runner.invoke(app, ["info", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and result.output.startswith("Error:") and "Traceback" not in result.output

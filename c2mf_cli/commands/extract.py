@@ -194,8 +194,15 @@ def register(app: typer.Typer) -> None:
         reporter = Reporter(quiet)
         if shard_spec.count > 1:
             reporter.log(f"shard {shard_spec.index}/{shard_spec.count}")
-        with reporter.session():
-            result = extract(cfg, shard=shard_spec, progress=reporter.task, log=reporter.log)
+        try:
+            with reporter.session():
+                result = extract(cfg, shard=shard_spec, progress=reporter.task, log=reporter.log)
+        except KeyboardInterrupt:
+            err.print(
+                f"Interrupted: the finished chunks of {out_path} are kept; rerun the same command to resume",
+                markup=False, soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
         if json_out:
             print_json(result.to_dict())
             return
@@ -207,12 +214,14 @@ def register(app: typer.Typer) -> None:
                 err.print(f"  ... and {len(result.failures) - 10} more", markup=False)
         if not quiet:
             status = "complete" if result.complete else "waiting for other shards"
-            done_before = not result.created and result.units_skipped
-            verb = "resumed" if done_before else ("created" if result.created else "checked")
-            err.print(
-                f"{verb} {result.path}: {result.units_done_now} chunk(s) computed, {result.units_skipped} already "
-                f"done, {result.images} images at {result.images_per_second:.1f}/s; {status}",
-                markup=False,
-            )
+            if not result.units_done_now and result.complete:
+                err.print(f"{result.path} is already complete ({result.units_total} chunks)", markup=False, soft_wrap=True)
+            else:
+                verb = "resumed" if not result.created and result.units_skipped else "created"
+                err.print(
+                    f"{verb} {result.path}: {result.units_done_now} chunk(s) computed, {result.units_skipped} "
+                    f"already done, {result.images} images at {result.images_per_second:.1f}/s; {status}",
+                    markup=False, soft_wrap=True,
+                )
         if result.complete:
             out.print(result.path, markup=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .._console import out, print_json
+from .._console import err, out, print_json
 from ..errors import C2MFError
 
 
@@ -30,6 +30,11 @@ def describe(path: Path, per_class: bool = False) -> dict:
         raise C2MFError(f"{str(path)!r} does not exist")
     if (path / "zarr.json").is_file():
         return _store_summary(path, per_class)
+    if path.is_dir():
+        raise C2MFError(
+            f"{str(path)!r} is a directory but not an activation store (no zarr.json): give a store made by "
+            "`c2mf extract` or a dictionary file made by `c2mf factorize`"
+        )
     try:
         from .factorize import describe_dictionary
     except ImportError:
@@ -66,6 +71,11 @@ def register(app: typer.Typer) -> None:
                 value = ", ".join(map(str, value)) if len(value) <= 8 else f"{len(value)} items"
             table.add_row(Text(key), Text(str(value)))
         out.print(table)
+        if summary.get("kind") == "activation store" and not summary.get("complete"):
+            err.print(
+                f"incomplete: {summary.get('chunks_done')} chunks done; rerun the same `c2mf extract` command "
+                "(every shard of it) to resume and finalize the store", markup=False, soft_wrap=True,
+            )
         failed = summary.get("failed_images") or []
         if failed:
             out.print(f"{len(failed)} image(s) could not be read, e.g. {failed[0]['path']}", markup=False)
