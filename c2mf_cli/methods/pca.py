@@ -50,21 +50,24 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
     c = source.n_features
     total = torch.zeros(c, dtype=torch.float64, device=device)
     xtx = torch.zeros((c, c), dtype=torch.float64, device=device)
+    shift: torch.Tensor | None = None  # first batch's mean: moments of (x - shift) avoid E[xx^T] - mu mu^T cancelling
     n = 0
     for y in classes:
         for b in _batches(source, y, batch_size):
             a = to_device(b, device)
             check_batch(a, source.classes[y])
-            for s in range(0, a.shape[0], 4096):  # float64 a few rows at a time: accurate, small temporaries
-                a64 = a[s : s + 4096].double()
-                total += a64.sum(0)
-                xtx += a64.T @ a64
+            if shift is None:
+                shift = a.double().mean(0).float() if a.shape[0] else torch.zeros(c, device=device)
+            for s in range(0, a.shape[0], 4096):  # float32 products per block, float64 accumulation
+                block = a[s : s + 4096] - shift
+                total += block.sum(0).double()
+                xtx += (block.T @ block).double()
             n += a.shape[0]
-    if n <= k:
-        names = ", ".join(source.classes[y] for y in classes)
-        raise C2MFError(f"PCA with k={k} needs more than {k} rows, class(es) {names} have {n}: use fewer --concepts")
-    mean = total / n
-    cov = (xtx - n * torch.outer(mean, mean)) / (n - 1)
+    if shift is None:
+        shift = torch.zeros(c, device=device)
+    centred_mean = total / n  # mean of (x - shift)
+    cov = (xtx - n * torch.outer(centred_mean, centred_mean)) / (n - 1)
+    mean = centred_mean + shift.double()
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0), evecs.flip(1)
     W = evecs[:, :k].T.contiguous()
@@ -72,7 +75,7 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
     W = W * sign
     var_total = float(evals.clamp_min(0).sum())
     kept = float(evals[:k].clamp_min(0).sum())
-    a2 = float(torch.trace(xtx))
+    a2 = float(torch.trace(xtx) + 2 * (total @ shift.double()) + n * (shift.double() @ shift.double()))
     residual = max(0.0, var_total - kept) * (n - 1)
     rec = {"explained_variance_ratio": kept / var_total if var_total > 0 else 1.0,
            "relative_error": math.sqrt(residual / a2) if a2 > 0 else 0.0}
