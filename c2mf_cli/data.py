@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -88,9 +89,11 @@ def _read_table(path: Path) -> dict[int, str]:
     if not path.is_file():
         raise C2MFError(f"CUB file {str(path)!r} is missing")
     table = {}
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if line.strip():
             key, _, value = line.strip().partition(" ")
+            if not key.isdigit() or not value.strip():
+                raise C2MFError(f"CUB file {str(path)!r} line {i + 1}: expected '<id> <value>', got {line.strip()!r}")
             table[int(key)] = value.strip()
     return table
 
@@ -104,26 +107,39 @@ def _cub(root: Path, split: Split) -> tuple[list[tuple[str, str]], bool]:
     for image_id, rel in sorted(images.items()):
         if split != "all" and (is_train.get(image_id) == "1") != (split == "train"):
             continue
+        if image_id not in labels or not labels[image_id].isdigit():
+            raise C2MFError(f"image {image_id} ({rel}) has no class id in {str(root / 'image_class_labels.txt')!r}")
         label = int(labels[image_id])
         cls = names.get(label, rel.split("/")[0])
         out.append((str(root / "images" / rel), cls))
     return out, split != "all"
 
 
+_PATH_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "name"}
+_LABEL_HEADERS = {"label", "class", "class_name", "classname", "target", "category", "y"}
+
+
 def _csv(path: Path) -> list[tuple[str, str]]:
+    """Rows of path,label; relative paths are relative to the CSV's folder. A header row is recognised by its names."""
     rows = []
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-    with open(path, newline="") as f:
-        for i, row in enumerate(csv.reader(f, dialect=dialect)):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise C2MFError(f"{str(path)!r} line {i + 1}: expected path,label")
-            p, label = row[0].strip(), row[1].strip()
-            if i == 0 and p.lower() == "path":
-                continue
-            full = Path(p) if Path(p).is_absolute() else path.parent / p
-            rows.append((str(full), label))
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise hide the header row
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            table = list(csv.reader(f, dialect=dialect))
+    except UnicodeDecodeError as e:
+        raise C2MFError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    for i, row in enumerate(table):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            sep = "tab" if dialect == "excel-tab" else "comma"
+            raise C2MFError(f"{str(path)!r} line {i + 1}: expected path,label ({sep}-separated), got {row[0]!r}")
+        p, label = row[0].strip(), row[1].strip()
+        full = Path(p) if Path(p).is_absolute() else path.parent / p
+        if i == 0 and (p.lower() in _PATH_HEADERS or label.lower() in _LABEL_HEADERS) and not full.is_file():
+            continue
+        rows.append((os.path.abspath(full), label))
     if not rows:
         raise C2MFError(f"CSV {str(path)!r} lists no images")
     return rows

@@ -417,3 +417,34 @@ def test_cli_info_on_things_that_are_not_stores(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     result = runner.invoke(app, ["info", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and result.output.startswith("Error:") and "Traceback" not in result.output
+
+
+def test_csv_headers_bom_relative_paths_and_encoding(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2)
+    (tmp_path / "lists").mkdir()
+    rows = "".join(f"../imgs/class_{c}/{i:03d}.png,class_{c}\n" for c in range(2) for i in range(2))
+    expected = [str(data / f"class_{c}" / f"{i:03d}.png") for c in range(2) for i in range(2)]
+    for name, text in {"plain.csv": "path,label\n" + rows, "excel.csv": "\ufeffpath,label\n" + rows,
+                       "named.csv": "filename,class\n" + rows, "bare.csv": rows}.items():
+        (tmp_path / "lists" / name).write_text(text, encoding="utf-8")
+        items = resolve_dataset(DatasetSpec(str(tmp_path / "lists" / name)))
+        assert [i.path for i in items] == expected, name  # normalised absolute paths, no header row as an image
+        assert {i.class_name for i in items} == {"class_0", "class_1"}, name
+    (tmp_path / "lists" / "latin1.csv").write_bytes("path,label\ncaf\xe9.png,a\n".encode("latin-1"))
+    with pytest.raises(C2MFError, match="is not UTF-8 text"):
+        resolve_dataset(DatasetSpec(str(tmp_path / "lists" / "latin1.csv")))
+    (tmp_path / "lists" / "semi.csv").write_text("path;label\nx.png;a\n")
+    with pytest.raises(C2MFError, match=r"line 1: expected path,label \(comma-separated\)"):
+        resolve_dataset(DatasetSpec(str(tmp_path / "lists" / "semi.csv")))
+
+
+def test_malformed_cub_files_are_one_clear_error(tmp_path):
+    cub = tmp_path / "cub"
+    (cub / "images").mkdir(parents=True)
+    (cub / "images.txt").write_text("1 a/x.jpg\n2 a/y.jpg\n")
+    (cub / "image_class_labels.txt").write_text("1 1\n")
+    with pytest.raises(C2MFError, match=r"image 2 \(a/y.jpg\) has no class id"):
+        resolve_dataset(DatasetSpec(str(cub)))
+    (cub / "image_class_labels.txt").write_text("1 1\ntwo 1\n")
+    with pytest.raises(C2MFError, match="line 2: expected '<id> <value>'"):
+        resolve_dataset(DatasetSpec(str(cub)))
