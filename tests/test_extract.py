@@ -448,3 +448,36 @@ def test_malformed_cub_files_are_one_clear_error(tmp_path):
     (cub / "image_class_labels.txt").write_text("1 1\ntwo 1\n")
     with pytest.raises(C2MFError, match="line 2: expected '<id> <value>'"):
         resolve_dataset(DatasetSpec(str(cub)))
+
+
+def test_cli_vit_store_keeps_prefix_tokens_and_rows_skip_them(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2)
+    out = tmp_path / "vit.zarr"
+    result = runner.invoke(app, ["extract", "-m", "test_vit2", "--no-pretrained", "-l", "blocks.3", "-d", str(data),
+                                 "-o", str(out), "--input-size", "32,32", "--workers", "0", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["row_shape"] == [5, 64]  # 1 register token + 2x2 patches
+    store = ActivationStore.open(out)
+    assert store.layout == "tokens" and store.grid == (2, 2) and store.num_prefix_tokens == 1
+    a = store.activations(0)
+    assert a.shape == (2, 5, 64)
+    rows = store.row_source()
+    assert rows.n_rows(0) == 2 * 4
+    np.testing.assert_array_equal(rows.load(0), a[:, 1:].reshape(-1, 64))
+
+
+def test_nhwc_model_crop_store_pools_over_positions(tmp_path):
+    data = make_image_folder(tmp_path / "imgs", n_classes=1, per_class=2)
+    out = build_store(tmp_path / "m.zarr", data, mode="crops", model="test_mambaout", layer="stages.1",
+                      dtype="float32", crops=CropSpec(size=0.5, stride=1.0))
+    store = ActivationStore.open(out)
+    assert store.row_shape == (32,) and store.info["config"]["split_info"]["model_format"] == "NHWC"
+    lm = load_model(ModelSpec("test_mambaout"), preprocess_overrides={"input_size": (3, 64, 64)})
+    split = split_model(lm.model, "stages.1", (3, 64, 64))
+    from c2mf_cli.data import make_crops, read_image
+
+    x = lm.preprocess(read_image(store.paths(0)[0]))
+    crops = make_crops(x, CropSpec(size=0.5, stride=1.0).boxes(64, 64))
+    with torch.no_grad():
+        expected = split.g(crops).mean(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(store.activations(0)[:4], expected, atol=1e-4, rtol=1e-4)
