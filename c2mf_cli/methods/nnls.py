@@ -63,19 +63,23 @@ def nnls_gram(
         raise C2MFError(f"unknown NNLS solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     U = _start(G, B) if U0 is None else U0.clamp_min(0.0).clone()
     if solver == "hals":
-        # codes stored transposed (k, n): each column update then reads and writes contiguous memory
-        Ut, Bt = U.T.contiguous(), B.T.contiguous()
-        diag = torch.diagonal(G)
-        for j in range(G.shape[0]):
-            if not float(diag[j]) > 0:
-                Ut[j] = 0.0
-        active = [j for j in range(G.shape[0]) if float(diag[j]) > 0]
-        for _ in range(iters):
-            for j in active:
-                # exact minimisation over column j with the others fixed
-                r = torch.addmv(Bt[j], Ut.T, G[j], alpha=-1.0)
-                Ut[j].add_(r, alpha=1.0 / float(diag[j])).clamp_(min=0.0)
-        return Ut.T
+        diag = torch.diagonal(G).tolist()
+        active = [j for j in range(G.shape[0]) if diag[j] > 0]
+        rows = max(512, 262144 // max(1, G.shape[0]))  # a block of codes (~1 MB) stays in cache for all sweeps
+        out = torch.empty_like(U)
+        for s in range(0, U.shape[0], rows):
+            # codes stored transposed (k, rows): each column update reads and writes contiguous memory
+            Ut, Bt = U[s : s + rows].T.contiguous(), B[s : s + rows].T.contiguous()
+            for j in range(G.shape[0]):
+                if j not in active:
+                    Ut[j] = 0.0
+            for _ in range(iters):
+                for j in active:
+                    # exact minimisation over column j with the others fixed
+                    r = Bt[j] - G[j] @ Ut
+                    Ut[j].add_(r, alpha=1.0 / diag[j]).clamp_(min=0.0)
+            out[s : s + rows] = Ut.T
+        return out
     # FISTA with step 1/L, L = largest eigenvalue of G
     L = float(torch.linalg.eigvalsh(G)[-1].clamp_min(1e-12))
     Y, t = U.clone(), 1.0
