@@ -34,8 +34,6 @@ ENCODING_TYPE = "c2mf-dictionary"
 ENCODING_VERSION = 1
 _META_KEY = "c2mf"
 
-# Keys of a store's info that identify the model and layer; a dictionary only applies where they agree.
-_IDENTITY_KEYS = ("model", "model_spec", "weights_sha256", "layer", "layout", "n_features")
 
 Array = np.ndarray | torch.Tensor
 
@@ -184,18 +182,28 @@ class ConceptDictionary:
         return [int(j) for j in torch.nonzero(self.gates(y) > threshold).flatten().tolist()]
 
     def check_compatible(self, store_info: dict[str, Any]) -> None:
-        """Fail clearly if a store (its info dict) comes from another model, layer or channel count."""
-        mine = self.meta.get("source", {}).get("info", {})
-        theirs = dict(store_info)
-        if "n_features" not in theirs and "channels" in theirs:
-            theirs["n_features"] = theirs["channels"]
-        mine = dict(mine, n_features=self.n_features)
-        for key in _IDENTITY_KEYS:
-            if key in mine and key in theirs and mine[key] != theirs[key]:
+        """Fail clearly if a store (its `describe_source()` dict) comes from another model, layer or width.
+
+        What identifies the activations is the model's weights (`model.weights_sha256`), the layer and the channel
+        count. The checkpoint path, the model's spelling, the store path, its mode (a CRAFT dictionary learnt on
+        crops applies to whole images), grid and classes are not compared: the same weights copied elsewhere
+        give the same activations. Without a weights hash on both sides the model name is compared instead.
+        """
+        mine, theirs = identity(self.meta.get("source", {}).get("info", {})), identity(store_info)
+        mine["channels"] = self.n_features
+        for key in ("weights_sha256", "model", "layer", "channels"):
+            if key == "model" and mine.get("weights_sha256") and theirs.get("weights_sha256"):
+                continue  # the weights decide; the name may be spelt differently
+            if mine.get(key) is not None and theirs.get(key) is not None and mine[key] != theirs[key]:
+                what = {"weights_sha256": "model weights (sha256)", "model": "model", "layer": "layer",
+                        "channels": "channels"}[key]
+                extra = ""
+                if key == "weights_sha256":
+                    extra = f" (dictionary: {mine.get('model')!r}; store: {theirs.get('model')!r})"
                 raise C2MFError(
-                    f"dictionary and store do not match: the dictionary was fitted on {key} = {mine[key]!r}, "
-                    f"the store has {key} = {theirs[key]!r}; use a dictionary fitted on a store of the same "
-                    "model and layer"
+                    f"dictionary and store do not match: the dictionary was fitted on {what} {mine[key]!r}, the "
+                    f"store has {theirs[key]!r}{extra}; use a dictionary fitted on a store of the same model "
+                    "weights and layer"
                 )
 
     # ----- storage -----
@@ -247,6 +255,20 @@ class ConceptDictionary:
         kind = "per-class" if self.per_class else "shared"
         return (f"ConceptDictionary(method={self.method!r}, {kind}, k={self.n_concepts}, "
                 f"c={self.n_features}, classes={len(self.classes)})")
+
+
+def identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a store's activations: weights hash, model name, layer and channel count (None where
+    the info lacks it). `info` is `ActivationStore.describe_source()` or the copy a dictionary recorded."""
+    model = info.get("model")
+    sha = model.get("weights_sha256") if isinstance(model, dict) else info.get("weights_sha256")
+    name = model.get("name") if isinstance(model, dict) else model
+    channels = info.get("n_features", info.get("channels"))
+    shape = info.get("row_shape")
+    if channels is None and isinstance(shape, (list, tuple)) and shape:
+        channels = shape[-1]
+    return {"weights_sha256": sha, "model": name, "layer": info.get("layer"),
+            "channels": int(channels) if channels is not None else None}
 
 
 def _json_default(obj: Any) -> Any:

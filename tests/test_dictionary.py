@@ -110,7 +110,42 @@ def test_load_refuses_wrong_type_newer_version_and_garbage(tmp_path: Path):
 def test_check_compatible_names_both_sides():
     d = _c2mf_dict()
     d.check_compatible({"model": {"name": "resnet18"}, "layer": "layer4", "layout": "nchw", "fingerprint": "x"})
-    with pytest.raises(C2MFError, match="layer = 'layer4', the store has layer = 'layer3'"):
+    with pytest.raises(C2MFError, match="layer 'layer4', the store has 'layer3'"):
         d.check_compatible({"model": {"name": "resnet18"}, "layer": "layer3"})
-    with pytest.raises(C2MFError, match="model"):
+    with pytest.raises(C2MFError, match="model 'resnet18', the store has 'vit_base_patch32_224'"):
         d.check_compatible({"model": {"name": "vit_base_patch32_224"}, "layer": "layer4"})
+
+
+def _store_info(**over: object) -> dict:
+    model = {"name": "/a/models.py:net", "checkpoint": "/a/net.pt", "pretrained": False, "weights_sha256": "ab12"}
+    info = {"store": "/a/train.zarr", "fingerprint": "f1", "model": model, "layer": "layer4", "mode": "full",
+            "layout": "nchw", "grid": [7, 7], "num_prefix_tokens": 0, "row_shape": [7, 7, 6],
+            "preprocess": {"size": 224}, "classes": ["cat", "dog"], "class_indices": [0, 1]}
+    info.update(over)
+    return info
+
+
+def _dict_on(info: dict) -> ConceptDictionary:
+    d = _c2mf_dict()
+    d.meta["source"] = {"info": info}
+    return d
+
+
+def test_check_compatible_same_weights_elsewhere_is_accepted():
+    d = _dict_on(_store_info())
+    moved = {"name": "/b/copy/models.py:net", "checkpoint": "/b/copy/net.pt", "pretrained": False,
+             "weights_sha256": "ab12"}
+    # same weights at another path, another store (crops of the same layer, other grid, other classes): fine
+    d.check_compatible(_store_info(model=moved, store="/b/test.zarr", fingerprint="f2", mode="crops",
+                                   row_shape=[6], grid=[14, 14], classes=["dog"], class_indices=[1]))
+
+
+def test_check_compatible_refuses_other_weights_layer_or_width():
+    d = _dict_on(_store_info())
+    other = dict(_store_info()["model"], weights_sha256="cd34")  # same name and path, other weights
+    with pytest.raises(C2MFError, match=r"model weights \(sha256\) 'ab12', the store has 'cd34'"):
+        d.check_compatible(_store_info(model=other))
+    with pytest.raises(C2MFError, match="layer 'layer4', the store has 'layer3'"):
+        d.check_compatible(_store_info(layer="layer3"))
+    with pytest.raises(C2MFError, match="channels 6, the store has 12"):
+        d.check_compatible(_store_info(row_shape=[7, 7, 12]))

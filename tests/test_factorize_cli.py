@@ -70,7 +70,7 @@ def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
     assert d.meta["source"]["info"]["fingerprint"] == store.fingerprint
     d.check_compatible(store.describe_source())
     other = dict(store.describe_source(), layer="layer1")
-    with pytest.raises(C2MFError, match="fitted on layer = .* the store has layer = 'layer1'"):
+    with pytest.raises(C2MFError, match="fitted on layer .* the store has 'layer1'"):
         d.check_compatible(other)
     info = describe_dictionary(out)
     assert info["classes"] == 3 and all("concepts_used" in row for row in info["per_class_concepts"])
