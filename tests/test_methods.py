@@ -179,3 +179,38 @@ def test_subsample_start_streaming_equals_full_batch(method):
         assert h["subsample"] is not None and h["subsample"]["rows"] == 90 and h["subsample"]["passes"] >= 1
     for name in full.tensors:
         torch.testing.assert_close(full.tensors[name], stream.tensors[name], atol=2e-4, rtol=2e-4)
+
+
+class _CountingSource(ArraySource):
+    """Counts the rows read, to see whether passes re-read the store."""
+
+    rows_read = 0
+
+    def load(self, y):
+        a = super().load(y)
+        self.rows_read += a.shape[0]
+        return a
+
+    def batches(self, y, batch_size, *, shuffle=False, seed=0):
+        for b in super().batches(y, batch_size, shuffle=shuffle, seed=seed):
+            self.rows_read += b.shape[0]
+            yield b
+
+
+@pytest.mark.parametrize("method", ["craft", "nmf"])
+def test_small_classes_are_read_once_and_fit_in_memory(method):
+    """A class that fits in one batch is read once (plus the start's sample), however many passes its fit takes,
+    and the fit is the one streaming in small batches gives."""
+    arrays = _data(n=48)
+    src = _CountingSource(arrays, classes=["a", "b", "c"], mode=get_method(method).needs)
+    d = factorize(src, method, device="cpu", **_options(method, iterations=30, tol=0.0, batch_size=1000))
+    assert sum(h["passes"] for h in d.meta["history"]) == 90
+    assert src.rows_read == 2 * 3 * 48  # the sample, then the class once; not once per pass
+    stream = factorize(ArraySource(arrays, classes=["a", "b", "c"], mode=get_method(method).needs), method,
+                       device="cpu", **_options(method, iterations=30, tol=0.0, batch_size=20))
+    torch.testing.assert_close(d.tensors["W"], stream.tensors["W"], atol=2e-4, rtol=2e-4)
+    bad = [a.copy() for a in arrays]
+    bad[1][7, 3] = np.nan
+    with pytest.raises(C2MFError, match="class 'b' has NaN"):
+        factorize(ArraySource(bad, classes=["a", "b", "c"], mode=get_method(method).needs), method, device="cpu",
+                  **_options(method, batch_size=1000))

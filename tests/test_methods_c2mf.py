@@ -53,13 +53,14 @@ def sweep():
     torch.set_num_threads(1)
     src, W = planted()
     fits = {a: factorize(src, "c2mf", concepts=8, alpha=a, batch_size=None, iterations=60, tol=1e-4, device="cpu")
-            for a in ALPHAS}
+            for a in ALPHAS + ["auto"]}
     return src, W, fits
 
 
-def test_recovers_dictionary_and_class_subsets(sweep):
+@pytest.mark.parametrize("alpha", [0.05, "auto"])
+def test_recovers_dictionary_and_class_subsets(sweep, alpha):
     _, W, fits = sweep
-    d = fits[0.05]
+    d = fits[alpha]
     cos, learned_of_true = matched(d.tensors["W"].numpy(), W)
     assert cos.min() > 0.95, cos
     true_of_learned = {int(l): t for t, l in enumerate(learned_of_true)}
@@ -73,6 +74,29 @@ def test_concepts_used_fall_monotonically_with_alpha(sweep):
     counts = [sum(len(fits[a].concepts_used(y)) for y in range(len(SUBSETS))) for a in ALPHAS]
     assert all(a >= b for a, b in zip(counts, counts[1:])), counts
     assert counts[0] == 8 * len(SUBSETS) and counts[-1] < counts[0] and counts[2] == 12
+
+
+def test_auto_alpha_is_a_fraction_of_an_average_concepts_energy(sweep):
+    src, _, fits = sweep
+    how = fits["auto"].meta["alpha"]
+    X = np.concatenate([src.load(y) for y in range(len(SUBSETS))]).astype(np.float64)
+    sv2 = np.linalg.svd(X, compute_uv=False) ** 2
+    e_k = sv2[:8].sum() / sv2.sum()  # the planted data is rank 8 plus noise: E_8 is close to 1
+    assert how["rule"].startswith("auto") and how["energy_k"] == pytest.approx(e_k, abs=0.01)
+    assert how["alpha"] == pytest.approx(how["alpha_scale"] * how["energy_k"] / 8)
+    assert fits["auto"].meta["config"]["alpha"] == "auto"
+    assert fits[0.05].meta["alpha"] == {"rule": "given", "alpha": 0.05}
+
+
+def test_rank_k_energy_matches_svd():
+    from c2mf_cli.methods.c2mf import rank_k_energy
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3000, 40, generator=g) @ torch.randn(40, 200, generator=g) + torch.randn(3000, 200, generator=g)
+    sv2 = torch.linalg.svdvals(X.double()) ** 2
+    for k in (1, 5, 25):
+        assert rank_k_energy(X, k, seed=0) == pytest.approx(float(sv2[:k].sum() / sv2.sum()), rel=1e-2)
+    assert rank_k_energy(X, 5, seed=3) == rank_k_energy(X, 5, seed=3)  # seeded
 
 
 def test_loss_history_is_recorded_and_decreases_after_warmup(sweep):
@@ -132,9 +156,25 @@ def test_checkpoint_and_resume_continue_exactly(tmp_path: Path):
         factorize(src, "c2mf", checkpoint_path=tmp_path / "none.ckpt", resume=True, **opts)
 
 
+def test_resume_keeps_the_auto_alpha(tmp_path: Path):
+    src, _ = planted(seed=2, n=200)
+    opts = dict(concepts=8, batch_size=128, iterations=8, tol=0.0, checkpoint_every=2, warmup=2, device="cpu")
+    ref = factorize(src, "c2mf", **opts)
+    ckpt = tmp_path / "fit.ckpt"
+    with pytest.raises(_Interrupt):
+        factorize(src, "c2mf", checkpoint_path=ckpt, progress=_stop_after(4), **opts)
+    resumed = factorize(src, "c2mf", checkpoint_path=ckpt, resume=True, **opts)
+    assert resumed.meta["alpha"]["alpha"] == pytest.approx(ref.meta["alpha"]["alpha"])
+    torch.testing.assert_close(resumed.tensors["W"], ref.tensors["W"], atol=1e-5, rtol=0)
+
+
 def test_bad_settings():
     src, _ = planted(n=50)
     with pytest.raises(C2MFError, match="--beta must be > 0"):
         factorize(src, "c2mf", concepts=4, beta=0.0, device="cpu")
     with pytest.raises(C2MFError, match="--alpha must be >= 0"):
         factorize(src, "c2mf", concepts=4, alpha=-1.0, device="cpu")
+    with pytest.raises(C2MFError, match="--alpha must be 'auto' or a number"):
+        factorize(src, "c2mf", concepts=4, alpha="big", device="cpu")
+    with pytest.raises(C2MFError, match="--alpha-scale must be >= 0"):
+        factorize(src, "c2mf", concepts=4, alpha_scale=-0.1, device="cpu")

@@ -20,6 +20,7 @@ MethodName = Enum("MethodName", {name: name for name in list_methods()}, type=st
 # option flag -> config field
 _FLAGS = {
     "alpha": "--alpha",
+    "alpha_scale": "--alpha-scale",
     "beta": "--beta",
     "iterations": "--iterations",
     "batch_size": "--batch-size",
@@ -40,6 +41,11 @@ def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
         if name not in fields:
             takes = ", ".join(_FLAGS[f] for f in _FLAGS if f in fields) or "only --concepts"
             raise UsageError(f"{_FLAGS[name]} does not apply to --method {method} (it takes {takes})")
+    if isinstance(given.get("alpha"), str) and given["alpha"] != "auto":
+        try:
+            given["alpha"] = float(given["alpha"])
+        except ValueError:
+            raise UsageError(f"--alpha must be 'auto' or a number, got {given['alpha']!r}") from None
     return m.make_config(concepts=concepts, **given)
 
 
@@ -84,6 +90,7 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
         "store_mode": source.get("mode"),
         "store_fingerprint": info.get("fingerprint"),
         "config": meta.get("config", {}),
+        "alpha": (meta.get("alpha") or {}).get("alpha", meta.get("config", {}).get("alpha")) if d.has_gates else None,
         "c2mf_version": meta.get("c2mf_version"),
         "encoding": f"{meta.get('encoding-type')} v{meta.get('encoding-version')}",
         "per_class_concepts": per_class,
@@ -97,7 +104,12 @@ def register(app: typer.Typer) -> None:
         method: MethodName = typer.Option(..., "--method", "-m", help="Factorization method (see `c2mf methods`)."),
         concepts: int = typer.Option(..., "--concepts", "-k", help="Number of concepts k."),
         out_path: Path = typer.Option(..., "--out", "-o", help="Dictionary file to write (.safetensors)."),
-        alpha: Optional[float] = typer.Option(None, "--alpha", help="c2mf: L1 weight on the gates, larger = fewer concepts per class (default 0.02)."),
+        alpha: Optional[str] = typer.Option(
+            None, "--alpha", help="c2mf: L1 weight on the gates, larger = fewer concepts per class: a number (relative "
+            "squared error a concept must explain) or 'auto' (default: alpha-scale x the energy an average concept "
+            "explains, E_k / k)."),
+        alpha_scale: Optional[float] = typer.Option(
+            None, "--alpha-scale", help="c2mf with --alpha auto: the multiple of E_k / k (default 0.3)."),
         beta: Optional[float] = typer.Option(None, "--beta", help="c2mf: ridge on the codes (default 0.1)."),
         iterations: Optional[int] = typer.Option(None, "--iterations", help="Passes over the data (max)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per streamed batch."),
@@ -116,14 +128,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Learn a concept dictionary from an activation store.
 
-        Example: c2mf factorize train.zarr --method c2mf --concepts 10 --alpha 0.02 --out c2mf.safetensors
+        Example: c2mf factorize train.zarr --method c2mf --concepts 10 --out c2mf.safetensors
         """
         from ..factorize import factorize, open_store_source
 
         name = method.value
         if full_batch and batch_size is not None:
             raise UsageError("give --batch-size or --full-batch, not both")
-        options = {"alpha": alpha, "beta": beta, "iterations": iterations, "batch_size": batch_size, "tol": tol,
+        options = {"alpha": alpha, "alpha_scale": alpha_scale, "beta": beta, "iterations": iterations, "batch_size": batch_size, "tol": tol,
                    "seed": seed, "shared": shared, "shift": True if shift else None,
                    "checkpoint_every": checkpoint_every}
         config = build_config(name, concepts, options)
@@ -155,7 +167,9 @@ def register(app: typer.Typer) -> None:
             markup=False, soft_wrap=True,
         )
         if summary["gated"]:
-            out.print(f"concepts used per class: {summary['concepts_used_per_class']}", markup=False)
+            a = summary.get("alpha")
+            used = f" (alpha {a:.4g})" if isinstance(a, (int, float)) else ""
+            out.print(f"concepts used per class: {summary['concepts_used_per_class']}{used}", markup=False)
         if summary["converged"] is False and not quiet:
             err.print("note: stopped at --iterations before reaching --tol; more passes may lower the error",
                       markup=False)

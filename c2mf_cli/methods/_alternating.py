@@ -79,6 +79,7 @@ class EngineSettings:
 class GroupResult:
     classes: list[int]
     state: State
+    alpha: float = 0.0  # the alpha the fit used (resolved from the data when "auto")
     history: list[dict[str, float]] = field(default_factory=list)
     converged: bool = False
     subsample: dict[str, Any] | None = None  # summary of the subsample fit that started this one
@@ -214,7 +215,7 @@ def _save_checkpoint(path: Path, done: list[GroupResult], current: GroupResult, 
         groups.append({"classes": res.classes, "history": res.history, "converged": res.converged,
                        "subsample": res.subsample})
     meta = {"encoding-type": CHECKPOINT_TYPE, "config": st.config, "source": fingerprint,
-            "groups": groups, "passes": passes}
+            "groups": groups, "passes": passes, "alpha": st.alpha}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -227,7 +228,7 @@ def _save_checkpoint(path: Path, done: list[GroupResult], current: GroupResult, 
 
 
 def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any],
-                     device: torch.device) -> tuple[list[GroupResult], int]:
+                     device: torch.device) -> tuple[list[GroupResult], int, float | None]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("c2mf", "{}"))
@@ -244,8 +245,9 @@ def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any]
     results = []
     for gi, g in enumerate(meta["groups"]):
         state = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.split(".", 1)[0] == str(gi)}
-        results.append(GroupResult(g["classes"], state, g["history"], g["converged"], g.get("subsample")))
-    return results, int(meta["passes"])
+        results.append(GroupResult(g["classes"], state, history=g["history"], converged=g["converged"],
+                                   subsample=g.get("subsample")))
+    return results, int(meta["passes"]), meta.get("alpha")
 
 
 def _run_passes(source: RowSource, classes: list[int], res: GroupResult, st: EngineSettings,
@@ -297,6 +299,7 @@ def fit_groups(
     shift: float = 0.0,
     checkpoint_path: Path | None = None,
     resume: bool = False,
+    resolve_alpha: Callable[[torch.Tensor], float] | None = None,
 ) -> list[GroupResult]:
     """Fit each group of classes (one shared dictionary per group) by alternating code and dictionary steps.
 
@@ -304,6 +307,9 @@ def fit_groups(
         init: (sample rows, group index) -> initial state.
         update: (state, stats, class weights, alpha of this pass) -> None; lowers the objective in place.
         shift: offset added to every batch (NMF on A - min(A)).
+        resolve_alpha: (sample rows of the first group) -> alpha, when alpha depends on the data ("auto"); the
+            resolved value is kept in the checkpoint, so a resumed fit uses the same one. Read it back from
+            `resolved_alpha` of the returned results.
     """
     fingerprint = {"classes": list(source.classes), "n_rows": [int(source.n_rows(y)) for y in range(len(source.classes))],
                    "n_features": int(source.n_features), "info": str(source.info.get("fingerprint", ""))}
@@ -313,7 +319,10 @@ def fit_groups(
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise C2MFError(f"--resume given but there is no checkpoint at {checkpoint_path}: drop --resume")
-        results, passes = _load_checkpoint(checkpoint_path, st, fingerprint, device)
+        results, passes, alpha = _load_checkpoint(checkpoint_path, st, fingerprint, device)
+        if resolve_alpha is not None and alpha is not None:
+            st = replace(st, alpha=alpha)
+            resolve_alpha = None
         done, current = results[:-1], results[-1]
         start_pass = passes
         if current.converged or passes >= st.iterations:
@@ -322,17 +331,23 @@ def fit_groups(
     advance(len(done) * st.iterations + start_pass)
     for gi in range(len(done), len(groups)):
         classes = groups[gi]
-        group_st = st
         if current is None:
             n_sample = st.subsample_rows if st.subsample_rows > 0 else 20000
             parts = sample_rows(source, classes, n_sample, st.seed + gi, device, shift)
+            if resolve_alpha is not None:
+                st = replace(st, alpha=float(resolve_alpha(torch.cat(parts))))
+                resolve_alpha = None
             current = GroupResult(classes, init(torch.cat(parts), gi))
             start_pass = 0
             total = sum(source.n_rows(y) for y in classes)
             if st.subsample_rows > 0 and total > 2 * sum(p.shape[0] for p in parts):
                 current.subsample = _subsample_fit(source, classes, parts, current.state, st, update, device)
-        if current.subsample is not None:
-            group_st = replace(st, warmup=0)  # alpha's ramp happened on the sample
+        group_st = replace(st, warmup=0) if current.subsample is not None else st  # alpha ramped on the sample
+        rows = source
+        if fits_one_batch(source, classes, st.batch_size):
+            # the whole group fits in one batch: read it once and make every pass in memory (many small classes,
+            # e.g. CRAFT's crops, would otherwise re-read the store on each of their passes)
+            rows = in_memory(source, classes, st, device, shift)
 
         def on_pass(p: int, res: GroupResult = current) -> None:
             advance(1)
@@ -342,11 +357,51 @@ def fit_groups(
             if res.converged:
                 advance(st.iterations - p - 1)
 
-        _run_passes(source, classes, current, group_st, update, device, shift, start_pass, on_pass)
+        if rows is source:
+            _run_passes(source, classes, current, group_st, update, device, shift, start_pass, on_pass)
+        else:
+            _run_passes(rows, list(range(len(classes))), current, replace(group_st, nonnegative=False, batch_size=None),
+                        update, device, 0.0, start_pass, on_pass)
+        current.alpha = st.alpha
         done.append(current)
         current = None
         start_pass = 0
     return done
+
+
+FULL_BATCH_CACHE_BYTES = 1 << 30  # --full-batch keeps a group in memory across passes below this size
+
+
+def fits_one_batch(source: RowSource, classes: list[int], batch_size: int | None) -> bool:
+    """Whether the rows of these classes together fit in one batch (the memory the user allowed for a batch)."""
+    total = sum(source.n_rows(y) for y in classes)
+    if batch_size is None:
+        return total * source.n_features * 4 <= FULL_BATCH_CACHE_BYTES
+    return total <= batch_size
+
+
+class _TensorRows:
+    """The rows of a few classes held as tensors on the device (shift applied, checked once)."""
+
+    def __init__(self, parts: list[torch.Tensor], names: list[str], n_features: int) -> None:
+        self.parts, self.classes, self.n_features, self.mode, self.info = parts, names, n_features, "", {}
+
+    def n_rows(self, y: int) -> int:
+        return int(self.parts[y].shape[0])
+
+    def load(self, y: int) -> torch.Tensor:
+        return self.parts[y]
+
+
+def in_memory(source: RowSource, classes: list[int], st: EngineSettings, device: torch.device,
+              shift: float) -> _TensorRows:
+    """Read the classes once (checking NaN / inf / sign as a pass would) and keep them on the device."""
+    parts = []
+    for y in classes:
+        a = to_device(source.load(y), device)
+        check_batch(a, source.classes[y], nonnegative=st.nonnegative, hint=st.nonneg_hint)
+        parts.append(a + shift if shift else a)
+    return _TensorRows(parts, [source.classes[y] for y in classes], int(source.n_features))
 
 
 def history_of(results: list[GroupResult], source: RowSource) -> list[dict[str, Any]]:

@@ -140,7 +140,9 @@ def check_batch(a: torch.Tensor, class_name: str, *, nonnegative: bool = False, 
             )
 
 
-def to_device(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(batch: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device=device, dtype=torch.float32)
     return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
 
 

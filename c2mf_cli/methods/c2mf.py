@@ -33,6 +33,35 @@ from ._factorization import check_common
 from .base import Method, check_source, register_method, source_summary
 
 _EPS = 1e-4  # gates live in [eps, 1 - eps] so that lambda = logit(g) stays finite
+AUTO_ALPHA_SCALE = 0.3  # rho of alpha = rho * E_k / k (docs/methods.md: measured on CIFAR layer3 and CUB head_conv)
+
+
+def rank_k_energy(X: torch.Tensor, k: int, seed: int, oversample: int = 10, power_iters: int = 4) -> float:
+    """E_k = ||X_k||^2 / ||X||^2, the fraction of the (uncentred) energy of X its best rank-k approximation holds.
+
+    Randomised range finder (Halko et al.) with a seeded test matrix, so the value is reproducible:
+    O(n c (k + oversample)) per power iteration instead of a full SVD.
+    """
+    total = float(X.double().pow(2).sum())
+    if total <= 0:
+        return 0.0
+    q = min(k + oversample, *X.shape)
+    omega = torch.randn(X.shape[1], q, generator=torch.Generator().manual_seed(seed)).to(X)
+    Q = torch.linalg.qr(X @ omega).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(X @ torch.linalg.qr(X.T @ Q).Q).Q
+    sv = torch.linalg.svdvals((Q.T @ X).double())
+    return min(1.0, float(sv[:k].pow(2).sum()) / total)
+
+
+def resolve_alpha(config: "C2MFConfig", sample: torch.Tensor) -> tuple[float, dict]:
+    """The alpha a fit uses and how it was obtained (recorded in the dictionary's metadata)."""
+    if not isinstance(config.alpha, str):
+        return float(config.alpha), {"rule": "given", "alpha": float(config.alpha)}
+    e_k = rank_k_energy(sample, config.concepts, config.seed)
+    alpha = config.alpha_scale * e_k / config.concepts
+    return alpha, {"rule": "auto: alpha_scale * E_k / k", "alpha": alpha, "alpha_scale": config.alpha_scale,
+                   "energy_k": e_k, "k": config.concepts, "sample_rows": int(sample.shape[0])}
 
 
 @dataclass(frozen=True)
@@ -43,6 +72,11 @@ class C2MFConfig:
         concepts: k, the size of the shared dictionary.
         alpha: L1 weight on the gates, in units of relative squared error: a concept stays open for a class
             if it explains about alpha of the class's energy; larger means fewer concepts per class.
+            "auto" (the default) resolves it from the data as alpha = alpha_scale * E_k / k, with E_k the
+            fraction of the energy the best rank-k approximation of a sample captures: E_k / k is the energy an
+            average concept explains, so the rule means the same on any layer and any k.
+        alpha_scale: rho of the "auto" rule (ignored for a numeric alpha): a concept stays open for a class if
+            it explains about rho times an average concept's share of the energy.
         beta: ridge on the codes that fixes the scale of U against the gates (must be > 0).
         iterations: passes over the data (each pass: codes for every batch, then a dictionary update).
         tol: stop when a pass lowers the objective by less than tol times its value.
@@ -60,7 +94,8 @@ class C2MFConfig:
     """
 
     concepts: int
-    alpha: float = 0.02
+    alpha: float | str = "auto"
+    alpha_scale: float = AUTO_ALPHA_SCALE
     beta: float = 0.1
     iterations: int = 100
     tol: float = 1e-5
@@ -75,8 +110,13 @@ class C2MFConfig:
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.alpha < 0:
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                raise UsageError(f"--alpha must be 'auto' or a number >= 0, got {self.alpha!r}")
+        elif not self.alpha >= 0:  # also refuses NaN
             raise UsageError(f"--alpha must be >= 0, got {self.alpha}")
+        if not self.alpha_scale >= 0:
+            raise UsageError(f"--alpha-scale must be >= 0, got {self.alpha_scale}")
         if self.beta <= 0:
             raise UsageError(f"--beta must be > 0 (it fixes the scale of the codes against the gates), got {self.beta}")
         check_common(self)
@@ -132,7 +172,7 @@ class C2MF(Method):
         st = EngineSettings(
             k=config.concepts, iterations=config.iterations, tol=config.tol, batch_size=config.batch_size,
             seed=config.seed, code_iters=config.code_iters, code_solver=config.code_solver, ridge=config.beta,
-            alpha=config.alpha, weighting="class", nonnegative=False, nonneg_hint="",
+            alpha=0.0, weighting="class", nonnegative=False, nonneg_hint="",
             checkpoint_every=config.checkpoint_every, config={"method": self.name, **config.to_dict()},
             warmup=config.warmup, subsample_rows=config.subsample_rows,
         )
@@ -145,14 +185,26 @@ class C2MF(Method):
         def update(state: State, stats: Stats, w: torch.Tensor, alpha: float) -> None:
             update_c2mf(state, stats, w, alpha, config.dict_sweeps)
 
+        how: dict = {}
+
+        def alpha_of(sample: torch.Tensor) -> float:
+            alpha, info = resolve_alpha(config, sample)
+            how.update(info)
+            return alpha
+
         results = fit_groups(source, [list(range(m))], st, init=init, update=update, device=device,
-                             progress=progress, label="c2mf", checkpoint_path=checkpoint_path, resume=resume)
+                             progress=progress, label="c2mf", checkpoint_path=checkpoint_path, resume=resume,
+                             resolve_alpha=alpha_of)
+        if not how:  # resumed: the checkpoint held the resolved value
+            how = {"rule": "given" if not isinstance(config.alpha, str) else "auto (from the checkpoint)",
+                   "alpha": results[0].alpha}
         state = results[0].state
         g = state["g"].clamp(_EPS, 1 - _EPS)
         tensors = {"W": state["W"], "gates": torch.log(g) - torch.log1p(-g)}
         meta = {
             "method": self.name,
             "config": config.to_dict(),
+            "alpha": how,
             "ridge": config.beta,
             "codes": "nnls",
             "shared": True,
