@@ -7,6 +7,7 @@ statistics (S = sum U^T U, R = sum U^T A). Semi-NMF (signed W): W by exact least
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from ..dictionary import ConceptDictionary
 from ..errors import UsageError
-from ..progress import ProgressFn
+from ..progress import ProgressFn, no_progress
 from ..sources import RowSource
 from ._alternating import EngineSettings, Stats, State, fit_groups, global_min, history_of, kmeans_pp
 from .base import Method, check_batch, check_source, source_summary
@@ -39,15 +40,66 @@ def check_common(cfg: Any) -> None:
         raise UsageError(f"code_solver must be hals or fista, got {cfg.code_solver!r}")
 
 
+@dataclass(frozen=True)
+class FactorizationConfig:
+    """Settings every NNLS-based factorization (craft, nmf, semi-nmf) shares; each method adds its own.
+
+    Attributes:
+        concepts: k per dictionary.
+        iterations: passes over the data.
+        tol: stop when a pass lowers the relative squared error by less than tol times its value.
+        batch_size: rows per streamed batch; None loads each class whole. A group of classes that fits in one
+            batch is read once and every pass runs in memory.
+        seed: seeds the initial dictionary (k-means++ rows of a sample).
+        code_iters: HALS sweeps of the NNLS code step per batch.
+        code_solver: "hals" or "fista".
+        subsample_rows: fit first on this many rows drawn evenly from the classes, then refine on all rows
+            (skipped when the data has fewer than twice as many; 0 turns it off).
+        checkpoint_every: passes between checkpoints.
+    """
+
+    concepts: int
+    iterations: int = 200
+    tol: float = 1e-5
+    batch_size: int | None = 32768
+    seed: int = 0
+    code_iters: int = 10
+    code_solver: str = "hals"
+    subsample_rows: int = 20000
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_common(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FactorizationMethod(Method):
+    """A method fitted by `fit_factorization`: NMF when its dictionary is W >= 0, semi-NMF when signed.
+
+    Its config may add `shared` (one dictionary for all classes), `shift` (fit on A - min(A)) and `dict_sweeps`
+    (HALS sweeps over W per pass); without them: per class, no shift, one sweep.
+    """
+
+    def fit(self, source: RowSource, config: Any, *, device: torch.device, progress: ProgressFn = no_progress,
+            checkpoint_path: Path | None = None, resume: bool = False) -> ConceptDictionary:
+        return fit_factorization(self, source, config, signed=self.signed_dictionary,
+                                 shared=getattr(config, "shared", False), shift_opt=getattr(config, "shift", False),
+                                 dict_sweeps=getattr(config, "dict_sweeps", 1), device=device, progress=progress,
+                                 checkpoint_path=checkpoint_path, resume=resume)
+
+
 def update_nmf(state: State, stats: Stats, w: torch.Tensor, sweeps: int) -> None:
     """HALS on W >= 0 from the pooled statistics (exact minimisation per row, others fixed)."""
     W = state["W"]
     S = (w[:, None, None] * stats.S).sum(0)
     R = (w[:, None, None] * stats.R).sum(0)
+    diag = torch.diagonal(S).tolist()  # one device sync, not one per row and sweep
+    rows = [j for j in range(W.shape[0]) if diag[j] > 0]
     for _ in range(sweeps):
-        for j in range(W.shape[0]):
-            if float(S[j, j]) > 0:
-                W[j] = (W[j] + (R[j] - S[j] @ W) / S[j, j]).clamp_min_(0.0)
+        for j in rows:
+            W[j].add_(R[j] - S[j] @ W, alpha=1.0 / diag[j]).clamp_min_(0.0)  # in place on the row view
 
 
 def update_semi(state: State, stats: Stats, w: torch.Tensor) -> None:

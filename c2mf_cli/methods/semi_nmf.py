@@ -8,53 +8,28 @@ Codes by NNLS per batch, W by exact least squares on the pass statistics. Togeth
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-import torch
-
-from ..dictionary import ConceptDictionary
-from ..progress import ProgressFn, no_progress
-from ..sources import RowSource
-from .base import Method, register_method
-from ._factorization import check_common, fit_factorization
+from ._factorization import FactorizationConfig, FactorizationMethod
+from .base import register_method
 
 
 @dataclass(frozen=True)
-class SemiNMFConfig:
-    """Settings of a semi-NMF fit (see NMFConfig; no shift: signed input is fine)."""
+class SemiNMFConfig(FactorizationConfig):
+    """Settings of a semi-NMF fit (no shift: signed input is fine).
 
-    concepts: int
-    iterations: int = 200
-    tol: float = 1e-5
-    batch_size: int | None = 32768
-    seed: int = 0
+    Attributes (besides FactorizationConfig's):
+        shared: one dictionary for all classes instead of one per class.
+    """
+
     shared: bool = False
-    code_iters: int = 10
-    code_solver: str = "hals"
-    subsample_rows: int = 20000
-    checkpoint_every: int = 10
-
-    def __post_init__(self) -> None:
-        check_common(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @register_method
-class SemiNMF(Method):
+class SemiNMF(FactorizationMethod):
     name = "semi-nmf"
     description = "ablation: signed W, codes U >= 0, no gates, per class or shared"
     needs = "full"
     signed_dictionary = True
     requires_nonnegative_input = False
     config_class = SemiNMFConfig
-
-    def fit(self, source: RowSource, config: SemiNMFConfig, *, device: torch.device,
-            progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,
-            resume: bool = False) -> ConceptDictionary:
-        return fit_factorization(self, source, config, signed=True, shared=config.shared, shift_opt=False,
-                                 dict_sweeps=1, device=device, progress=progress,
-                                 checkpoint_path=checkpoint_path, resume=resume)
