@@ -280,7 +280,7 @@ def test_report_self_contained_and_linked(world, tmp_path):
     page = (tmp_path / "run" / "report.html").read_text()
     HTMLParser().feed(page)
     assert list(referenced_files(page)) == []  # everything embedded
-    for text in ("pearson_mean", "new_field", "auroc", "concept 0", "Explained images", "c2mf k=3"):
+    for text in ("|Pearson r|", "new field", "AUROC", "concept 0", "Explained images", "c2mf k=3"):
         assert text in page
     assert "http" not in page.replace("http-equiv", "")
     linked = build_report(tmp_path / "elsewhere", tmp_path / "run" / "evaluate", tmp_path / "run" / "atlas",

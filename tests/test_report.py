@@ -1,0 +1,219 @@
+"""The report page: paper-style tables (methods as rows), the demo's ground-truth recovery section, robustness to
+missing fields, well-formed self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from c2mf_cli.report import Col, build_report, fmt, recovery_section, referenced_files, table
+
+_VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
+
+
+class _Balanced(HTMLParser):
+    """Fails on a closing tag that does not close the innermost open element; records every table's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.ids: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.ids += [v for k, v in attrs if k == "id" and v]
+        if tag not in _VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-3:]}"
+        self.stack.pop()
+
+
+def well_formed(page: str) -> _Balanced:
+    p = _Balanced()
+    p.feed(page)
+    p.close()
+    assert p.stack == [], f"unclosed: {p.stack}"
+    assert len(p.ids) == len(set(p.ids)), "duplicate ids"
+    for href in re.findall(r"href='#([^']+)'", page):
+        assert href in p.ids, f"nav link to missing section #{href}"
+    return p
+
+
+def first_column(page: str, caption_start: str) -> list[str]:
+    """The row labels (first cells) of the table whose caption starts with caption_start."""
+    i = page.index(f"<caption>{caption_start}")
+    body = page[page.index("<tbody>", i): page.index("</tbody>", i)]
+    return re.findall(r"<tr[^>]*><td class='k[^']*'>([^<]*)</td>", body)
+
+
+PRIMS = ["red_disk", "blue_stripes", "green_triangle"]
+
+
+def _method(name: str, k: int, pearson: float, acc: float, per_class: bool) -> dict:
+    return {
+        "name": name, "method": name, "k": k, "per_class_dictionary": per_class,
+        "similarity": {"pearson_mean": pearson, "pearson_std": 0.01, "cosine_mean": 0.3, "cosine_std": 0.02},
+        "reconstruction": {"n_images": 20, "accuracy": {"mean": acc, "std": 0.05, "per_class": {"a": acc, "b": 1.0}},
+                           "agreement": {"mean": acc, "std": 0.0, "per_class": {"a": acc, "b": 1.0}}},
+        "consistency": {"train_mse": 0.5, "test_mse": 0.52, "difference": -0.02},
+        "fit": {"test": {"relative_error": 0.4, "r2": 0.8}},
+        "insertion_deletion": {"gradcam": {"insertion": {"x": [0, 0.5, 1], "prob": [0.1, 0.5, 0.9], "prob_auc": 0.7},
+                                           "deletion": {"prob_auc": 0.2}}},
+    }
+
+
+def recovery_record() -> dict:
+    """The shape c2mf_cli/demo/pipeline.py writes into evaluation.json["recovery"]."""
+    def heat(vals: list[float | None], shared: bool) -> dict:
+        r = {"primitives": PRIMS, "per_class": {"best_iou": vals, "mean": 0.5,
+                                               "by_class": [[vals[0], None, vals[2]], [None, vals[1], None]]}}
+        if shared:
+            r["shared"] = {"best_iou": [0.6, 0.4, None], "best_concept": [2, 0, 1], "best_sign": [1, 1, 1],
+                           "mean": 0.5}
+        return r
+
+    return {
+        "heatmaps": {"c2mf": heat([0.8, 0.41, 0.05], True), "craft": heat([0.7, 0.52, None], False),
+                     "pca": heat([0.6, 0.3, 0.1], False)},
+        "threshold": {"method": "relative", "level": 0.5},
+        "references": {"grid_ceiling": {"iou": [0.9, 0.9, 0.9], "mean": 0.9},
+                       "linear_probe": {"iou": [0.93, 0.7, 0.3], "mean": 0.66}},
+        "c2mf_concept_of_primitive": {"best_iou": [0.8, 0.4, 0.05], "best_concept": [2, 0, 1], "mean": 0.42},
+        "gates": {"c2mf": {"accuracy": 0.9, "exact": 0.5, "precision": 1.0, "recall": 0.75, "extra_selected": 0.5,
+                           "threshold": 0.5, "open_gates": {"a": [2, 1], "b": [0, 3]},
+                           "planted_concepts": {"a": [1, 2], "b": [0]}}},
+        "planted_dictionary": {"n_features": 64, "rows_per_class": 100, "n_planted": 3,
+                               "nonnegative": {"c2mf": {"mean": 0.999, "min": 0.99, "per_planted": [1, 1, 1],
+                                                        "gates": {"exact": 1.0}},
+                                               "craft": {"mean": 0.98, "min": 0.9}, "pca": {"mean": 0.8, "min": 0.7}},
+                               "signed": {"c2mf": {"mean": 0.97, "min": 0.88}, "craft": {"mean": 0.38, "min": 0.16},
+                                          "pca": {"mean": 0.9, "min": 0.72}}},
+        "class_primitives": {"a": ["red_disk", "green_triangle"], "b": ["blue_stripes"]},
+    }
+
+
+def write_run(root: Path, recovery: dict | None) -> Path:
+    ev = root / "evaluation"
+    ev.mkdir(parents=True)
+    record = {"encoding-type": "c2mf-evaluation", "c2mf_version": "0.1.0", "time_s": 3.25,
+              "inputs": {"train": {"path": "train.zarr", "layer": "layer3", "classes": 2, "images": 40,
+                                   "fingerprint": "f" * 64},
+                         "test": {"path": "test.zarr", "layer": "layer3", "classes": 2, "images": 20},
+                         "dictionaries": [{"name": "c2mf", "method": "c2mf", "k": 4, "source_fingerprint": "f" * 64}]},
+              "methods": [_method("c2mf", 4, 0.08, 0.95, False), _method("craft", 2, 0.2, 0.6, True),
+                          _method("pca", 2, 0.05, 0.9, True)],
+              "ood": {"auroc": 0.8, "fpr_at_95_tpr": 0.5}}
+    if recovery is not None:
+        record["recovery"] = recovery
+    (ev / "evaluation.json").write_text(json.dumps(record))
+    Image.new("RGB", (40, 20), (0, 128, 255)).save(ev / "accuracy_vs_k.png")
+    return ev
+
+
+def test_fmt_reads_like_a_paper():
+    assert fmt(0.93499999) == "0.935"
+    assert fmt(1.0) == "1.000"
+    assert fmt(-0.0136) == "\u22120.014"
+    assert fmt(2.4e-4) == "2.4e-04"
+    assert fmt(12800) == "12,800"
+    assert fmt(15360.0) == "15,360"
+    assert fmt(None) == fmt(float("nan")) == "\u2013"
+    assert fmt(True) == "yes"
+
+
+def test_table_methods_as_rows_best_in_bold_missing_is_dash():
+    rows = [("a", {"x": {"y": 0.5}, "z": 1.0}), ("b", {"x": {"y": 0.7}}), ("ref", {"x": {"y": 0.9}})]
+    page = table(rows, [Col("Y", "x.y", "high"), Col("Z", "z", "low"), Col("never", "nope")],
+                 compare=[True, True, False], ref_rows=[False, False, True], caption="cap")
+    well_formed(page)
+    assert "never" not in page  # a column no row has is left out
+    assert first_column(page, "cap") == ["a", "b", "ref"]
+    assert "<td class='best'>0.700</td>" in page  # best of the compared rows, not the yardstick's 0.9
+    assert "<td class='best'>0.900</td>" not in page
+    assert page.count("\u2013") == 2  # z of b and of ref
+    assert "<td class='best'>1.000</td>" not in page  # one value only: nothing to compare
+
+
+def test_report_with_recovery(tmp_path):
+    ev = write_run(tmp_path, recovery_record())
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    p = well_formed(page)
+    assert {"summary", "recovery", "metrics", "details"} <= set(p.ids)
+    assert page.index("id='summary'") < page.index("id='recovery'") < page.index("id='metrics'")
+    assert list(referenced_files(page)) == []
+    assert "http" not in page
+    # methods as rows, in the evaluation's order
+    assert first_column(page, "One row per method") == ["c2mf k=4", "craft k=2/class", "pca k=2/class"]
+    assert first_column(page, "Test images. For every primitive") == [
+        "c2mf", "craft", "pca", "c2mf, shared concept", "masks through the grid*", "supervised linear probe*"]
+    for name in ("red disk", "blue stripes", "green triangle", "non-negative W", "signed W", "Gate selection"):
+        assert name in page
+    # best IoU per primitive in bold among methods; yardsticks never bold
+    assert "<td class='best'>0.800</td>" in page and "<td class='best'>0.520</td>" in page
+    assert "<td class='best'>0.930</td>" not in page
+    # the per-class gate check names what is missing and what is extra
+    assert "exact" in page and "extra 3" in page
+    # the ground-truth numbers also reach the summary table
+    summary = page[page.index("id='summary'"): page.index("id='recovery'")]
+    assert "heatmap" in summary and "0.999" in summary and "0.380" in summary
+
+
+def test_recovery_missing_fields_do_not_break_the_page(tmp_path):
+    partial = {
+        "heatmaps": {"c2mf": {"primitives": PRIMS, "per_class": {"best_iou": [0.5, None]}},  # short list, no mean
+                     "craft": "not a record", "pca": {}},
+        "gates": {"c2mf": {"accuracy": 0.5}},  # no open_gates / planted_concepts
+        "planted_dictionary": {"signed": {"c2mf": {"mean": 0.9}}},
+        "brand_new_check": {"score": 0.42},
+    }
+    ev = write_run(tmp_path, partial)
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    well_formed(page)
+    assert "brand_new_check" in page and "0.420" in page  # unknown parts still show
+    assert "gates of every class" not in page
+    for rec in ({}, {"heatmaps": None, "gates": [], "references": 3}, {"heatmaps": {"c2mf": {"primitives": None}}}):
+        html_part = recovery_section(rec, ["c2mf"])
+        well_formed(html_part)
+    assert "no fields this page knows" in recovery_section({}, [])
+
+
+def test_report_without_recovery_has_no_recovery_section(tmp_path):
+    ev = write_run(tmp_path, None)
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    p = well_formed(page)
+    assert "recovery" not in p.ids and "heatmap IoU" not in page
+
+
+def test_linked_report_references_only_existing_files(tmp_path):
+    ev = write_run(tmp_path / "run", recovery_record())
+    at = tmp_path / "run" / "atlas"
+    at.mkdir()
+    Image.new("RGB", (30, 20)).save(at / "concept_000.png")
+    Image.new("RGB", (30, 20)).save(at / "overview.png")
+    (at / "atlas.json").write_text(json.dumps({
+        "overview": "overview.png", "dictionary": {"method": "c2mf", "concepts": 1},
+        "concepts": [{"concept": 0, "png": "concept_000.png", "name": "red_disk (IoU 0.80)",
+                      "regions": [{"value": 3.5, "class": "a"}, {"value": 3.0, "class": "a"}]},
+                     {"concept": 1, "png": "gone.png"}]}))
+    out = tmp_path / "elsewhere"
+    page = build_report(out, evaluate_dir=ev, atlas_dir=at, embed=False).read_text()
+    well_formed(page)
+    refs = list(referenced_files(page))
+    assert len(refs) == 3 and all((out / r).is_file() for r in refs)
+    assert "red_disk (IoU 0.80)" in page and "a &times;2" in page and "gone.png" not in page
+
+
+def test_demo_summary_beside_the_evaluation_adds_the_model_accuracy(tmp_path):
+    ev = write_run(tmp_path, recovery_record())
+    (tmp_path / "demo.json").write_text(json.dumps({"evaluation": str(ev / "evaluation.json"),
+                                                    "model": {"test_accuracy": 0.975}}))
+    assert "test accuracy 97.500 %" in build_report(tmp_path, evaluate_dir=ev).read_text()
+    (tmp_path / "demo.json").write_text(json.dumps({"evaluation": "/some/other/evaluation.json",
+                                                    "model": {"test_accuracy": 0.5}}))
+    assert "test accuracy" not in build_report(tmp_path, evaluate_dir=ev).read_text()
