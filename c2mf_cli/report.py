@@ -670,7 +670,7 @@ def _atlas_section(at: Path, embed: bool, out: Path) -> str:
                                                   for k, n in sorted(counts.items(), key=lambda t: (-t[1], t[0]))))
         vals = [float(r["value"]) for r in regs if _is_num(r.get("value"))]
         if vals:
-            meta.append(f"code {fmt(max(vals))} .. {fmt(min(vals))}")
+            meta.append(f"code {max(vals):.3g} .. {min(vals):.3g}")
         name = f" <span class='name'>{_esc(c['name'])}</span>" if c.get("name") else ""
         cards.append(f"<div class='card'><h3>concept {_esc(c.get('concept'))}{name}</h3>"
                      f"<div class='muted'>{' &middot; '.join(meta)}</div>"
