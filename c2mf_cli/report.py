@@ -578,13 +578,13 @@ def recovery_section(rec: dict, methods: Sequence[str] = ()) -> str:
                             f"{_esc(', '.join(prim)) if isinstance(prim, list) else _DASH}</td>"
                             f"<td>{ids(p)}</td><td>{ids(o)}</td><td class='t'>{verdict}</td></tr>")
             parts.append(
-                f"<details><summary>{_esc(m)}: gates of every class</summary><div class='scroll'><table><thead><tr>"
-                "<th class='k'>class</th><th class='k'>planted primitives</th><th>their concepts</th>"
-                "<th>open gates</th><th class='k'>match</th></tr></thead><tbody>" + "".join(body)
-                + "</tbody><caption>Concept ids. <i>Their concepts</i>: the concepts matched to the class's "
+                f"<details><summary>{_esc(m)}: gates of every class</summary><div class='scroll'><table>"
+                "<caption>Concept ids. <i>Their concepts</i>: the concepts matched to the class's "
                 "primitives; <i>extra</i>: open gates beyond them. The metrics above count primitives, so a concept "
                 "matched to two primitives selects both, and an extra gate on a concept matched to no primitive "
-                "counts only in <i>extra selected</i>.</caption></table></div></details>")
+                "counts only in <i>extra selected</i>.</caption><thead><tr><th class='k'>class</th>"
+                "<th class='k'>planted primitives</th><th>their concepts</th><th>open gates</th>"
+                "<th class='k'>match</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div></details>")
     if names and prims:
         for m in names:
             pc = heat[m].get("per_class") if isinstance(heat[m].get("per_class"), dict) else {}
