@@ -1,7 +1,7 @@
 """Library entry point of `c2mf factorize`: learn a concept dictionary from a row source or a store.
 
     from c2mf_cli.factorize import factorize
-    d = factorize(source, "c2mf", concepts=10, alpha=0.02, device="auto")
+    d = factorize(source, "c2mf", concepts=10, device="auto")  # alpha="auto": see docs/methods.md
     d.save("dict.safetensors")
 
 The CLI calls exactly these functions.

@@ -62,6 +62,7 @@ def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["method"] == "c2mf" and summary["concepts"] == 4 and summary["gated"]
+    assert summary["config"]["alpha"] == "auto" and summary["alpha"] > 0  # the value the auto rule resolved
     assert len(summary["per_class_concepts"]) == 3 and summary["layer"]
     assert not out.with_name(out.name + ".ckpt").exists()  # removed once the dictionary is written
     d = ConceptDictionary.load(out)
@@ -76,6 +77,10 @@ def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
     assert info["classes"] == 3 and all("concepts_used" in row for row in info["per_class_concepts"])
     r = _run("info", out, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "c2mf"
+    r = _run("factorize", tiny_store, "--method", "c2mf", "--concepts", 4, "--iterations", 3, "--alpha", "0.05",
+             "--device", "cpu", "--json", "--out", tmp_path / "fixed.safetensors")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["alpha"] == 0.05
 
 
 @pytest.mark.parametrize("args", [["--method", "pca", "--shared"], ["--method", "semi-nmf", "--full-batch"],
@@ -105,6 +110,8 @@ def test_craft_on_crop_store(tiny_crop_store: Path, tmp_path: Path):
         ("tiny_store", ["--method", "pca", "--alpha", "0.1"], 2, "--alpha does not apply to --method pca"),
         ("tiny_store", ["--method", "craft", "--shared"], 2, "--shared/--per-class does not apply to --method craft"),
         ("tiny_store", ["--method", "c2mf", "--beta", "0"], 2, "--beta must be > 0"),
+        ("tiny_store", ["--method", "c2mf", "--alpha", "lots"], 2, "--alpha must be 'auto' or a number, got 'lots'"),
+        ("tiny_store", ["--method", "pca", "--alpha-scale", "1"], 2, "--alpha-scale does not apply to --method pca"),
         ("tiny_store", ["--method", "c2mf", "--resume"], 1, "--resume given but there is no checkpoint"),
         ("tiny_store", ["--method", "c2mf", "--device", "tpu"], 1, "unknown device 'tpu'"),
     ],
