@@ -506,6 +506,11 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
     return DemoResult(out=out, summary=summary, report=report)
 
 
+# A concept is named after a primitive in the atlas only when its heatmaps overlap the primitive's masks this
+# much; the best match of a primitive the model ignores can be an unrelated concept (IoU ~0.05).
+_NAME_MIN_IOU = 0.3
+
+
 def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, Any], config: DemoConfig,
               recovery: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
     """Explain a few test images with the c2mf dictionary, draw its atlas (concepts named by the primitive they
@@ -519,7 +524,9 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
     names: dict[int, str] = {}
     for p, j in enumerate(shared["best_concept"]):  # primitives matched on the ungated W*
         iou = shared["best_iou"][p]
-        label = f"{world.primitive_names[p]} (IoU {iou:.2f})" if iou is not None else world.primitive_names[p]
+        if iou is None or iou < _NAME_MIN_IOU:  # a weak best match would put a wrong name on the concept
+            continue
+        label = f"{world.primitive_names[p]} (IoU {iou:.2f})"
         names[j] = f"{names[j]} / {label}" if j in names else label
     d = dicts["c2mf"]
     if config.explain_images > 0:
