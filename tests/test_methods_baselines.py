@@ -86,3 +86,20 @@ def test_semi_nmf_fits_signed_data_with_nonneg_codes():
     d = factorize(ArraySource([A]), "semi-nmf", concepts=4, iterations=100, batch_size=None, device="cpu")
     assert (d.tensors["W"] < 0).any()
     assert d.meta["history"][0]["loss"][-1]["relative_error"] < 0.05
+
+
+def test_pca_top_eigenvectors_of_a_wide_layer_match_numpy():
+    """Above 512 channels the leading eigenvectors come from a seeded randomized subspace iteration."""
+    from c2mf_cli.methods.pca import _EXACT_EIGH_MAX_CHANNELS, _top_eigenvectors
+
+    c = _EXACT_EIGH_MAX_CHANNELS + 188
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(900, 40, generator=g) @ torch.randn(40, c, generator=g) + 0.3 * torch.randn(900, c, generator=g)
+    cov = (X.T @ X).double() / 900
+    W, top = _top_eigenvectors(cov, 10)
+    evals, evecs = np.linalg.eigh(cov.numpy())
+    ref = evecs[:, ::-1][:, :10]
+    np.testing.assert_allclose(np.abs(np.diag(W.numpy() @ ref)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(top.numpy(), evals[::-1][:10], rtol=1e-6)
+    W2, _ = _top_eigenvectors(cov, 10)
+    assert torch.equal(W, W2)  # seeded: reproducible

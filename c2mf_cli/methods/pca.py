@@ -68,18 +68,43 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
     centred_mean = total / n  # mean of (x - shift)
     cov = (xtx - n * torch.outer(centred_mean, centred_mean)) / (n - 1)
     mean = centred_mean + shift.double()
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    W = evecs[:, :k].T.contiguous()
+    W, top = _top_eigenvectors(cov, k)
     sign = torch.sign(W.gather(1, W.abs().argmax(1, keepdim=True)))
     W = W * sign
-    var_total = float(evals.clamp_min(0).sum())
-    kept = float(evals[:k].clamp_min(0).sum())
+    var_total = float(torch.diagonal(cov).clamp_min(0).sum())  # the trace: all the variance
+    kept = float(top.clamp_min(0).sum())
     a2 = float(torch.trace(xtx) + 2 * (total @ shift.double()) + n * (shift.double() @ shift.double()))
     residual = max(0.0, var_total - kept) * (n - 1)
     rec = {"explained_variance_ratio": kept / var_total if var_total > 0 else 1.0,
            "relative_error": math.sqrt(residual / a2) if a2 > 0 else 0.0}
     return W.float(), mean.float(), rec
+
+
+# Above this many channels the top-k eigenvectors come from a randomized subspace iteration instead of a full
+# eigendecomposition: at 1,280 channels eigh took 1.85 s per class (float64) against 0.06-0.1 s, with the
+# top-10/25 subspaces agreeing to 1e-4 (measured); per-class PCA of 1,000 ImageNet classes at 2,048 channels
+# would otherwise spend most of an hour in eigh.
+_EXACT_EIGH_MAX_CHANNELS = 512
+
+
+def _top_eigenvectors(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k leading eigenvectors (rows, float64) of a symmetric PSD matrix and their eigenvalues."""
+    c = cov.shape[0]
+    if c <= _EXACT_EIGH_MAX_CHANNELS:
+        evals, evecs = torch.linalg.eigh(cov)
+        return evecs.flip(1)[:, :k].T.contiguous(), evals.flip(0)[:k]
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the randomized start is seeded: a fit is reproducible
+    try:
+        q = min(c, k + 20)
+        basis, _, _ = torch.svd_lowrank(cov, q=q, niter=8)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    # Rayleigh-Ritz on the found subspace gives the eigenvectors within it and their eigenvalues.
+    small = basis.T @ cov @ basis
+    evals, evecs = torch.linalg.eigh(small)
+    vecs = (basis @ evecs.flip(1)[:, :k]).T.contiguous()
+    return vecs, evals.flip(0)[:k]
 
 
 @register_method
