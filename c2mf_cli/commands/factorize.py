@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -10,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from .._console import Reporter, err, out, print_json
-from ..errors import UsageError
+from ..errors import C2MFError, UsageError
 
 # `--method` choices come from the registry
 from ..methods import get_method, list_methods, method_table
@@ -46,7 +48,37 @@ def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
             given["alpha"] = float(given["alpha"])
         except ValueError:
             raise UsageError(f"--alpha must be 'auto' or a number, got {given['alpha']!r}") from None
+    for name, value in given.items():
+        # nan fails the methods' own range checks, but inf passes them and fits an empty (or degenerate) dictionary
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{_FLAGS[name]} must be a finite number, got {value}")
     return m.make_config(concepts=concepts, **given)
+
+
+def check_output_file(path: Path, option: str = "--out") -> None:
+    """Fail before any work when `path` cannot be written as a file (a folder, or under a file / read-only folder)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a folder: give a file path, e.g. {str(path / 'dict.safetensors')!r}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise C2MFError(f"cannot write {option} {str(path)!r}: folder {str(parent)!r} is not writable; "
+                        "choose another path")
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Fail before any work when `path` cannot be used as an output folder (it is a file, or is below one)."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        what = "is a file" if p == path else f"is below {str(p)!r}, which is a file"
+        raise UsageError(f"{option} {str(path)!r} {what}: give a folder path")
+    if not os.access(p, os.W_OK):
+        raise C2MFError(f"cannot write into {option} {str(path)!r}: {str(p)!r} is not writable; choose another folder")
 
 
 def describe_dictionary(path: str | Path) -> dict[str, Any]:
@@ -103,7 +135,9 @@ def register(app: typer.Typer) -> None:
         store: Path = typer.Argument(..., help="Activation store written by `c2mf extract`."),
         method: MethodName = typer.Option(..., "--method", "-m", help="Factorization method (see `c2mf methods`)."),
         concepts: int = typer.Option(..., "--concepts", "-k", help="Number of concepts k."),
-        out_path: Path = typer.Option(..., "--out", "-o", help="Dictionary file to write (.safetensors)."),
+        out_path: Path = typer.Option(
+            ..., "--out", "-o", help="Dictionary file to write (.safetensors); an existing file is replaced, "
+            "atomically, once the fit has succeeded."),
         alpha: Optional[str] = typer.Option(
             None, "--alpha", help="c2mf: L1 weight on the gates, larger = fewer concepts per class: a number (relative "
             "squared error a concept must explain) or 'auto' (default: alpha-scale x the energy an average concept "
@@ -143,6 +177,8 @@ def register(app: typer.Typer) -> None:
             if not any(f.name == "batch_size" for f in dataclasses.fields(config)):
                 raise UsageError(f"--full-batch does not apply to --method {name}")
             config = dataclasses.replace(config, batch_size=None)
+        check_output_file(out_path)
+        replacing = out_path.is_file()
         ckpt = out_path.with_name(out_path.name + ".ckpt")
         use_ckpt = checkpoint_every is not None or resume
         if use_ckpt and not hasattr(config, "checkpoint_every"):
@@ -152,7 +188,10 @@ def register(app: typer.Typer) -> None:
         with reporter.session():
             d = factorize(source, name, config, device=device, progress=reporter.task,
                           checkpoint_path=ckpt if use_ckpt else None, resume=resume)
-        d.save(out_path)
+        try:
+            d.save(out_path)
+        except OSError as e:
+            raise C2MFError(f"cannot write --out {str(out_path)!r} ({e.strerror or e}): choose another path") from None
         if use_ckpt and ckpt.exists():
             ckpt.unlink()
         summary = describe_dictionary(out_path)
@@ -166,6 +205,8 @@ def register(app: typer.Typer) -> None:
             f"on {summary['device']} -> {out_path}" if rel is not None else f"{name} -> {out_path}",
             markup=False, soft_wrap=True,
         )
+        if replacing and not quiet:
+            err.print(f"note: replaced the previous {out_path}", markup=False, soft_wrap=True)
         if summary["gated"]:
             a = summary.get("alpha")
             used = f" (alpha {a:.4g})" if isinstance(a, (int, float)) else ""
