@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .devices import resolve_device
-from .errors import C2MFError
+from .errors import C2MFError, UsageError
 from .metrics import (
     FitAccumulator,
     InsertionDeletion,
@@ -50,6 +50,9 @@ from .progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-evaluation"
 ENCODING_VERSION = 1
+# every plot `write_results` may draw (names are fixed, so a rerun into the same folder replaces them)
+PLOT_FILES = tuple(f"insertion_deletion_{r}_{q}.png" for r in ("gradcam", "ig") for q in ("prob", "accuracy")) + (
+    "accuracy_vs_k.png", "confidence_histograms.png")
 
 
 class StoreLike(Protocol):
@@ -110,11 +113,11 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if self.ig_steps < 2:
-            raise C2MFError(f"--ig-steps must be at least 2 (32 or more is advised), got {self.ig_steps}")
+            raise UsageError(f"--ig-steps must be at least 2 (32 or more is advised), got {self.ig_steps}")
         if self.max_images_per_class is not None and self.max_images_per_class < 1:
-            raise C2MFError(f"--max-images-per-class must be at least 1, got {self.max_images_per_class}")
+            raise UsageError(f"--max-images-per-class must be at least 1, got {self.max_images_per_class}")
         if self.batch_size < 1:
-            raise C2MFError(f"batch size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -207,16 +210,50 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
         raise C2MFError(f"train and test stores have different classes (e.g. {missing[:3]}): extract both from one "
                         "class list")
     width = _store_width(test)
+    describe = getattr(test, "describe_source", None)
+    test_info = describe() if describe is not None else test.info
     for d, lab in zip(dicts, labels):
-        if d.n_features != width:
-            raise C2MFError(
-                f"dictionary {lab!r} has {d.n_features} channels but the store's layer {test.layer!r} has "
-                f"{width}: use a dictionary fitted on this model and layer"
-            )
         check = getattr(d, "check_compatible", None)
-        if check is not None:
-            describe = getattr(test, "describe_source", None)
-            check(describe() if describe is not None else test.info)
+        try:
+            if check is not None:
+                check(test_info)
+            if d.n_features != width:
+                raise C2MFError("channels differ")
+        except C2MFError:
+            from .dictionary import identity
+
+            source = identity((d.meta.get("source") or {}).get("info") or {})
+            if source.get("model") is None and source.get("layer") is None:  # a dictionary made outside a store
+                raise C2MFError(f"dictionary {lab!r} has {d.n_features} channels but the store's layer "
+                                f"{test.layer!r} has {width}: use a dictionary fitted on this model and layer"
+                                ) from None
+            raise C2MFError(mismatch_message(d, lab, test_info, width)) from None
+
+
+def _activations_id(info: Mapping[str, Any], channels: int | None) -> str:
+    """'model (weights abcdef123456) at layer 'L' (C channels)' from describe_source() or a dictionary's copy."""
+    from .dictionary import identity
+
+    i = identity(dict(info))
+    text = str(i.get("model") or "an unrecorded model")
+    if i.get("weights_sha256"):
+        text += f" (weights {str(i['weights_sha256'])[:12]})"
+    text += f" at layer {i.get('layer')!r}"
+    ch = channels if channels is not None else i.get("channels")
+    return text + (f" ({ch} channels)" if ch is not None else "")
+
+
+def mismatch_message(d: DictionaryLike, label: str, store_info: Mapping[str, Any], width: int | None,
+                     plural: bool = True) -> str:
+    """One line naming both sides of a dictionary/store mismatch and the way out (evaluate and atlas use it)."""
+    source = (d.meta.get("source") or {}).get("info") or {}
+    path = d.meta.get("path")
+    where = f" ({path})" if path else ""
+    store_path = store_info.get("store")
+    subject = ("the stores" if plural else "the store") + (f" ({store_path})" if store_path else "")
+    return (f"dictionary {label!r}{where} was fitted on {_activations_id(source, d.n_features)}; {subject} "
+            f"{'hold' if plural else 'holds'} {_activations_id(store_info, width)}: give a dictionary fitted on a "
+            "store of the same model weights and layer (or extract a store with the dictionary's model and layer)")
 
 
 def _store_width(store: StoreLike) -> int:
@@ -482,7 +519,8 @@ def evaluate(
     }
     result["time_s"] = time.perf_counter() - t0
     if out_dir is not None:
-        write_results(result, out_dir)
+        files = write_results(result, out_dir)
+        result["files"] = {k: os.path.basename(v) for k, v in files.items() if k != "json"}  # as in evaluation.json
     return result
 
 
@@ -540,16 +578,16 @@ def _dict_identity(d: DictionaryLike, label: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- output
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become null (strict JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
-        return _clean(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -567,6 +605,8 @@ def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
     from . import plots
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise C2MFError(f"the output folder {str(out)!r} is a file: give a folder path")
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     methods = result["methods"]
@@ -592,6 +632,12 @@ def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
             plots.confidence_histograms(result["ood"]["histograms"], out / "confidence_histograms.png"))
     payload = dict(result, files={k: os.path.basename(v) for k, v in files.items()})
     path = out / "evaluation.json"
-    _atomic_write_text(path, json.dumps(_clean(payload), indent=2))
+    _atomic_write_text(path, json.dumps(json_safe(payload), indent=2))
     files["json"] = str(path)
+    # a reused folder: drop plots of an earlier run that this one did not draw (e.g. no --crops this time), so the
+    # folder (and `c2mf report`, which shows its PNGs) describes this run only
+    written = {Path(p).name for p in files.values()}
+    for name in PLOT_FILES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     return files

@@ -90,7 +90,9 @@ def register(app: typer.Typer) -> None:
         train: Path = typer.Option(..., "--train", help="Activation store of the training images (whole images)."),
         test: Path = typer.Option(..., "--test", help="Held-out activation store (whole images, same model/layer)."),
         dicts: list[Path] = typer.Option(..., "--dict", help="Dictionary file from `c2mf factorize`; repeat the option."),
-        out_dir: Path = typer.Option(..., "--out", help="Folder for evaluation.json and the PNG plots."),
+        out_dir: Path = typer.Option(
+            ..., "--out", help="Folder for evaluation.json and the PNG plots; an existing folder is reused: its "
+            "evaluation.json and plots are replaced, other files are left alone."),
         crops: Optional[Path] = typer.Option(None, "--crops", help="Crop store (for the OOD view of crops)."),
         json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
         device: str = typer.Option("auto", "--device", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps."),
@@ -107,11 +109,14 @@ def register(app: typer.Typer) -> None:
         """
         from .. import methods  # noqa: F401  (load the method registry before dictionary files)
         from ..dictionary import ConceptDictionary
-        from ..evaluate import EvaluateConfig, evaluate
+        from ..evaluate import EvaluateConfig, evaluate, json_safe
         from ..store import ActivationStore
+
+        from .factorize import check_output_dir
 
         if not dicts:
             raise UsageError("give at least one --dict")
+        check_output_dir(out_dir)
         config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed)
         train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
         crops_s = ActivationStore.open(crops) if crops is not None else None
@@ -131,4 +136,4 @@ def register(app: typer.Typer) -> None:
                 console.print(t)
             console.print(f"results in {out_dir} ({result['time_s']:.1f} s)", markup=False)
         if json_out:
-            print_json(result)
+            print_json(json_safe(result))  # strict JSON: a NaN metric (e.g. one concept) is null, as in the file
