@@ -111,16 +111,19 @@ def find_regions(
         raise C2MFError("the atlas needs a store of whole images (extract --mode full): crop stores have no grid")
     if store.layout not in ("nchw", "tokens"):
         raise C2MFError(f"the store's layer has layout {store.layout!r}, without a spatial grid: no atlas")
-    fitted = (dictionary.meta.get("source", {}).get("info", {}) or {}).get("config", {}) or {}
-    for key, theirs in (("layer", store.layer), ("weights", store.info.get("config", {}).get("model", {}))):
-        mine = fitted.get("layer") if key == "layer" else (fitted.get("model") or {}).get("weights_sha256")
-        theirs = theirs if key == "layer" else theirs.get("weights_sha256")
-        if mine and theirs and mine != theirs:
-            raise C2MFError(f"dictionary and store do not match: fitted on {key} {mine!r}, the store has {theirs!r}; "
-                            "use a store of the same model and layer")
-    if dictionary.n_features != store.row_shape[-1]:
-        raise C2MFError(f"the store has {store.row_shape[-1]} channels, the dictionary {dictionary.n_features}: "
-                        "use a store of the same model and layer")
+    # the same rule as evaluate: weights, layer and width (the dictionary records describe_source(), flat)
+    describe = getattr(store, "describe_source", None)
+    store_info = describe() if describe is not None else {**store.info, "store": str(getattr(store, "path", ""))}
+    try:
+        dictionary.check_compatible(store_info)
+        if dictionary.n_features != store.row_shape[-1]:
+            raise C2MFError("channels differ")
+    except C2MFError:
+        from .evaluate import mismatch_message
+
+        label = Path(str(dictionary.meta.get("path", ""))).stem or dictionary.method
+        raise C2MFError(mismatch_message(dictionary, label, store_info, int(store.row_shape[-1]), plural=False)
+                        ) from None
     classes = list(range(len(store.classes)))
     if config.class_name is not None:
         if config.class_name not in store.classes:
@@ -179,8 +182,10 @@ def build_atlas(
     listed under "missing" and skipped.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"the output folder {str(out)!r} is a file: give a folder path")
     regions = find_regions(store, dictionary, config, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
     preprocess = store.preprocess
     paths_cache: dict[int, list[str]] = {}
     images: dict[str, Any] = {}

@@ -152,14 +152,19 @@ class Explainer:
             pretrained=bool(recorded.get("pretrained", False)) if model is None else False,
         )
         warnings: list[str] = []
+        if model is None and checkpoint is None:
+            way_out = ("if the model's file moved, give --checkpoint NEW_PATH (and --model for a factory file, "
+                       "path/file.py:factory, that moved)")
+        else:
+            way_out = "check --model/--checkpoint"
         try:
             loaded = load_model(spec)
         except C2MFError as e:
-            raise C2MFError(f"cannot load the dictionary's model {spec.name!r}: {e}") from None
+            raise C2MFError(f"cannot load the dictionary's model {spec.name!r}: {str(e).rstrip('. ')}; "
+                            f"{way_out}") from None
         except (OSError, ImportError, RuntimeError, ValueError, KeyError) as e:
             raise C2MFError(
-                f"cannot load the dictionary's model {spec.name!r} ({type(e).__name__}: {e}): "
-                "give --model/--checkpoint that point to it"
+                f"cannot load the dictionary's model {spec.name!r} ({type(e).__name__}: {e}); {way_out}"
             ) from None
         want = recorded.get("weights_sha256")
         if want and loaded.weights_sha256 != want:
@@ -169,7 +174,14 @@ class Explainer:
                 raise C2MFError(msg + ": the checkpoint file changed; give --checkpoint to use these weights anyway")
             warnings.append(msg)
         preprocess = Preprocess.from_dict(cfg["preprocess"]) if cfg.get("preprocess") else loaded.preprocess
-        split = split_model(loaded.model, layer, preprocess.input_size)
+        try:
+            split = split_model(loaded.model, layer, preprocess.input_size)
+        except C2MFError as e:
+            if model is None:
+                raise
+            raise C2MFError(f"the dictionary was fitted at layer {layer!r}, which --model {model!r} cannot be split "
+                            f"at ({str(e).rstrip('. ')}): --model must name the architecture the dictionary was "
+                            "fitted on") from None
         if split.layout == "vector":
             raise C2MFError(f"layer {layer!r} has no spatial grid: explain needs a CNN map or ViT tokens")
         if split.channels != d.n_features:
@@ -184,6 +196,11 @@ class Explainer:
         label_map = {int(c["label"]): str(c["name"]) for c in _source_classes(d) if "label" in c}
         if labels is not None:
             lst = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+            if len(lst) != n_outputs:
+                # a list of another length is almost surely another model's: every label shown would be wrong
+                where = f"labels file {str(labels)!r}" if isinstance(labels, (str, os.PathLike)) else "the labels"
+                raise UsageError(f"{where} has {len(lst)} labels but the model has {n_outputs} outputs: give "
+                                 "one label per output, one a line in output order")
             label_map = dict(enumerate(lst))
         dict_class = {}
         for c in _source_classes(d):
@@ -377,16 +394,20 @@ def explain_images(
     """Explain each image into out_dir/<stem>.png and out_dir/<stem>.json; go on past images that fail.
 
     Returns a summary: {"explained": [{"image", "png", "json", "prediction", "explained", "top_concepts"}],
-    "failed": [{"image", "error"}]}; the summary is also written to out_dir/explain.json.
+    "failed": [{"image", "error"}]}; the summary is also written to out_dir/explain.json when at least one image
+    was explained (when every image fails nothing is written, not even out_dir).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"the output folder {str(out)!r} is a file: give a folder path")
     paths = [Path(p) for p in images]
     done, failed = [], []
     if target is not None:  # a bad --class is one error for the whole batch, not one per image
         explainer.resolve_target(target, np.zeros(explainer.n_outputs))
     for path, stem in zip(paths, _out_stems(paths)):
         try:
+            if path.is_dir():
+                raise C2MFError(f"{str(path)!r} is a folder, not an image: give image files (e.g. {path}/*.jpg)")
             image = open_image(path)
             record = explainer.explain(image, target=target)
         except UsageError:
@@ -399,6 +420,7 @@ def explain_images(
         record = {"image_path": str(path), **record}
         arrays = record.pop("_arrays")
         record["codes"] = np.round(arrays["codes"], 6).tolist()
+        out.mkdir(parents=True, exist_ok=True)  # only once an image succeeded: a batch that all fails writes nothing
         png = save_figure(explainer.figure(image, {**record, "_arrays": arrays}, title=path.name), out / f"{stem}.png")
         _write_json(out / f"{stem}.json", record)
         done.append({"image": str(path), "png": png.name, "json": f"{stem}.json",
@@ -408,5 +430,6 @@ def explain_images(
             on_done(1)
     summary = {"out_dir": str(out), "explained": done, "failed": failed,
                "dictionary": explainer.dictionary.meta.get("method"), "config": explainer.config.to_dict()}
-    _write_json(out / "explain.json", summary)
+    if done:
+        _write_json(out / "explain.json", summary)
     return summary

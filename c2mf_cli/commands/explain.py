@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .._console import Reporter, err, out, print_json
-from ..errors import UsageError
+from ..errors import C2MFError, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -35,13 +35,17 @@ def register(app: typer.Typer) -> None:
         """Show which concepts the model used for each image and where they are.
 
         The model, checkpoint, layer and preprocessing come from the dictionary. Writes OUT/<image>.png (the
-        image, top-5 classes, concept importances and the top concepts' heatmaps) and OUT/<image>.json (every
-        number). Images that cannot be read are reported and skipped.
+        image, top-5 classes, concept importances and the top concepts' heatmaps), OUT/<image>.json (every
+        number) and OUT/explain.json (the batch). An image that cannot be read is reported on stderr (and in
+        explain.json) and skipped; the exit code is 0 when at least one image was explained, 1 (and nothing
+        written) when none was.
 
         Example: c2mf explain bird.jpg --dict cub_c2mf.safetensors --method ig --top 5 --out explain/
         """
         from ..explain import ExplainConfig, Explainer, explain_images
+        from .factorize import check_output_dir
 
+        check_output_dir(out_dir)
         config = ExplainConfig(importance=method.lower(), top=top, target=class_, ig_steps=ig_steps)  # type: ignore[arg-type]
         rep = Reporter(quiet=quiet or json_out)
         rep.log(f"loading the model of {dict_path}")
@@ -52,16 +56,22 @@ def register(app: typer.Typer) -> None:
         with rep.session():
             advance = rep.task("explaining", len(images))
             summary = explain_images(images, explainer, out_dir, target=class_, on_done=advance)
+        failed = summary["failed"]
+        if not summary["explained"]:
+            if len(failed) == 1:
+                raise C2MFError(failed[0]["error"])
+            for f in failed:
+                err.print(f"Failed: {f['image']}: {f['error']}", markup=False, soft_wrap=True)
+            raise C2MFError(f"none of the {len(failed)} images could be explained (each is listed above); "
+                            "nothing was written")
         if json_out:
             print_json(summary)
         else:
             for e in summary["explained"]:
                 out.print(f"{e['image']}: {e['explained']['label']} (p={e['explained']['probability']:.3f}); "
-                          f"top concepts {e['top_concepts']} -> {out_dir / e['png']}", markup=False)
-        for f in summary["failed"]:
-            err.print(f"Failed: {f['image']}: {f['error']}", markup=False)
-        if summary["failed"] and not summary["explained"]:
-            raise typer.Exit(1)
+                          f"top concepts {e['top_concepts']} -> {out_dir / e['png']}", markup=False, soft_wrap=True)
+        for f in failed:
+            err.print(f"Failed: {f['image']}: {f['error']}", markup=False, soft_wrap=True)
 
     @app.command("atlas")
     def atlas_cmd(
@@ -89,12 +99,18 @@ def register(app: typer.Typer) -> None:
         from ..dictionary import ConceptDictionary
         from ..explain import read_labels
         from ..store import ActivationStore
+        from .factorize import check_output_dir
 
+        clip = {"--clip-model": clip_model, "--clip-checkpoint": clip_checkpoint, "--vocabulary": vocabulary}
+        if any(v is not None for v in clip.values()) and not all(v is not None for v in clip.values()):
+            lacking = ", ".join(k for k, v in clip.items() if v is None)
+            raise UsageError(f"CLIP naming needs --clip-model, --clip-checkpoint and --vocabulary together "
+                             f"(missing {lacking})")
+        check_output_dir(out_dir)
         config = AtlasConfig(top=top, class_name=class_name, window=window)
         store = ActivationStore.open(store_path)
         d = ConceptDictionary.load(dict_path)
-        if bool(clip_checkpoint) != bool(vocabulary) or (clip_checkpoint and not clip_model):
-            raise UsageError("CLIP naming needs --clip-model, --clip-checkpoint and --vocabulary together")
+        d.meta["path"] = str(dict_path)  # named in a mismatch error
         rep = Reporter(quiet=quiet or json_out)
         with rep.session():
             n = 1 if class_name else len(store.classes)
@@ -124,7 +140,13 @@ def register(app: typer.Typer) -> None:
         Example: c2mf report run/   (reads run/evaluate, run/atlas, run/explain; writes run/report.html)
         """
         from ..report import build_report, find_parts
+        from .factorize import check_output_dir
 
+        if run_dir.is_file():
+            raise UsageError(f"{str(run_dir)!r} is a file: give the folder of a run (holding evaluate/, atlas/, "
+                             "explain/) or --evaluate/--atlas/--explain folders")
+        if out_dir is not None:
+            check_output_dir(out_dir)
         parts = find_parts(run_dir, evaluate_dir=evaluate_dir, atlas_dir=atlas_dir, explain_dir=explain_dir)
         path = build_report(out_dir or run_dir, **parts)
         if json_out:
