@@ -20,6 +20,7 @@ import numpy as np
 
 from .dictionary import ConceptDictionary
 from .errors import C2MFError, UsageError
+from .explain import read_image
 from .render import (
     atlas_concept_figure,
     atlas_overview_figure,
@@ -202,7 +203,7 @@ def build_atlas(
                 continue
             if key not in images:
                 try:
-                    images[key] = open_image(path)
+                    images[key] = read_image(path)
                 except C2MFError as e:
                     missing[key] = str(e)
                     continue

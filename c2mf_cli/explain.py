@@ -363,6 +363,14 @@ class Explainer:
         )
 
 
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """`render.open_image`, with PIL's decompression-bomb refusal (> ~179 megapixels) as a C2MFError too."""
+    try:
+        return open_image(path)
+    except Image.DecompressionBombError as e:
+        raise C2MFError(f"cannot read image {str(path)!r}: {e} (PIL's safety limit): downscale it first") from None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -408,7 +416,7 @@ def explain_images(
         try:
             if path.is_dir():
                 raise C2MFError(f"{str(path)!r} is a folder, not an image: give image files (e.g. {path}/*.jpg)")
-            image = open_image(path)
+            image = read_image(path)
             record = explainer.explain(image, target=target)
         except UsageError:
             raise

@@ -327,3 +327,14 @@ def test_report_on_an_empty_folder_a_file_and_an_out_file(tmp_path):
 def test_help_has_an_example(command):
     r = _run(command, "--help")
     assert r.exit_code == 0 and f"Example: c2mf {command}" in r.stdout
+
+
+def test_explain_an_image_above_pils_pixel_limit_is_skipped_not_a_crash(chain, tmp_path, monkeypatch):
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS (~179 MP) with an exception that is not an OSError: it ended
+    # the whole batch with a traceback. A small limit stands in for a huge file here.
+    good = _image(tmp_path / "small.png", size=(20, 20))
+    huge = _image(tmp_path / "huge.png", size=(200, 200))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # refused above 10,000 px; the 64 px input is 4,096
+    r = _explain(huge, good, "--dict", chain["dict"], "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "Failed: " in r.output and "safety limit" in r.output and "downscale" in r.output
