@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +19,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from .errors import C2MFError, UsageError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -72,3 +77,29 @@ def print_json(obj: Any) -> None:
     """Machine-readable result on stdout (plain print: rich would wrap long lines)."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def check_output_file(path: Path, option: str = "--out") -> None:
+    """Fail before any work when `path` cannot be written as a file (a folder, or under a file / read-only folder)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a folder: give a file path, e.g. {str(path / 'dict.safetensors')!r}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise C2MFError(f"cannot write {option} {str(path)!r}: folder {str(parent)!r} is not writable; "
+                        "choose another path")
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Fail before any work when `path` cannot be used as an output folder (it is a file, or is below one)."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        what = "is a file" if p == path else f"is below {str(p)!r}, which is a file"
+        raise UsageError(f"{option} {str(path)!r} {what}: give a folder path")
+    if not os.access(p, os.W_OK):
+        raise C2MFError(f"cannot write into {option} {str(path)!r}: {str(p)!r} is not writable; choose another folder")

@@ -120,7 +120,7 @@ def find_regions(
         if dictionary.n_features != store.row_shape[-1]:
             raise C2MFError("channels differ")
     except C2MFError:
-        from .evaluate import mismatch_message
+        from .dictionary import mismatch_message
 
         label = Path(str(dictionary.meta.get("path", ""))).stem or dictionary.method
         raise C2MFError(mismatch_message(dictionary, label, store_info, int(store.row_shape[-1]), plural=False)

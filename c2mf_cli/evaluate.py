@@ -220,7 +220,7 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
             if d.n_features != width:
                 raise C2MFError("channels differ")
         except C2MFError:
-            from .dictionary import identity
+            from .dictionary import identity, mismatch_message
 
             source = identity((d.meta.get("source") or {}).get("info") or {})
             if source.get("model") is None and source.get("layer") is None:  # a dictionary made outside a store
@@ -228,32 +228,6 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
                                 f"{test.layer!r} has {width}: use a dictionary fitted on this model and layer"
                                 ) from None
             raise C2MFError(mismatch_message(d, lab, test_info, width)) from None
-
-
-def _activations_id(info: Mapping[str, Any], channels: int | None) -> str:
-    """'model (weights abcdef123456) at layer 'L' (C channels)' from describe_source() or a dictionary's copy."""
-    from .dictionary import identity
-
-    i = identity(dict(info))
-    text = str(i.get("model") or "an unrecorded model")
-    if i.get("weights_sha256"):
-        text += f" (weights {str(i['weights_sha256'])[:12]})"
-    text += f" at layer {i.get('layer')!r}"
-    ch = channels if channels is not None else i.get("channels")
-    return text + (f" ({ch} channels)" if ch is not None else "")
-
-
-def mismatch_message(d: DictionaryLike, label: str, store_info: Mapping[str, Any], width: int | None,
-                     plural: bool = True) -> str:
-    """One line naming both sides of a dictionary/store mismatch and the way out (evaluate and atlas use it)."""
-    source = (d.meta.get("source") or {}).get("info") or {}
-    path = d.meta.get("path")
-    where = f" ({path})" if path else ""
-    store_path = store_info.get("store")
-    subject = ("the stores" if plural else "the store") + (f" ({store_path})" if store_path else "")
-    return (f"dictionary {label!r}{where} was fitted on {_activations_id(source, d.n_features)}; {subject} "
-            f"{'hold' if plural else 'holds'} {_activations_id(store_info, width)}: give a dictionary fitted on a "
-            "store of the same model weights and layer (or extract a store with the dictionary's model and layer)")
 
 
 def _store_width(store: StoreLike) -> int:

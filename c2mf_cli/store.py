@@ -305,6 +305,9 @@ class ActivationStore:
         if not (p / "zarr.json").is_file():
             if p.is_file():
                 raise C2MFError(f"{str(p)!r} is a file, not an activation store (a directory made by `c2mf extract`)")
+            if p.is_dir():
+                raise C2MFError(f"{str(p)!r} is a folder but not an activation store (no zarr.json): give a "
+                                "directory made by `c2mf extract`")
             raise C2MFError(f"activation store {str(p)!r} does not exist: create it with `c2mf extract`")
         try:
             root = zarr.open_group(str(p), mode="r", zarr_format=3)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import c2mf_cli.methods  # noqa: F401  (dictionary.py and methods/ import each other; load methods first)
 from c2mf_cli.dictionary import ConceptDictionary
 from c2mf_cli.errors import C2MFError
 from c2mf_cli.evaluate import EvaluateConfig, evaluate, write_results

@@ -23,7 +23,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     """Tiny train/test/crop stores (4 images per class) and three dictionaries fitted on them."""
-    import c2mf_cli.methods  # noqa: F401  (registry before dictionary.py, which imports methods)
     from c2mf_cli.methods.base import get_method
     from c2mf_cli.store import ActivationStore
 

@@ -8,7 +8,6 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from c2mf_cli.report import Col, build_report, fmt, recovery_section, referenced_files, table

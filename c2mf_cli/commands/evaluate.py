@@ -107,12 +107,11 @@ def register(app: typer.Typer) -> None:
         Example: c2mf evaluate --train cub-train --test cub-test --crops cub-crops
         --dict c2mf-k10.safetensors --dict craft-k10.safetensors --dict pca-k10.safetensors --out eval/
         """
-        from .. import methods  # noqa: F401  (load the method registry before dictionary files)
         from ..dictionary import ConceptDictionary
         from ..evaluate import EvaluateConfig, evaluate, json_safe
         from ..store import ActivationStore
 
-        from .factorize import check_output_dir
+        from .._console import check_output_dir
 
         if not dicts:
             raise UsageError("give at least one --dict")

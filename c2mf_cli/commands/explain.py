@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         Example: c2mf explain bird.jpg --dict cub_c2mf.safetensors --method ig --top 5 --out explain/
         """
         from ..explain import ExplainConfig, Explainer, explain_images
-        from .factorize import check_output_dir
+        from .._console import check_output_dir
 
         check_output_dir(out_dir)
         config = ExplainConfig(importance=method.lower(), top=top, target=class_, ig_steps=ig_steps)  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         from ..dictionary import ConceptDictionary
         from ..explain import read_labels
         from ..store import ActivationStore
-        from .factorize import check_output_dir
+        from .._console import check_output_dir
 
         clip = {"--clip-model": clip_model, "--clip-checkpoint": clip_checkpoint, "--vocabulary": vocabulary}
         if any(v is not None for v in clip.values()) and not all(v is not None for v in clip.values()):
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         Example: c2mf report run/   (reads run/evaluate, run/atlas, run/explain; writes run/report.html)
         """
         from ..report import build_report, find_parts
-        from .factorize import check_output_dir
+        from .._console import check_output_dir
 
         if run_dir.is_file():
             raise UsageError(f"{str(run_dir)!r} is a file: give the folder of a run (holding evaluate/, atlas/, "

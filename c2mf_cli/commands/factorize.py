@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from .._console import Reporter, err, out, print_json
+from .._console import Reporter, check_output_file, err, out, print_json
 from ..errors import C2MFError, UsageError
 
 # `--method` choices come from the registry
@@ -53,32 +52,6 @@ def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{_FLAGS[name]} must be a finite number, got {value}")
     return m.make_config(concepts=concepts, **given)
-
-
-def check_output_file(path: Path, option: str = "--out") -> None:
-    """Fail before any work when `path` cannot be written as a file (a folder, or under a file / read-only folder)."""
-    if path.is_dir():
-        raise UsageError(f"{option} {str(path)!r} is a folder: give a file path, e.g. {str(path / 'dict.safetensors')!r}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise C2MFError(f"cannot write {option} {str(path)!r}: folder {str(parent)!r} is not writable; "
-                        "choose another path")
-
-
-def check_output_dir(path: Path, option: str = "--out") -> None:
-    """Fail before any work when `path` cannot be used as an output folder (it is a file, or is below one)."""
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        what = "is a file" if p == path else f"is below {str(p)!r}, which is a file"
-        raise UsageError(f"{option} {str(path)!r} {what}: give a folder path")
-    if not os.access(p, os.W_OK):
-        raise C2MFError(f"cannot write into {option} {str(path)!r}: {str(p)!r} is not writable; choose another folder")
 
 
 def describe_dictionary(path: str | Path) -> dict[str, Any]:

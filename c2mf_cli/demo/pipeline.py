@@ -45,7 +45,7 @@ from .. import __version__
 from ..errors import C2MFError
 from ..progress import ProgressFn, no_progress
 from .synthetic import World, WorldConfig, generate
-from .train import CONCEPT_LAYER, ModelConfig, TrainConfig, TrainResult, save_model, train_model
+from .train import CONCEPT_LAYER, ModelConfig, TrainConfig, save_model, train_model
 
 METHODS = ("c2mf", "craft", "pca")
 

@@ -238,7 +238,7 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> tuple[np.nda
     d2 = dx * dx + dy * dy
     angle = rng.uniform(0, 2 * math.pi)
     ca, sa = math.cos(angle), math.sin(angle)
-    ux, uy = ca * dx + sa * dy, -sa * dx + ca * dy  # rotated coordinates
+    ux = ca * dx + sa * dy  # the rotated x coordinate
     if shape == "disk":
         return d2 <= r * r, None
     if shape == "ring":

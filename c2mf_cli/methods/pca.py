@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..dictionary import ConceptDictionary
-from ..errors import C2MFError, UsageError
+from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
 from ..sources import RowSource
 from ._alternating import _batches
