@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ class ExtractResult:
     units_skipped: int
     images: int
     seconds: float
+    compute_seconds: float  # reading, the model and writing: the total less one-off setup (model, split, layout)
     images_per_second: float
     failures: list[dict[str, str]]
     summary: dict[str, Any]
@@ -264,8 +266,10 @@ def extract(
     done = writer.done_units()
     pending = [u for u in mine if u.name not in done]
     n_images = sum(u.stop - u.start for u in pending)
+    t_compute = time.perf_counter()
     if pending:
         _run_units(writer, pending, classes, split, lm, cfg, device, crops, per_image, progress, log)
+    compute_seconds = time.perf_counter() - t_compute
     complete = bool(writer.attrs.get("complete"))
     if not complete and len(writer.done_units()) >= len(units):
         writer.finalize()
@@ -277,7 +281,7 @@ def extract(
     failures = store.failures if complete else []
     return ExtractResult(
         path=str(out), created=created, complete=complete, shard=shard, units_total=len(units),
-        units_done_now=len(pending), units_skipped=len(mine) - len(pending), images=n_images, seconds=seconds,
+        units_done_now=len(pending), units_skipped=len(mine) - len(pending), images=n_images, seconds=seconds, compute_seconds=compute_seconds,
         images_per_second=n_images / seconds if seconds > 0 else 0.0, failures=failures,
         summary=store.summary() if complete else {},
     )
@@ -323,33 +327,55 @@ def _run_units(
     need = [(u.stop - u.start) for u in pending]
     bufs: dict[int, dict[str, list]] = {}
     advance = progress(f"extract {cfg.layer}", len(entries))
-    for slots, paths, x, errors, counts in loader:
-        bad = [e for e in errors if e]
-        if bad and cfg.strict:
-            raise C2MFError(f"{bad[0]} (--strict stops at the first unreadable image; without it they are skipped)")
-        x = x.to(device, non_blocking=True)
-        if cfg.channels_last and nchw:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast:
-            a = g(x)
-            logits = hd(a)
-        a = split.pool(a) if crops is not None else split.to_store(a)  # CRAFT pools each crop's map
-        a_np = a.float().cpu().numpy()
-        l_np = logits.float().cpu().numpy()
-        row = 0
-        for slot, path, err, n in zip(slots, paths, errors, counts):
-            b = bufs.setdefault(slot, {"a": [], "l": [], "v": [], "f": []})
-            b["a"].append(a_np[row : row + n])
-            b["l"].append(l_np[row : row + n])
-            b["v"].append(np.full(n, not err))
-            if err:
-                b["f"].append({"path": path, "error": err})
-                log(f"skipped: {err}")
-            row += n
-            if len(b["v"]) == need[slot]:
-                _flush(writer, pending[slot], per_image, b, np_dtype)
-                del bufs[slot]
-        advance(len(slots))
+    # Finished units are compressed and written by one background thread while the model computes the next
+    # batches (zstd and file writes release the GIL). At most two units wait, so memory stays bounded; a
+    # write error surfaces at the next unit or at the end, and markers still follow their data.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2mf-writer") as pool:
+        writes: list[Future] = []
+        try:
+            for batch in loader:
+                _compute_batch(batch, g, hd, split, cfg, device, nchw, autocast, crops, bufs, need, log,
+                               lambda slot, b: writes.append(pool.submit(_flush, writer, pending[slot], per_image,
+                                                                         b, np_dtype)))
+                while len(writes) > 2 or (writes and writes[0].done()):
+                    writes.pop(0).result()
+                advance(len(batch[0]))
+            for w in writes:
+                w.result()
+        except BaseException:
+            for w in writes:  # stop at once: queued units are simply recomputed on resume
+                w.cancel()
+            raise
+
+
+def _compute_batch(batch, g, hd, split: Split, cfg: ExtractConfig, device: torch.device, nchw: bool, autocast,
+                   crops: CropSpec | None, bufs: dict[int, dict[str, list]], need: list[int], log, flush) -> None:
+    """Run one batch through g and h, and hand every unit whose images are all in to `flush(slot, buffers)`."""
+    slots, paths, x, errors, counts = batch
+    bad = [e for e in errors if e]
+    if bad and cfg.strict:
+        raise C2MFError(f"{bad[0]} (--strict stops at the first unreadable image; without it they are skipped)")
+    x = x.to(device, non_blocking=True)
+    if cfg.channels_last and nchw:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast:
+        a = g(x)
+        logits = hd(a)
+    a = split.pool(a) if crops is not None else split.to_store(a)  # CRAFT pools each crop's map
+    a_np = a.float().cpu().numpy()
+    l_np = logits.float().cpu().numpy()
+    row = 0
+    for slot, path, err, n in zip(slots, paths, errors, counts):
+        b = bufs.setdefault(slot, {"a": [], "l": [], "v": [], "f": []})
+        b["a"].append(a_np[row : row + n])
+        b["l"].append(l_np[row : row + n])
+        b["v"].append(np.full(n, not err))
+        if err:
+            b["f"].append({"path": path, "error": err})
+            log(f"skipped: {err}")
+        row += n
+        if len(b["v"]) == need[slot]:
+            flush(slot, bufs.pop(slot))
 
 
 def _flush(writer: StoreWriter, unit: Unit, per_image: int, b: dict[str, list], np_dtype) -> None:
