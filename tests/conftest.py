@@ -18,6 +18,17 @@ needs_shared_data = pytest.mark.skipif(
     reason=f"real data folder {SHARED_DATA} is absent (it sits beside the checkout on the project's machines)",
 )
 
+@pytest.fixture
+def one_thread():
+    """Tiny problems: intra-op threads only add contention on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY_MODEL = "test_resnet"  # timm's tiny ResNet, random weights (seeded)
 TINY_LAYER = "layer3"
 TINY_INPUT = "64,64"

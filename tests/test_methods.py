@@ -19,13 +19,7 @@ from c2mf_cli.sources import ArraySource
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0, classes: int = 3, n: int = 240, c: int = 16, k: int = 4) -> list[np.ndarray]:

@@ -11,12 +11,7 @@ from c2mf_cli.factorize import factorize
 from c2mf_cli.sources import ArraySource
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nonneg(seed: int, n: int = 400, c: int = 30, k: int = 5, noise: float = 0.2) -> np.ndarray:

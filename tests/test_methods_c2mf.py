@@ -18,12 +18,7 @@ SUBSETS = [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]  # overlapping: concepts 
 ALPHAS = [0.0, 0.01, 0.05, 0.2, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(seed: int = 0, c: int = 64, k: int = 8, n: int = 800, noise: float = 0.05):
