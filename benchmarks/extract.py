@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from c2mf_cli.data import DatasetSpec, resolve_dataset
-from c2mf_cli.extract import ExtractConfig, _collate, _Images, extract
-from c2mf_cli.models import ModelSpec, load_model
+from c2mf_cli.inputs.data import DatasetSpec, resolve_dataset
+from c2mf_cli.stages.extract import ExtractConfig, _collate, _Images, extract
+from c2mf_cli.inputs.models import ModelSpec, load_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

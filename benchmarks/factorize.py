@@ -141,7 +141,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     rec: dict[str, Any] = {"method": name}
     if name.startswith("stream-"):
-        from c2mf_cli.factorize import factorize
+        from c2mf_cli.stages.factorize import factorize
 
         rows = int(name.split("-")[1])
         src = GeneratedSource(rows, args.channels)
@@ -158,8 +158,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     mem = PeakRSS().__enter__()  # stopped right after each fit, before errors are measured
     t0 = time.perf_counter()
     if name.startswith("c2mf-"):
-        from c2mf_cli.factorize import factorize
-        from c2mf_cli.sources import ArraySource
+        from c2mf_cli.stages.factorize import factorize
+        from c2mf_cli.artifacts.sources import ArraySource
 
         method = name[len("c2mf-"):].replace("-stream", "")
         opts: dict[str, Any] = {"concepts": k}

@@ -10,7 +10,7 @@ import importlib
 import typer
 from typer.core import TyperGroup
 
-from ._console import err
+from .commands._console import err
 from .errors import C2MFError
 
 

@@ -56,9 +56,9 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def build_store(out: Path, data: Path, mode: str = "full", **kw) -> Path:
-    from c2mf_cli.data import DatasetSpec
-    from c2mf_cli.extract import ExtractConfig, extract
-    from c2mf_cli.models import ModelSpec
+    from c2mf_cli.inputs.data import DatasetSpec
+    from c2mf_cli.stages.extract import ExtractConfig, extract
+    from c2mf_cli.inputs.models import ModelSpec
 
     cfg = ExtractConfig(
         model=ModelSpec(kw.pop("model", TINY_MODEL)),

@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from c2mf_cli.cli import app
-from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
 from .conftest import build_store
 

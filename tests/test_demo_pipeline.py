@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from c2mf_cli.demo.pipeline import DemoConfig, gate_recovery, heatmap_recovery, planted_activations, run_demo
 from c2mf_cli.demo.synthetic import World, WorldConfig, generate
 from c2mf_cli.demo.train import TrainConfig
-from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
 TINY_WORLD = WorldConfig(n_classes=3, n_primitives=4, images_per_class=6, test_per_class=4, seed=1)
 

@@ -19,7 +19,7 @@ from c2mf_cli.demo.train import (
     train_model,
 )
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.models import ModelSpec, load_model
+from c2mf_cli.inputs.models import ModelSpec, load_model
 
 
 def test_model_shape_and_pretrained_cfg() -> None:

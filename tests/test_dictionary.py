@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from c2mf_cli.dictionary import ENCODING_VERSION, ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ENCODING_VERSION, ConceptDictionary
 from c2mf_cli.errors import C2MFError
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.evaluate import EvaluateConfig, evaluate, write_results
+from c2mf_cli.stages.evaluate import EvaluateConfig, evaluate, write_results
 
 C, K, H, W_, N_CLS = 12, 4, 3, 3, 3
 

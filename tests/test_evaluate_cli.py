@@ -24,7 +24,7 @@ pytestmark = [
 def cifar(tmp_path_factory):
     """Tiny train/test/crop stores (4 images per class) and three dictionaries fitted on them."""
     from c2mf_cli.methods.base import get_method
-    from c2mf_cli.store import ActivationStore
+    from c2mf_cli.artifacts.store import ActivationStore
 
     root = tmp_path_factory.mktemp("cifar")
     runner = CliRunner()
@@ -65,7 +65,7 @@ def test_evaluate_cli_on_cifar(cifar, tmp_path):
 
 
 def test_evaluate_cli_errors(cifar, tmp_path):
-    from c2mf_cli.dictionary import ConceptDictionary
+    from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
     ConceptDictionary({"W": torch.rand(3, 7)}, {"method": "pca", "codes": "projection"}).save(tmp_path / "bad.safetensors")
     base = ["evaluate", "--train", str(cifar / "train"), "--test", str(cifar / "test"), "--out", str(tmp_path / "o"),

@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from c2mf_cli.atlas import AtlasConfig, build_atlas, find_regions, top_positions
+from c2mf_cli.stages.atlas import AtlasConfig, build_atlas, find_regions, top_positions
 from c2mf_cli.cli import app
 from c2mf_cli.errors import C2MFError, UsageError
-from c2mf_cli.explain import ExplainConfig, Explainer, explain_images
+from c2mf_cli.stages.explain import ExplainConfig, Explainer, explain_images
 from c2mf_cli.metrics.importance import gradcam
 from c2mf_cli.methods import get_method
-from c2mf_cli.models import ModelSpec, load_model, split_model
-from c2mf_cli.render import geometry_from_preprocess, heatmap_to_original, input_geometry
-from c2mf_cli.report import build_report, referenced_files
-from c2mf_cli.sources import ArraySource
+from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
+from c2mf_cli.render.figures import geometry_from_preprocess, heatmap_to_original, input_geometry
+from c2mf_cli.report.page import build_report, referenced_files
+from c2mf_cli.artifacts.sources import ArraySource
 
 # A hand-set CNN: channel 0 fires on saturated red, the others on other colours; class 1 = "red is present".
 # Input 32x32, a stride-4 convolution, so the grid is 8x8 cells of 4 input pixels.
@@ -288,6 +288,6 @@ def test_report_self_contained_and_linked(world, tmp_path):
     refs = list(referenced_files(linked.read_text()))
     assert refs and all((linked.parent / ref).is_file() for ref in refs)
     with pytest.raises(C2MFError, match="nothing to report"):
-        from c2mf_cli.report import find_parts
+        from c2mf_cli.report.page import find_parts
 
         find_parts(tmp_path / "elsewhere2" if (tmp_path / "elsewhere2").mkdir() is None else tmp_path)

@@ -18,11 +18,11 @@ pytestmark = [
 
 
 def test_cub_bird_explained(tmp_path):
-    from c2mf_cli.explain import ExplainConfig, Explainer, explain_images
+    from c2mf_cli.stages.explain import ExplainConfig, Explainer, explain_images
     from c2mf_cli.methods import get_method
-    from c2mf_cli.models import ModelSpec, load_model, split_model
-    from c2mf_cli.render import open_image
-    from c2mf_cli.sources import ArraySource
+    from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
+    from c2mf_cli.render.figures import open_image
+    from c2mf_cli.artifacts.sources import ArraySource
 
     index = json.loads((DATA / "cub" / "class_index.json").read_text())["classes"]
     names = ["American_Goldfinch", "American_Redstart"]

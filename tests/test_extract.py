@@ -15,11 +15,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from c2mf_cli.cli import app
-from c2mf_cli.data import CropSpec, DatasetSpec, resolve_dataset
+from c2mf_cli.inputs.data import CropSpec, DatasetSpec, resolve_dataset
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.extract import ShardSpec
-from c2mf_cli.models import ModelSpec, load_model, split_model
-from c2mf_cli.store import ActivationStore, StoreWriter
+from c2mf_cli.stages.extract import ShardSpec
+from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
+from c2mf_cli.artifacts.store import ActivationStore, StoreWriter
 
 from .conftest import SHARED_DATA, TINY_INPUT, TINY_LAYER, TINY_MODEL, build_store, make_image_folder, needs_shared_data
 
@@ -282,7 +282,7 @@ def test_real_cub_store_with_class_index(tmp_path):
 
 
 def test_read_image_handles_every_pil_mode(tmp_path):
-    from c2mf_cli.data import read_image
+    from c2mf_cli.inputs.data import read_image
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
@@ -473,7 +473,7 @@ def test_nhwc_model_crop_store_pools_over_positions(tmp_path):
     assert store.row_shape == (32,) and store.info["config"]["split_info"]["model_format"] == "NHWC"
     lm = load_model(ModelSpec("test_mambaout"), preprocess_overrides={"input_size": (3, 64, 64)})
     split = split_model(lm.model, "stages.1", (3, 64, 64))
-    from c2mf_cli.data import make_crops, read_image
+    from c2mf_cli.inputs.data import make_crops, read_image
 
     x = lm.preprocess(read_image(store.paths(0)[0]))
     crops = make_crops(x, CropSpec(size=0.5, stride=1.0).boxes(64, 64))

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from c2mf_cli.cli import app
 from c2mf_cli.commands.factorize import describe_dictionary
-from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.store import ActivationStore
+from c2mf_cli.artifacts.store import ActivationStore
 
 runner = CliRunner()
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from c2mf_cli.dictionary import ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.errors import C2MFError, UsageError
-from c2mf_cli.factorize import factorize, make_config
+from c2mf_cli.stages.factorize import factorize, make_config
 from c2mf_cli.methods import get_method, list_methods, method_table
-from c2mf_cli.sources import ArraySource
+from c2mf_cli.artifacts.sources import ArraySource
 
 CPU = torch.device("cpu")
 

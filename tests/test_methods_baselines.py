@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.decomposition import NMF as SkNMF
 
-from c2mf_cli.factorize import factorize
-from c2mf_cli.sources import ArraySource
+from c2mf_cli.stages.factorize import factorize
+from c2mf_cli.artifacts.sources import ArraySource
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

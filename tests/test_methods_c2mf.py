@@ -11,8 +11,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.factorize import factorize
-from c2mf_cli.sources import ArraySource
+from c2mf_cli.stages.factorize import factorize
+from c2mf_cli.artifacts.sources import ArraySource
 
 SUBSETS = [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]  # overlapping: concepts are shared between classes
 ALPHAS = [0.0, 0.01, 0.05, 0.2, 1.0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from c2mf_cli import plots
+from c2mf_cli.render import plots
 from c2mf_cli.errors import C2MFError
 from c2mf_cli.metrics import (
     FitAccumulator,

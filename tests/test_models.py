@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.models import ModelSpec, Preprocess, list_layers, load_checkpoint, load_model, split_model
+from c2mf_cli.inputs.models import ModelSpec, Preprocess, list_layers, load_checkpoint, load_model, split_model
 
 from .conftest import SHARED_DATA, needs_shared_data
 

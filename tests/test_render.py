@@ -1,4 +1,4 @@
-"""Geometry of the preprocessing, heatmaps on the original image, and the figures of c2mf_cli.render."""
+"""Geometry of the preprocessing, heatmaps on the original image, and the figures of c2mf_cli.render.figures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.render import (
+from c2mf_cli.render.figures import (
     ConceptPanel,
     atlas_concept_figure,
     atlas_overview_figure,
@@ -98,7 +98,7 @@ def _coordinate_image(H: int, W: int) -> Image.Image:
 def test_geometry_matches_c2mf_preprocess(H, W, size, crop_pct):
     """Exactly the pixels `models.Preprocess` feeds the model: with nearest resampling, model-input pixel
     (i, j) is the original pixel under the mapped centre."""
-    from c2mf_cli.models import Preprocess
+    from c2mf_cli.inputs.models import Preprocess
 
     h, w = (size, size) if isinstance(size, int) else size
     pp = Preprocess(input_size=(3, h, w), crop_pct=crop_pct, interpolation="nearest")

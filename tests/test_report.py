@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from c2mf_cli.report import Col, build_report, fmt, recovery_section, referenced_files, table
+from c2mf_cli.report.page import Col, build_report, fmt, recovery_section, referenced_files, table
 
 _VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
 

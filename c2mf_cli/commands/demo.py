@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from .._console import Reporter, err, out, print_json
+from ._console import Reporter, err, out, print_json
 from ..errors import UsageError
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .._console import Reporter, err, out, print_json
+from ._console import Reporter, err, out, print_json
 from ..errors import UsageError
 
 
@@ -107,11 +107,11 @@ def register(app: typer.Typer) -> None:
         Example: c2mf evaluate --train cub-train --test cub-test --crops cub-crops
         --dict c2mf-k10.safetensors --dict craft-k10.safetensors --dict pca-k10.safetensors --out eval/
         """
-        from ..dictionary import ConceptDictionary
-        from ..evaluate import EvaluateConfig, evaluate, json_safe
-        from ..store import ActivationStore
+        from ..artifacts.dictionary import ConceptDictionary
+        from ..stages.evaluate import EvaluateConfig, evaluate, json_safe
+        from ..artifacts.store import ActivationStore
 
-        from .._console import check_output_dir
+        from ._console import check_output_dir
 
         if not dicts:
             raise UsageError("give at least one --dict")

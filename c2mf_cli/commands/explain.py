@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .._console import Reporter, err, out, print_json
+from ._console import Reporter, err, out, print_json
 from ..errors import C2MFError, UsageError
 
 
@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
 
         Example: c2mf explain bird.jpg --dict cub_c2mf.safetensors --method ig --top 5 --out explain/
         """
-        from ..explain import ExplainConfig, Explainer, explain_images
-        from .._console import check_output_dir
+        from ..stages.explain import ExplainConfig, Explainer, explain_images
+        from ._console import check_output_dir
 
         check_output_dir(out_dir)
         config = ExplainConfig(importance=method.lower(), top=top, target=class_, ig_steps=ig_steps)  # type: ignore[arg-type]
@@ -95,11 +95,11 @@ def register(app: typer.Typer) -> None:
 
         Example: c2mf atlas train.zarr cub_c2mf.safetensors --top 8 --out atlas/
         """
-        from ..atlas import AtlasConfig, build_atlas, clip_names
-        from ..dictionary import ConceptDictionary
-        from ..explain import read_labels
-        from ..store import ActivationStore
-        from .._console import check_output_dir
+        from ..stages.atlas import AtlasConfig, build_atlas, clip_names
+        from ..artifacts.dictionary import ConceptDictionary
+        from ..stages.explain import read_labels
+        from ..artifacts.store import ActivationStore
+        from ._console import check_output_dir
 
         clip = {"--clip-model": clip_model, "--clip-checkpoint": clip_checkpoint, "--vocabulary": vocabulary}
         if any(v is not None for v in clip.values()) and not all(v is not None for v in clip.values()):
@@ -139,8 +139,8 @@ def register(app: typer.Typer) -> None:
 
         Example: c2mf report run/   (reads run/evaluate, run/atlas, run/explain; writes run/report.html)
         """
-        from ..report import build_report, find_parts
-        from .._console import check_output_dir
+        from ..report.page import build_report, find_parts
+        from ._console import check_output_dir
 
         if run_dir.is_file():
             raise UsageError(f"{str(run_dir)!r} is a file: give the folder of a run (holding evaluate/, atlas/, "

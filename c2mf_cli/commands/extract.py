@@ -8,11 +8,11 @@ from typing import Optional
 
 import typer
 
-from .._console import Reporter, err, out, print_json
-from ..data import CropSpec, DatasetSpec
+from ._console import Reporter, err, out, print_json
+from ..inputs.data import CropSpec, DatasetSpec
 from ..errors import UsageError
-from ..extract import ExtractConfig, ShardSpec, extract
-from ..models import ModelSpec, list_layers, load_model
+from ..stages.extract import ExtractConfig, ShardSpec, extract
+from ..inputs.models import ModelSpec, list_layers, load_model
 
 
 class Mode(str, Enum):

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from .._console import Reporter, check_output_file, err, out, print_json
+from ._console import Reporter, check_output_file, err, out, print_json
 from ..errors import C2MFError, UsageError
 
 # `--method` choices come from the registry
@@ -56,7 +56,7 @@ def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
 
 def describe_dictionary(path: str | Path) -> dict[str, Any]:
     """The summary `c2mf info DICT` prints: what the dictionary is, how it was made, what each class uses."""
-    from ..dictionary import ConceptDictionary
+    from ..artifacts.dictionary import ConceptDictionary
 
     d = ConceptDictionary.load(path)
     meta = d.meta
@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
 
         Example: c2mf factorize train.zarr --method c2mf --concepts 10 --out c2mf.safetensors
         """
-        from ..factorize import factorize, open_store_source
+        from ..stages.factorize import factorize, open_store_source
 
         name = method.value
         if full_batch and batch_size is not None:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from .._console import err, out, print_json
+from ._console import err, out, print_json
 from ..errors import C2MFError
 
 
 def _store_summary(path: Path, per_class: bool) -> dict:
-    from ..store import ActivationStore
+    from ..artifacts.store import ActivationStore
 
     store = ActivationStore.open(path, require_complete=False)
     summary = store.summary()

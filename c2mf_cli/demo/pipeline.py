@@ -171,7 +171,7 @@ def ungated(dictionary: Any) -> Any:
     Matching primitives to concepts on ungated codes asks "which concept detects this primitive" independently
     of the gates, so the gate check that follows is not circular.
     """
-    from ..dictionary import ConceptDictionary
+    from ..artifacts.dictionary import ConceptDictionary
 
     return ConceptDictionary(
         {"W": dictionary.tensors["W"]},
@@ -281,9 +281,9 @@ def planted_recovery(world: World, config: DemoConfig, device: str, progress: Pr
     Two variants: `nonnegative` (W_planted >= 0) and `signed` (craft then needs its explicit shift A - min(A),
     the option the paper analyses). Each class's primitives are the world's; c2mf's gates are checked against them.
     """
-    from ..factorize import factorize
+    from ..stages.factorize import factorize
     from ..metrics.recovery import gate_selection_accuracy, matched_cosine
-    from ..sources import ArraySource
+    from ..artifacts.sources import ArraySource
 
     P = len(world.primitives)
     seed = config.world.seed
@@ -376,13 +376,13 @@ def run_demo(
 
 def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: ProgressFn,
               log: Callable[[str], None]) -> DemoResult:
-    from ..data import CropSpec, DatasetSpec
-    from ..dictionary import ConceptDictionary
-    from ..evaluate import EvaluateConfig, evaluate, write_results
-    from ..extract import ExtractConfig, extract
-    from ..factorize import factorize
-    from ..models import ModelSpec
-    from ..store import ActivationStore
+    from ..inputs.data import CropSpec, DatasetSpec
+    from ..artifacts.dictionary import ConceptDictionary
+    from ..stages.evaluate import EvaluateConfig, evaluate, write_results
+    from ..stages.extract import ExtractConfig, extract
+    from ..stages.factorize import factorize
+    from ..inputs.models import ModelSpec
+    from ..artifacts.store import ActivationStore
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -515,9 +515,9 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
               recovery: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
     """Explain a few test images with the c2mf dictionary, draw its atlas (concepts named by the primitive they
     match best), and write the HTML report over the evaluation, atlas and explanations."""
-    from ..atlas import AtlasConfig, build_atlas
-    from ..explain import ExplainConfig, Explainer, explain_images
-    from ..report import build_report
+    from ..stages.atlas import AtlasConfig, build_atlas
+    from ..stages.explain import ExplainConfig, Explainer, explain_images
+    from ..report.page import build_report
 
     made: dict[str, Any] = {}
     shared = recovery["c2mf_concept_of_primitive"]

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from ..errors import C2MFError
 from ..progress import ProgressFn
-from ..sources import ArraySource, RowSource
+from ..artifacts.sources import ArraySource, RowSource
 from .base import check_batch, to_device
 from .nnls import gram, nnls_gram
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..dictionary import ConceptDictionary
+from ..artifacts.dictionary import ConceptDictionary
 from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
-from ..sources import RowSource
+from ..artifacts.sources import RowSource
 from ._alternating import EngineSettings, Stats, State, fit_groups, global_min, history_of, kmeans_pp
 from .base import Method, check_batch, check_source, source_summary
 

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..dictionary import ConceptDictionary
+from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
 from ..progress import ProgressFn, no_progress
-from ..sources import Mode, RowSource
+from ..artifacts.sources import Mode, RowSource
 
 _REGISTRY: dict[str, type["Method"]] = {}
 

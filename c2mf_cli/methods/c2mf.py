@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..dictionary import ConceptDictionary
+from ..artifacts.dictionary import ConceptDictionary
 from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
-from ..sources import RowSource
+from ..artifacts.sources import RowSource
 from ._alternating import EngineSettings, Stats, State, fit_groups, history_of, kmeans_pp
 from ._factorization import check_common
 from .base import Method, check_source, register_method, source_summary

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..dictionary import ConceptDictionary
+from ..artifacts.dictionary import ConceptDictionary
 from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
-from ..sources import RowSource
+from ..artifacts.sources import RowSource
 from ._alternating import _batches
 from .base import Method, check_batch, check_source, register_method, source_summary, to_device
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
-from .errors import C2MFError
+from ..errors import C2MFError
 
 _CSS = """
 :root{--fg:#1d1d1f;--muted:#6b6b70;--line:#d9d9de;--head:#f2f2f5;--best:#0b5394}

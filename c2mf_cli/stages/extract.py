@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__
-from .data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, read_image, resolve_dataset
-from .devices import resolve_device
-from .errors import C2MFError, UsageError
-from .models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
-from .progress import ProgressFn, no_progress
-from .store import (
+from .. import __version__
+from ..inputs.data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, read_image, resolve_dataset
+from ..devices import resolve_device
+from ..errors import C2MFError, UsageError
+from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
+from ..progress import ProgressFn, no_progress
+from ..artifacts.store import (
     ActivationStore,
     ClassPlan,
     StoreWriter,

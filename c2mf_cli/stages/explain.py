@@ -3,7 +3,7 @@
 For an image x: A = g(x) at the dictionary's layer, codes U = encode(A) on the spatial grid (for c2mf with
 the gate of the explained class), the importance of every concept for the explained class c by Grad-CAM or
 Integrated Gradients on U (c2mf_cli.metrics.importance, through head(U) = h(decode(U))), and for the top
-concepts their code maps U[:, j] on the grid, drawn over the original image by c2mf_cli.render.
+concepts their code maps U[:, j] on the grid, drawn over the original image by c2mf_cli.render.figures.
 
 Notation: P positions of the grid (gh x gw; the patch tokens of a ViT), k concepts, c channels.
 """
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .devices import resolve_device
-from .dictionary import ConceptDictionary
-from .errors import C2MFError, UsageError
-from .metrics.importance import gradcam, integrated_gradients
-from .models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
-from .render import ConceptPanel, InputGeometry, explanation_figure, geometry_from_preprocess, open_image, save_figure
+from ..devices import resolve_device
+from ..artifacts.dictionary import ConceptDictionary
+from ..errors import C2MFError, UsageError
+from ..metrics.importance import gradcam, integrated_gradients
+from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
+from ..render.figures import ConceptPanel, InputGeometry, explanation_figure, geometry_from_preprocess, open_image, save_figure
 
 ImportanceMethod = Literal["gradcam", "ig"]
 IMPORTANCE_LABELS = {"gradcam": "Grad-CAM", "ig": "IG"}

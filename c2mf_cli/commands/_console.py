@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .errors import C2MFError, UsageError
+from ..errors import C2MFError, UsageError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)

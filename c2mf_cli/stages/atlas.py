@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .dictionary import ConceptDictionary
-from .errors import C2MFError, UsageError
+from ..artifacts.dictionary import ConceptDictionary
+from ..errors import C2MFError, UsageError
 from .explain import read_image
-from .render import (
+from ..render.figures import (
     atlas_concept_figure,
     atlas_overview_figure,
     geometry_from_preprocess,
@@ -120,7 +120,7 @@ def find_regions(
         if dictionary.n_features != store.row_shape[-1]:
             raise C2MFError("channels differ")
     except C2MFError:
-        from .dictionary import mismatch_message
+        from ..artifacts.dictionary import mismatch_message
 
         label = Path(str(dictionary.meta.get("path", ""))).stem or dictionary.method
         raise C2MFError(mismatch_message(dictionary, label, store_info, int(store.row_shape[-1]), plural=False)

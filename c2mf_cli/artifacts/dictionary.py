@@ -27,8 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from . import __version__
-from .errors import C2MFError
+from .. import __version__
+from ..errors import C2MFError
 
 ENCODING_TYPE = "c2mf-dictionary"
 ENCODING_VERSION = 1
@@ -157,7 +157,7 @@ class ConceptDictionary:
             return _like((a - mean) @ W.T if mean is not None else a @ W.T, A)
         if "shift" in self.tensors:
             a = a + self.tensors["shift"]
-        from .methods.nnls import nnls  # lazy: the methods package imports this module
+        from ..methods.nnls import nnls  # lazy: the methods package imports this module
 
         U = nnls(a, W, ridge=float(self.meta.get("ridge", 0.0)), iters=iters, batch_size=batch_size)
         return _like(U, A)

@@ -28,10 +28,10 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from .devices import resolve_device
-from .errors import C2MFError, UsageError
-from .metrics import (
+from .. import __version__
+from ..devices import resolve_device
+from ..errors import C2MFError, UsageError
+from ..metrics import (
     FitAccumulator,
     InsertionDeletion,
     cluster_concepts,
@@ -46,7 +46,7 @@ from .metrics import (
     per_class_accuracy,
     ranking,
 )
-from .progress import ProgressFn, no_progress
+from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-evaluation"
 ENCODING_VERSION = 1
@@ -56,7 +56,7 @@ PLOT_FILES = tuple(f"insertion_deletion_{r}_{q}.png" for r in ("gradcam", "ig") 
 
 
 class StoreLike(Protocol):
-    """What evaluate reads from an activation store (c2mf_cli.store.ActivationStore satisfies it)."""
+    """What evaluate reads from an activation store (c2mf_cli.artifacts.store.ActivationStore satisfies it)."""
 
     info: dict
     classes: list[str]
@@ -73,7 +73,7 @@ class StoreLike(Protocol):
 
 
 class DictionaryLike(Protocol):
-    """What evaluate needs of a dictionary (c2mf_cli.dictionary.ConceptDictionary satisfies it)."""
+    """What evaluate needs of a dictionary (c2mf_cli.artifacts.dictionary.ConceptDictionary satisfies it)."""
 
     meta: dict
     tensors: dict[str, torch.Tensor]
@@ -137,7 +137,7 @@ class _Tail:
 
 
 def _tail_from_store(store: StoreLike, device: torch.device) -> _Tail:
-    from .models import load_model, split_model
+    from ..inputs.models import load_model, split_model
 
     spec = store.model_spec  # type: ignore[attr-defined]
     lm = load_model(spec)
@@ -220,7 +220,7 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
             if d.n_features != width:
                 raise C2MFError("channels differ")
         except C2MFError:
-            from .dictionary import identity, mismatch_message
+            from ..artifacts.dictionary import identity, mismatch_message
 
             source = identity((d.meta.get("source") or {}).get("info") or {})
             if source.get("model") is None and source.get("layer") is None:  # a dictionary made outside a store
@@ -499,7 +499,7 @@ def evaluate(
 
 
 def _clustered_dictionary(d: DictionaryLike, K: int, seed: int) -> DictionaryLike:
-    from .dictionary import ConceptDictionary
+    from ..artifacts.dictionary import ConceptDictionary
 
     W = d.tensors["W"].detach().cpu()
     cl = cluster_concepts(list(W), K, seed=seed)
@@ -576,7 +576,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write evaluation.json and the PNG plots into out_dir (atomically); returns {what: path}."""
-    from . import plots
+    from ..render import plots
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -32,9 +32,9 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from . import __version__
-from .errors import C2MFError
-from .models import ModelSpec, Preprocess
+from .. import __version__
+from ..errors import C2MFError
+from ..inputs.models import ModelSpec, Preprocess
 
 ENCODING_TYPE = "c2mf-activations"
 ENCODING_VERSION = 1

@@ -32,7 +32,7 @@ import torch.fx as fx
 from PIL import Image
 from torch import nn
 
-from .errors import C2MFError, UsageError
+from ..errors import C2MFError, UsageError
 
 Layout = Literal["nchw", "tokens", "vector"]
 

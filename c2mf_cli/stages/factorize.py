@@ -1,6 +1,6 @@
 """Library entry point of `c2mf factorize`: learn a concept dictionary from a row source or a store.
 
-    from c2mf_cli.factorize import factorize
+    from c2mf_cli.stages.factorize import factorize
     d = factorize(source, "c2mf", concepts=10, device="auto")  # alpha="auto": see docs/methods.md
     d.save("dict.safetensors")
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .devices import resolve_device
-from .dictionary import ConceptDictionary
-from .errors import C2MFError
-from .methods import get_method
-from .progress import ProgressFn, no_progress
-from .sources import RowSource
+from ..devices import resolve_device
+from ..artifacts.dictionary import ConceptDictionary
+from ..errors import C2MFError
+from ..methods import get_method
+from ..progress import ProgressFn, no_progress
+from ..artifacts.sources import RowSource
 
 
 def make_config(method: str, **options: Any) -> Any:
@@ -64,7 +64,7 @@ def factorize(
 
 def open_store_source(path: str | Path) -> RowSource:
     """The row source of an activation store written by `c2mf extract`."""
-    from .store import ActivationStore
+    from ..artifacts.store import ActivationStore
 
     return ActivationStore.open(path).row_source()
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .errors import C2MFError
+from ..errors import C2MFError
 
 Mode = Literal["full", "crops"]
 

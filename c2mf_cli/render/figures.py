@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from .errors import C2MFError  # noqa: E402
+from ..errors import C2MFError  # noqa: E402
 
 Box = tuple[int, int, int, int]
 
