@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "c2mf_cli"
 
 # rank of each top-level room of c2mf_cli (a module or a subpackage)
 RANKS = {
-    "errors": 0, "progress": 0, "devices": 0, "_io": 0,
+    "errors": 0, "progress": 0, "devices": 0, "_io": 0, "distributed": 0,
     "inputs": 1,
     "artifacts": 2,
     "methods": 3,

@@ -36,6 +36,10 @@ class RowSource(Protocol):
         ...
 
 
+# A source that several processes can share also offers `shard(index, count) -> RowSource`: the rows of
+# process `index` of `count`, disjoint from the other shards and together all of them (c2mf_cli.distributed).
+
+
 class ArraySource:
     """A `RowSource` over in-memory arrays, one (n_y, c) array per class (tests, planted data, small stores)."""
 
@@ -61,6 +65,11 @@ class ArraySource:
 
     def n_rows(self, y: int) -> int:
         return self._arrays[y].shape[0]
+
+    def shard(self, index: int, count: int) -> "ArraySource":
+        """Rows of process `index` of `count`: a contiguous block of every class (views, no copy)."""
+        parts = [a[a.shape[0] * index // count : a.shape[0] * (index + 1) // count] for a in self._arrays]
+        return ArraySource(parts, self.classes, self.mode, self.info)
 
     def load(self, y: int) -> np.ndarray:
         return self._arrays[y]

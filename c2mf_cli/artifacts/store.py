@@ -236,8 +236,11 @@ class StoreWriter:
 class _StoreRows:
     """`RowSource` over a store: the positions of every valid row, flattened (ViT: patch tokens only)."""
 
-    def __init__(self, store: "ActivationStore", include_prefix_tokens: bool = False) -> None:
+    def __init__(self, store: "ActivationStore", include_prefix_tokens: bool = False,
+                 part: tuple[int, int] = (0, 1)) -> None:
         self._store = store
+        self._include_prefix_tokens = include_prefix_tokens
+        self._part = part  # (index, count): read only the chunks of shard `index` of `count`
         self.classes = list(store.classes)
         self.mode = store.mode
         self.info = store.describe_source()
@@ -253,20 +256,46 @@ class _StoreRows:
             a = a[:, self._skip :]
         return a.reshape(-1, a.shape[-1])
 
+    def shard(self, index: int, count: int) -> "_StoreRows":
+        """The rows of shard `index` of `count`: whole chunks, dealt round-robin over the chunks of all classes
+        in order, so that classes with fewer chunks than shards still spread over the processes."""
+        if not 0 <= index < count:
+            raise C2MFError(f"shard {index} of {count} does not exist")
+        return _StoreRows(self._store, self._include_prefix_tokens, (index, count))
+
+    def _starts(self, y: int) -> tuple[list[int], int]:
+        """First rows of the chunks of class y this source reads, and the chunk length."""
+        arr = self._store._group(y)["activations"]
+        step = int(arr.chunks[0])
+        starts = list(range(0, arr.shape[0], step))
+        index, count = self._part
+        if count == 1:
+            return starts, step
+        before = sum(-(-a.shape[0] // int(a.chunks[0])) for a in (self._store._group(z)["activations"] for z in range(y)))
+        return [s for j, s in enumerate(starts) if (before + j) % count == index], step
+
     def n_rows(self, y: int) -> int:
         if y not in self._n_valid:
-            self._n_valid[y] = int(self._store._valid(y).sum()) * self._per_row
+            valid = self._store._valid(y)
+            if self._part[1] == 1:
+                n = int(valid.sum())
+            else:
+                starts, step = self._starts(y)
+                n = sum(int(valid[s : s + step].sum()) for s in starts)
+            self._n_valid[y] = n * self._per_row
         return self._n_valid[y]
 
     def load(self, y: int) -> np.ndarray:
-        return self._flatten(self._store.activations(y))
+        if self._part[1] == 1:
+            return self._flatten(self._store.activations(y))
+        parts = list(self.batches(y, max(1, self.n_rows(y))))
+        return parts[0] if parts else np.zeros((0, self.n_features), dtype=np.float32)
 
     def batches(self, y: int, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[np.ndarray]:
         """Reads one chunk at a time, so memory stays at a chunk plus a batch whatever the store's size."""
         arr = self._store._group(y)["activations"]
         valid = self._store._valid(y)
-        step = int(arr.chunks[0])
-        starts = list(range(0, arr.shape[0], step))
+        starts, step = self._starts(y)
         rng = np.random.default_rng(seed)
         if shuffle:
             rng.shuffle(starts)

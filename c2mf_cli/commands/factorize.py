@@ -11,6 +11,7 @@ from typing import Any, Optional
 import typer
 
 from ._console import Reporter, check_output_file, err, out, print_json
+from ..distributed import DEFAULT_TIMEOUT_S
 from ..errors import C2MFError, UsageError
 
 # `--method` choices come from the registry
@@ -130,13 +131,20 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: Optional[int] = typer.Option(
             None, "--checkpoint-every", help="Checkpoint to OUT.ckpt every N passes (kept until the fit ends)."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from OUT.ckpt."),
+        timeout: float = typer.Option(
+            DEFAULT_TIMEOUT_S, "--timeout", help="Several processes (torchrun, srun): seconds one waits for the "
+            "others before the run ends with an error."),
         json_out: bool = typer.Option(False, "--json", help="Print the dictionary's summary as JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Learn a concept dictionary from an activation store.
 
         Example: c2mf factorize train.zarr --method c2mf --concepts 10 --out c2mf.safetensors
+
+        On several GPUs or nodes: torchrun --nproc-per-node 4 -m c2mf_cli.cli factorize ... (or srun); every
+        process streams its share of the rows and rank 0 writes the dictionary (docs/scale.md).
         """
+        from .. import distributed
         from ..stages.factorize import factorize, open_store_source
 
         name = method.value
@@ -157,10 +165,17 @@ def register(app: typer.Typer) -> None:
         if use_ckpt and not hasattr(config, "checkpoint_every"):
             raise UsageError(f"--method {name} fits in one pass: it has nothing to checkpoint or resume")
         source = open_store_source(store)
-        reporter = Reporter(quiet=quiet or json_out)
-        with reporter.session():
-            d = factorize(source, name, config, device=device, progress=reporter.task,
-                          checkpoint_path=ckpt if use_ckpt else None, resume=resume)
+        rank_device = distributed.start(device, timeout)
+        try:
+            writer = distributed.is_writer()
+            reporter = Reporter(quiet=quiet or json_out or not writer)
+            with reporter.session():
+                d = factorize(source, name, config, device=rank_device or device, progress=reporter.task,
+                              checkpoint_path=ckpt if use_ckpt else None, resume=resume)
+        finally:
+            distributed.stop()
+        if not writer:
+            return
         try:
             d.save(out_path)
         except OSError as e:

@@ -8,7 +8,10 @@ One pass over the data = one iteration:
   2. accumulate the sufficient statistics S_i = sum U^T U (k, k), R_i = sum U^T A (k, c), ||A_i||^2, n_i;
   3. dictionary step: the method updates W (and the gates) from the statistics alone, with exact block
      updates that lower the objective; several sweeps cost only O(k^2 c) each, no data pass.
-Memory is one batch plus the (k, c) statistics per class, flat in the number of rows. Codes are solved from a
+Memory is one batch plus the (k, c) statistics per class, flat in the number of rows. Under torch.distributed
+each process streams its share of the rows and the statistics are all-reduced after step 2 (the dictionary
+step then sees every row); the initial dictionary comes from the same seeded sample on every rank and is
+broadcast from rank 0, as is each update, so every rank holds the same dictionary. Codes are solved from a
 start that depends only on the dictionary (not on earlier passes) and rows are independent, so streaming
 and full batch (batch_size=None) give the same answer, and a resumed fit continues exactly where it stopped.
 
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from ..distributed import all_reduce_min, all_reduce_sum, broadcast, is_writer, share
 from ..errors import C2MFError
 from ..progress import ProgressFn
 from ..artifacts.sources import ArraySource, RowSource
@@ -98,15 +102,16 @@ def _batches(source: RowSource, y: int, batch_size: int | None):
 
 
 def global_min(source: RowSource, classes: list[int], batch_size: int | None, device: torch.device) -> float:
-    """min(A) over the given classes (a data pass; also checks every batch for NaN / inf)."""
+    """min(A) over the given classes, all processes' rows (a data pass; also checks every batch for NaN / inf)."""
     lo = math.inf
+    mine = share(source)
     for y in classes:
-        for b in _batches(source, y, batch_size):
+        for b in _batches(mine, y, batch_size):
             a = to_device(b, device)
             check_batch(a, source.classes[y])
             if a.numel():
                 lo = min(lo, float(a.min()))
-    return lo
+    return all_reduce_min(lo, device)
 
 
 def sample_rows(source: RowSource, classes: list[int], n_total: int, seed: int, device: torch.device,
@@ -252,13 +257,21 @@ def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any]
 
 def _run_passes(source: RowSource, classes: list[int], res: GroupResult, st: EngineSettings,
                 update: Callable[[State, Stats, torch.Tensor, float], None], device: torch.device, shift: float,
-                start_pass: int, on_pass: Callable[[int], None]) -> None:
-    """Alternate code and dictionary steps from `start_pass` until `tol` or `st.iterations` passes."""
+                start_pass: int, on_pass: Callable[[int], None], local: bool = False) -> None:
+    """Alternate code and dictionary steps from `start_pass` until `tol` or `st.iterations` passes.
+
+    `source` holds this process's share of the rows, reduced over the processes after each pass, unless
+    `local` (rows every process holds alike, e.g. the subsample).
+    """
     for p in range(start_pass, st.iterations):
         t0 = time.perf_counter()
         stats = pass_stats(source, classes, res.state, st, device, shift)
+        if not local:
+            all_reduce_sum(stats.S, stats.R, stats.a2, stats.n)
         alpha = st.alpha_at(p)
         update(res.state, stats, class_weights(stats, st.weighting), alpha)
+        if not local:
+            broadcast(res.state)  # ranks agree bit for bit, whatever their float rounding
         rec = objective(res.state, stats, st, alpha)
         rec["seconds"] = time.perf_counter() - t0
         res.history.append(rec)
@@ -280,7 +293,7 @@ def _subsample_fit(source: RowSource, classes: list[int], parts: list[torch.Tens
     t0 = time.perf_counter()
     # a looser tolerance: the sample's optimum differs from the full data's by more than 1e-3 anyway
     sub_st = replace(st, batch_size=None, nonnegative=False, tol=max(st.tol, SUBSAMPLE_TOL))
-    _run_passes(sub, res.classes, res, sub_st, update, device, 0.0, 0, lambda p: None)
+    _run_passes(sub, res.classes, res, sub_st, update, device, 0.0, 0, lambda p: None, local=True)
     last = res.history[-1] if res.history else {}
     return {"rows": int(sum(p.shape[0] for p in parts)), "passes": len(res.history), "converged": res.converged,
             "relative_error": last.get("relative_error"), "seconds": time.perf_counter() - t0}
@@ -313,6 +326,7 @@ def fit_groups(
     """
     fingerprint = {"classes": list(source.classes), "n_rows": [int(source.n_rows(y)) for y in range(len(source.classes))],
                    "n_features": int(source.n_features), "info": str(source.info.get("fingerprint", ""))}
+    mine = share(source)  # the rows this process streams; decisions below use the counts of all rows
     done: list[GroupResult] = []
     start_pass = 0
     current: GroupResult | None = None
@@ -342,23 +356,24 @@ def fit_groups(
             total = sum(source.n_rows(y) for y in classes)
             if st.subsample_rows > 0 and total > 2 * sum(p.shape[0] for p in parts):
                 current.subsample = _subsample_fit(source, classes, parts, current.state, st, update, device)
+            broadcast(current.state)
         group_st = replace(st, warmup=0) if current.subsample is not None else st  # alpha ramped on the sample
-        rows = source
+        rows = mine
         if fits_one_batch(source, classes, st.batch_size):
             # the whole group fits in one batch: read it once and make every pass in memory (many small classes,
             # e.g. CRAFT's crops, would otherwise re-read the store on each of their passes)
-            rows = in_memory(source, classes, st, device, shift)
+            rows = in_memory(mine, classes, st, device, shift)
 
         def on_pass(p: int, res: GroupResult = current) -> None:
             advance(1)
-            if checkpoint_path is not None and (res.converged or (p + 1) % st.checkpoint_every == 0
+            if checkpoint_path is not None and is_writer() and (res.converged or (p + 1) % st.checkpoint_every == 0
                                                 or p + 1 == st.iterations):
                 _save_checkpoint(checkpoint_path, done, res, p + 1, st, fingerprint)
             if res.converged:
                 advance(st.iterations - p - 1)
 
-        if rows is source:
-            _run_passes(source, classes, current, group_st, update, device, shift, start_pass, on_pass)
+        if rows is mine:
+            _run_passes(mine, classes, current, group_st, update, device, shift, start_pass, on_pass)
         else:
             _run_passes(rows, list(range(len(classes))), current, replace(group_st, nonnegative=False, batch_size=None),
                         update, device, 0.0, start_pass, on_pass)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..artifacts.dictionary import ConceptDictionary
+from ..distributed import all_reduce_sum, share, world_size
 from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
 from ..artifacts.sources import RowSource
@@ -52,8 +53,9 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
     xtx = torch.zeros((c, c), dtype=torch.float64, device=device)
     shift: torch.Tensor | None = None  # first batch's mean: moments of (x - shift) avoid E[xx^T] - mu mu^T cancelling
     n = 0
+    mine = share(source)
     for y in classes:
-        for b in _batches(source, y, batch_size):
+        for b in _batches(mine, y, batch_size):
             a = to_device(b, device)
             check_batch(a, source.classes[y])
             if shift is None:
@@ -65,19 +67,36 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
             n += a.shape[0]
     if shift is None:
         shift = torch.zeros(c, device=device)
+    total, xtx, n, shift = _pooled(total, xtx, n, shift.double())
     centred_mean = total / n  # mean of (x - shift)
     cov = (xtx - n * torch.outer(centred_mean, centred_mean)) / (n - 1)
-    mean = centred_mean + shift.double()
+    mean = centred_mean + shift
     W, top = _top_eigenvectors(cov, k)
     sign = torch.sign(W.gather(1, W.abs().argmax(1, keepdim=True)))
     W = W * sign
     var_total = float(torch.diagonal(cov).clamp_min(0).sum())  # the trace: all the variance
     kept = float(top.clamp_min(0).sum())
-    a2 = float(torch.trace(xtx) + 2 * (total @ shift.double()) + n * (shift.double() @ shift.double()))
+    a2 = float(torch.trace(xtx) + 2 * (total @ shift) + n * (shift @ shift))
     residual = max(0.0, var_total - kept) * (n - 1)
     rec = {"explained_variance_ratio": kept / var_total if var_total > 0 else 1.0,
            "relative_error": math.sqrt(residual / a2) if a2 > 0 else 0.0}
     return W.float(), mean.float(), rec
+
+
+def _pooled(total: torch.Tensor, xtx: torch.Tensor, n: int,
+            shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """The moments of every process's rows, about one shift common to all (the row-weighted mean of each
+    process's own shift): each process moves its sums to it exactly, then they are all-reduced."""
+    if world_size() == 1:
+        return total, xtx, n, shift
+    counts = torch.tensor([float(n)], dtype=torch.float64, device=shift.device)
+    common = shift * n
+    all_reduce_sum(counts, common)
+    common = common / counts.clamp_min(1)
+    d = shift - common  # sum (x - common) = total + n d; sum (x - common)(x - common)^T likewise expands
+    total, xtx = total + n * d, xtx + torch.outer(total, d) + torch.outer(d, total) + n * torch.outer(d, d)
+    all_reduce_sum(total, xtx)
+    return total, xtx, int(counts), common
 
 
 # Above this many channels the top-k eigenvectors come from a randomized subspace iteration instead of a full

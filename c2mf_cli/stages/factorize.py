@@ -4,7 +4,9 @@
     d = factorize(source, "c2mf", concepts=10, device="auto")  # alpha="auto": see docs/methods.md
     d.save("dict.safetensors")
 
-The CLI calls exactly these functions.
+The CLI calls exactly these functions. Under torch.distributed (a process group started by the caller, or by
+`c2mf_cli.distributed.start()` from torchrun's / srun's environment) every process calls them alike: each streams
+its share of the rows, all hold the same dictionary, and `factorize_store` writes it from rank 0 only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from ..devices import resolve_device
+from ..distributed import describe, is_writer
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError
 from ..methods import get_method
@@ -59,7 +62,10 @@ def factorize(
         raise C2MFError(f"config for method {method!r} must be a {m.config_class.__name__}, got {type(config).__name__}")
     dev = resolve_device(device)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    return m.fit(source, config, device=dev, progress=progress, checkpoint_path=ckpt, resume=resume)
+    fitted_by = describe(dev)  # also the first collective: every process has joined before the data pass
+    d = m.fit(source, config, device=dev, progress=progress, checkpoint_path=ckpt, resume=resume)
+    d.meta["distributed"] = fitted_by
+    return d
 
 
 def open_store_source(path: str | Path) -> RowSource:
@@ -70,7 +76,8 @@ def open_store_source(path: str | Path) -> RowSource:
 
 
 def factorize_store(store: str | Path, method: str, out: str | Path, **kwargs: Any) -> ConceptDictionary:
-    """Open a store, fit, and save the dictionary to `out` (atomically); returns the dictionary."""
+    """Open a store, fit, and save the dictionary to `out` (atomically; rank 0 only); returns the dictionary."""
     d = factorize(open_store_source(store), method, **kwargs)
-    d.save(out)
+    if is_writer():
+        d.save(out)
     return d
