@@ -47,12 +47,13 @@ def _fit(store: Path, out: Path, method: str = "c2mf") -> Path:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, image_folder, tiny_store) -> dict[str, Path]:
-    """A held-out test store, a layer2 store, and c2mf dictionaries fitted on layer3 and on layer2."""
+def chain(tmp_path_factory, image_folder) -> dict[str, Path]:
+    """Train and held-out test stores (disjoint), a layer2 store, and c2mf dictionaries on layer3 and layer2."""
     root = tmp_path_factory.mktemp("chain")
+    train = build_store(root / "train.zarr", image_folder, split="train")
     test = build_store(root / "test.zarr", image_folder, split="test")
     l2 = build_store(root / "l2.zarr", image_folder, layer="layer2")
-    return {"root": root, "train": tiny_store, "test": test, "dict": _fit(tiny_store, root / "c2mf.safetensors"),
+    return {"root": root, "train": train, "test": test, "dict": _fit(train, root / "c2mf.safetensors"),
             "dict_l2": _fit(l2, root / "l2.safetensors")}
 
 

@@ -38,6 +38,9 @@ class FakeStore:
     def labels(self, y):
         return self._y[y]
 
+    def paths(self, y):
+        return [f"{self.fingerprint}/class{y}/{i:03d}.png" for i in range(self.n_images(y))]
+
 
 def _world(seed=0):
     """Planted dictionary, a tiny h (store layout -> logits) and train/test stores exactly spanned by it."""
@@ -78,8 +81,12 @@ def test_evaluate_exact_dictionary_and_outputs(tmp_path):
     cfg = EvaluateConfig(ig_steps=16, batch_size=64, cluster_ks=(2, 4))
     res = evaluate(train, test, [exact, craft], crops, cfg, tail=tail, device="cpu", out_dir=tmp_path)
     assert res["h_check"]["max_abs_logit_diff"] == 0.0
-    ex, cr = res["methods"]
+    ex, cr, *clustered = res["methods"]
     assert ex["name"] == "nmf k=4" and cr["name"] == "craft k=2"
+    # craft clustered to K = 2 and 4 joins the shared (same-capacity) comparison, without importance
+    assert [(m["name"], m["capacity"]) for m in clustered] == [("craft k=2 clustered K=2", "shared"),
+                                                               ("craft k=2 clustered K=4", "shared")]
+    assert "importance" not in clustered[0] and cr["capacity"] == "per-class" and cr["directions"] == 6
     # the dictionary spans the activations: reconstruction is exact, accuracy and agreement are 100 %
     assert ex["reconstruction"]["agreement"]["mean"] == 1.0
     assert ex["fit"]["test"]["r2"] == pytest.approx(1.0, abs=1e-4)

@@ -466,6 +466,8 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
 
     methods_rows = []
     for m in result["methods"]:
+        if "clustered_from" in m:  # the clustering ablation's rows: no dictionary of their own to recover
+            continue
         name = m["name"]
         rec = recovery["heatmaps"][name]
         methods_rows.append({

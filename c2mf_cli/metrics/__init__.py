@@ -2,19 +2,48 @@
 
 importance (Grad-CAM, Integrated Gradients on codes), insertion (concept insertion/deletion curves),
 similarity (|Pearson|, |cosine| between concepts), reconstruction (per-class accuracy, MSE, R^2),
-ood (crops as out-of-distribution), clustering (the multi-class ablation), recovery (planted ground truth).
-Pure functions on tensors/arrays: they know nothing of stores, models or the terminal.
+ood (crops as out-of-distribution), clustering (the multi-class ablation), recovery (planted ground truth),
+significance (paired exact McNemar tests). Pure functions on tensors/arrays: they know nothing of stores, models
+or the terminal.
+
+`EVALUATE_METRICS` is the list evaluate iterates: each entry follows `_common.Metric` (built per dictionary, fed
+every `_common.Batch`, asked once for its JSON entries). A new metric is one class in its own file and one line
+here; order matters only where a metric reads what an earlier one left in `batch.shared` (insertion/deletion
+ranks concepts by the importance computed just before it).
 """
 
+from ._common import Batch, Metric, Settings
 from .clustering import ClusteredDictionary, KMeansResult, cluster_concepts, kmeans
-from .importance import IGResult, gradcam, integrated_gradients, ranking
-from .insertion import CurveResult, InsertionDeletion, insertion_deletion
+from .importance import IGResult, ImportanceMetric, gradcam, integrated_gradients, ranking
+from .insertion import CurveResult, InsertionDeletion, InsertionDeletionMetric, insertion_deletion
 from .ood import confidence_histograms, max_softmax, ood_scores
-from .reconstruction import FitAccumulator, consistency, fit_quality, per_class_accuracy
+from .reconstruction import (FitAccumulator, FitMetric, ReconstructionMetric, consistency, fit_quality,
+                             per_class_accuracy)
 from .recovery import binarize, gate_selection_accuracy, heatmap_mask_iou, iou, matched_cosine
-from .similarity import concept_similarity, pairwise_similarity
+from .significance import ALPHA, mcnemar_exact, pairwise_mcnemar
+from .similarity import SimilarityMetric, concept_similarity, pairwise_similarity
+
+EVALUATE_METRICS: tuple[type[Metric], ...] = (
+    SimilarityMetric,
+    ReconstructionMetric,
+    FitMetric,
+    ImportanceMetric,
+    InsertionDeletionMetric,
+)
 
 __all__ = [
+    "ALPHA",
+    "Batch",
+    "EVALUATE_METRICS",
+    "FitMetric",
+    "ImportanceMetric",
+    "InsertionDeletionMetric",
+    "Metric",
+    "ReconstructionMetric",
+    "Settings",
+    "SimilarityMetric",
+    "mcnemar_exact",
+    "pairwise_mcnemar",
     "ClusteredDictionary",
     "CurveResult",
     "FitAccumulator",

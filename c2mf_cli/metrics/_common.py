@@ -1,9 +1,10 @@
-"""Small helpers shared by the metric families (batching a head over rows, array conversion)."""
+"""Small helpers shared by the metrics (batching a head over rows, array conversion) and the metric contract."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -54,3 +55,49 @@ def trapezoid_auc(y: np.ndarray) -> float:
     if y.shape[0] < 2:
         return math.nan
     return float(np.trapezoid(y, dx=1.0 / (y.shape[0] - 1)))
+
+
+@dataclass
+class Batch:
+    """What one dictionary made of one group of images, handed to every metric of `EVALUATE_METRICS`.
+
+    Evaluate reads a store class by class; within a class the images that share the dictionary class index used
+    to encode them form one batch. Shapes: rows (n, P, c) the activations explained; U (n, P, k) their codes;
+    A_hat (n * P, c) the reconstruction; model_logits (n, n_outputs) the model's logits on the original
+    activations; labels (n,) true output indices; recon_logits (n, n_outputs) = head(U) (test batches only).
+    `attribute` says whether the costly importance metrics run on this batch; `shared` lets a metric hand what
+    it computed (e.g. importance rankings) to the metrics after it in the list.
+    """
+
+    split: str  # "train" or "test"
+    group: int  # the store class of these images
+    rows: torch.Tensor
+    U: torch.Tensor
+    A_hat: torch.Tensor
+    head: Head
+    side: torch.Tensor | None
+    model_logits: torch.Tensor
+    labels: torch.Tensor
+    recon_logits: torch.Tensor | None = None
+    attribute: bool = False
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+class Settings(Protocol):
+    """The evaluate settings metrics read (stages.evaluate.EvaluateConfig satisfies it)."""
+
+    ig_steps: int
+    ig_rule: str
+    batch_size: int
+
+
+class Metric(Protocol):
+    """One metric of evaluate: built per dictionary, fed every batch, asked once for its JSON entries.
+
+    `result` returns entries merged into the method's row of evaluation.json (e.g. {"reconstruction": {...}});
+    `classes` names the store classes so per-class values can be keyed by name.
+    """
+
+    def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None: ...
+    def update(self, batch: Batch) -> None: ...
+    def result(self, classes: Sequence[str]) -> dict[str, Any]: ...

@@ -10,13 +10,13 @@ Both scores are per concept and per image, shape (n, k): the spatial positions a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Head, call_head, check_codes, chunk_size
+from ._common import Batch, Head, Settings, call_head, check_codes, chunk_size
 
 IGRule = Literal["gausslegendre", "trapezoid"]
 
@@ -146,3 +146,50 @@ def integrated_gradients(
 def ranking(importance: torch.Tensor) -> torch.Tensor:
     """Concepts in decreasing order of importance, per image: (n, k) int64 (stable for ties)."""
     return torch.argsort(importance, dim=1, descending=True, stable=True)
+
+
+class ImportanceMetric:
+    """Evaluate's concept importance (Grad-CAM and IG, target: the model's prediction) and IG's completeness.
+
+    Runs on test batches marked `attribute`; hands its per-image importances to later metrics as
+    `batch.shared["importance"]` ({ranking name: (n, k)}).
+    """
+
+    def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
+        self._settings = settings
+        self._mean: dict[str, list[torch.Tensor]] = {"gradcam": [], "ig": []}
+        self._err: list[torch.Tensor] = []
+        self._rel: list[torch.Tensor] = []
+        self._gap: list[torch.Tensor] = []
+
+    def update(self, batch: Batch) -> None:
+        if batch.split != "test" or not batch.attribute:
+            return
+        s = self._settings
+        targets = batch.model_logits.argmax(1)
+        gc = gradcam(batch.U, batch.head, targets, side=batch.side, batch_size=s.batch_size)
+        ig = integrated_gradients(batch.U, batch.head, targets, steps=s.ig_steps, rule=s.ig_rule,  # type: ignore[arg-type]
+                                  side=batch.side, batch_size=s.batch_size)
+        self._err.append(ig.completeness_error.abs().cpu())
+        self._rel.append(ig.relative_completeness_error().cpu())
+        self._gap.append((ig.logit - ig.baseline_logit).abs().cpu())
+        batch.shared["importance"] = {"gradcam": gc, "ig": ig.attributions}
+        for name, imp in batch.shared["importance"].items():
+            self._mean[name].append(imp.detach().cpu())
+
+    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+        if not self._err:
+            return {}
+        err, rel, gap = torch.cat(self._err), torch.cat(self._rel), torch.cat(self._gap)
+        return {"importance": {
+            "target": "model prediction",
+            "gradcam_mean": torch.cat(self._mean["gradcam"]).mean(0).tolist(),
+            "ig_mean": torch.cat(self._mean["ig"]).mean(0).tolist(),
+            "ig_completeness": {
+                "mean_abs_error": float(err.mean()),
+                "max_abs_error": float(err.max()),
+                "mean_relative_error": float(rel.mean()),
+                "max_relative_error": float(rel.max()),
+                "mean_abs_logit_gap": float(gap.mean()),
+            },
+        }}

@@ -10,12 +10,14 @@ the accuracy (argmax == label). Good concepts give high insertion AUC and low de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Head, call_head, check_codes, chunk_size, trapezoid_auc
+from ._common import Batch, Head, Settings, call_head, check_codes, chunk_size, trapezoid_auc
+from .importance import ranking
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,27 @@ def insertion_deletion(
         insertion=_curve(torch.cat(out["insertion"][0]), torch.cat(out["insertion"][1])),
         deletion=_curve(torch.cat(out["deletion"][0]), torch.cat(out["deletion"][1])),
     )
+
+
+class InsertionDeletionMetric:
+    """Evaluate's concept insertion/deletion curves, concepts ranked by each importance the batch carries."""
+
+    def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
+        self._batch_size = settings.batch_size
+        self._curves: dict[str, list[InsertionDeletion]] = {}
+
+    def update(self, batch: Batch) -> None:
+        importances = batch.shared.get("importance")
+        if batch.split != "test" or not importances:
+            return
+        targets = batch.model_logits.argmax(1)
+        for name, imp in importances.items():
+            self._curves.setdefault(name, []).append(insertion_deletion(
+                batch.U, batch.head, targets, ranking(imp), labels=batch.labels, side=batch.side,
+                batch_size=self._batch_size))
+
+    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+        if not self._curves:
+            return {}
+        return {"insertion_deletion": {name: InsertionDeletion.concat(parts).to_dict()
+                                       for name, parts in self._curves.items()}}

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import as_numpy
+from ._common import Batch, Settings, as_numpy
 
 
 def per_class_accuracy(
@@ -35,13 +36,25 @@ def per_class_accuracy(
     population std over classes. Also `n_images`.
     """
     pred = as_numpy(recon_logits).argmax(axis=1)
+    model_pred = as_numpy(model_logits).argmax(axis=1) if model_logits is not None else None
+    return per_class_accuracy_from_predictions(pred, labels, model_pred, groups)
+
+
+def per_class_accuracy_from_predictions(
+    pred: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    model_pred: np.ndarray | torch.Tensor | None = None,
+    groups: np.ndarray | torch.Tensor | None = None,
+) -> dict:
+    """`per_class_accuracy` from predicted output indices (n,) instead of logits."""
+    pred = as_numpy(pred).astype(np.int64).reshape(-1)
     labels = as_numpy(labels).astype(np.int64).reshape(-1)
     if pred.shape[0] != labels.shape[0]:
         raise C2MFError(f"{pred.shape[0]} reconstructions for {labels.shape[0]} labels")
     groups = labels if groups is None else as_numpy(groups).reshape(-1)
     targets = {"accuracy": labels}
-    if model_logits is not None:
-        targets["agreement"] = as_numpy(model_logits).argmax(axis=1)
+    if model_pred is not None:
+        targets["agreement"] = as_numpy(model_pred).astype(np.int64).reshape(-1)
     out: dict = {"n_images": int(pred.shape[0])}
     keys = np.unique(groups)
     for name, ref in targets.items():
@@ -106,3 +119,44 @@ def fit_quality(A: np.ndarray | torch.Tensor, A_hat: np.ndarray | torch.Tensor) 
 def consistency(train_mse: float, test_mse: float) -> dict:
     """Train and test MSE and their difference (train - test); a smaller |difference| is more consistent."""
     return {"train_mse": train_mse, "test_mse": test_mse, "difference": train_mse - test_mse}
+
+
+class ReconstructionMetric:
+    """Evaluate's per-class reconstruction accuracy and agreement of h(U W) on the test images."""
+
+    def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
+        self._recon: list[torch.Tensor] = []
+        self._model: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._groups: list[torch.Tensor] = []
+
+    def update(self, batch: Batch) -> None:
+        if batch.split != "test" or batch.recon_logits is None:
+            return
+        self._recon.append(batch.recon_logits.detach().cpu())
+        self._model.append(batch.model_logits.detach().cpu())
+        self._labels.append(batch.labels.detach().cpu())
+        self._groups.append(torch.full((batch.labels.shape[0],), batch.group))
+
+    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+        if not self._recon:
+            return {}
+        rec = per_class_accuracy(torch.cat(self._recon), torch.cat(self._labels), torch.cat(self._model),
+                                 torch.cat(self._groups).numpy())
+        for key in ("accuracy", "agreement"):
+            rec[key]["per_class"] = {classes[int(g)]: v for g, v in rec[key]["per_class"].items()}
+        return {"reconstruction": rec}
+
+
+class FitMetric:
+    """Evaluate's fit quality (MSE, relative error, R^2) on train and test rows, and their consistency."""
+
+    def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
+        self._acc = {"train": FitAccumulator(), "test": FitAccumulator()}
+
+    def update(self, batch: Batch) -> None:
+        self._acc[batch.split].update(batch.rows.reshape(-1, batch.rows.shape[-1]), batch.A_hat)
+
+    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+        train, test = self._acc["train"].result(), self._acc["test"].result()
+        return {"consistency": consistency(train["mse"], test["mse"]), "fit": {"train": train, "test": test}}

@@ -12,12 +12,12 @@ say how many pairs that touched (`n_degenerate`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ._common import as_numpy
+from ._common import Batch, Settings, as_numpy
 
 _EPS = 1e-12
 
@@ -72,3 +72,23 @@ def concept_similarity(dictionaries: np.ndarray | torch.Tensor | Sequence[np.nda
         "n_pairs": int(p.size),
         "n_degenerate": degenerate,
     }
+
+
+class SimilarityMetric:
+    """Evaluate's similarity entry: needs the dictionary only.
+
+    A dictionary encoded by projection (PCA) has orthonormal rows, so its |cosine| is 0 by construction; the
+    entry says so (`cosine_by_construction`) and tables do not count it as a win.
+    """
+
+    def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
+        self._W = W.detach().cpu()
+        self._orthonormal = meta.get("codes") == "projection"
+
+    def update(self, batch: Batch) -> None:
+        return None
+
+    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+        s = concept_similarity(list(self._W) if self._W.ndim == 3 else self._W)
+        s["cosine_by_construction"] = self._orthonormal
+        return {"similarity": s}

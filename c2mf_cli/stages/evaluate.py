@@ -2,9 +2,16 @@
 
 Data flow: a train store and a held-out test store of the same model and layer (whole images), optionally a crop
 store, and one or more `ConceptDictionary` files. The model's tail h comes from splitting the store's model at its
-layer. For each test image, the codes are U = encode(A, y) on its positions (y = the image's class, which picks
-the class's dictionary: diag(sigma(lambda_y)) W* for c2mf, W_y for per-class methods) and reshaped to the grid;
+layer. For each test image, the codes are U = encode(A, y) on its positions and reshaped to the grid;
 `head(U) = h(from_store(decode(U)))` is what importance, insertion/deletion and reconstruction accuracy feed.
+y picks the class's dictionary (diag(sigma(lambda_y)) W* for c2mf, W_y and mean_y for per-class methods); which
+class is the encoding (`--encode-class`): `true` (the label: the paper's protocol, which hands the answer to the
+reconstruction), `predicted` (the model's prediction on the original activations: what explain does, and the
+headline) or `none` (all concepts ungated; per-class dictionaries have no such basis and are skipped).
+
+References, computed on the same test images: the model itself, the train mean of the true / predicted class
+alone (k = 0), the global train mean, and chance. Methods are compared image by image with an exact McNemar test,
+and shared dictionaries (k directions) are kept apart from per-class ones (k x classes directions).
 
 ViT stores: the rows are the patch tokens; the prefix (CLS) tokens are kept as stored and fed to h unchanged, so
 only the patch tokens are explained and reconstructed (METHOD.md: heatmaps use the patch tokens on their grid).
@@ -32,24 +39,21 @@ from .. import __version__
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
 from ..metrics import (
-    FitAccumulator,
-    InsertionDeletion,
+    ALPHA,
+    EVALUATE_METRICS,
+    Batch,
     cluster_concepts,
-    concept_similarity,
     confidence_histograms,
-    consistency,
-    gradcam,
-    insertion_deletion,
-    integrated_gradients,
     max_softmax,
     ood_scores,
-    per_class_accuracy,
-    ranking,
+    pairwise_mcnemar,
 )
+from ..metrics.reconstruction import per_class_accuracy_from_predictions
 from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-evaluation"
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: references, encodings, capacity, significance
+ENCODINGS = ("true", "predicted", "none")
 # every plot `write_results` may draw (names are fixed, so a rerun into the same folder replaces them)
 PLOT_FILES = tuple(f"insertion_deletion_{r}_{q}.png" for r in ("gradcam", "ig") for q in ("prob", "accuracy")) + (
     "accuracy_vs_k.png", "confidence_histograms.png")
@@ -70,6 +74,7 @@ class StoreLike(Protocol):
     def activations(self, y: int) -> np.ndarray: ...
     def logits(self, y: int) -> np.ndarray: ...
     def labels(self, y: int) -> np.ndarray: ...
+    def paths(self, y: int) -> list[str]: ...
 
 
 class DictionaryLike(Protocol):
@@ -101,6 +106,9 @@ class EvaluateConfig:
     max_images_per_class: cap on test and train images read per class (the first N; None = all).
     ig_steps / ig_rule: Integrated Gradients quadrature. batch_size: rows (image x step) per call of h.
     cluster_ks: K values of the clustering ablation (None: the k of every shared dictionary given).
+    encode_class: the encodings computed (true, predicted, none); the headline one (predicted when listed, else
+    the first) gets every metric, the others the reconstruction. min_agreement: below this agreement with the
+    model (mean over classes, headline encoding) a method's reconstruction is said not to preserve the decision.
     """
 
     max_images_per_class: int | None = None
@@ -110,6 +118,8 @@ class EvaluateConfig:
     histogram_bins: int = 20
     cluster_ks: tuple[int, ...] | None = None
     seed: int = 0
+    encode_class: tuple[str, ...] = ("predicted", "true")
+    min_agreement: float = 0.5
 
     def __post_init__(self) -> None:
         if self.ig_steps < 2:
@@ -118,10 +128,22 @@ class EvaluateConfig:
             raise UsageError(f"--max-images-per-class must be at least 1, got {self.max_images_per_class}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        bad = [e for e in self.encode_class if e not in ENCODINGS]
+        if bad or not self.encode_class or len(set(self.encode_class)) != len(self.encode_class):
+            raise UsageError(f"--encode-class takes distinct values among {', '.join(ENCODINGS)} (comma-separated), "
+                             f"got {','.join(self.encode_class) or 'nothing'}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
+
+    @property
+    def headline(self) -> str:
+        """The encoding every metric is computed under: the predicted class when listed (the honest one)."""
+        return "predicted" if "predicted" in self.encode_class else self.encode_class[0]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["cluster_ks"] = list(self.cluster_ks) if self.cluster_ks is not None else None
+        d["encode_class"] = list(self.encode_class)
         return d
 
 
@@ -209,6 +231,7 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
         missing = sorted(set(test.classes) ^ set(train.classes))
         raise C2MFError(f"train and test stores have different classes (e.g. {missing[:3]}): extract both from one "
                         "class list")
+    _check_disjoint(train, test)
     width = _store_width(test)
     describe = getattr(test, "describe_source", None)
     test_info = describe() if describe is not None else test.info
@@ -228,6 +251,19 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
                                 f"{test.layer!r} has {width}: use a dictionary fitted on this model and layer"
                                 ) from None
             raise C2MFError(mismatch_message(d, lab, test_info, width)) from None
+
+
+def _check_disjoint(train: StoreLike, test: StoreLike) -> None:
+    """Refuse train and test stores that share images: every held-out number would be inflated."""
+    seen = {p for y in range(len(train.classes)) for p in train.paths(y)}
+    shared = sorted({p for y in range(len(test.classes)) for p in test.paths(y) if p in seen})
+    if shared:
+        n_test = sum(len(set(test.paths(y))) for y in range(len(test.classes)))
+        raise C2MFError(
+            f"the train and test stores share {len(shared)} of the test store's {n_test} images (e.g. "
+            f"{', '.join(shared[:3])}): extract them with --split train and --split test (same --seed and "
+            "--test-fraction), not --split all for the training store"
+        )
 
 
 def _store_width(store: StoreLike) -> int:
@@ -271,26 +307,11 @@ def _make_head(tail: _Tail, d: DictionaryLike, y: int | None, sp: _Split) -> Cal
 
     def decode(U: torch.Tensor) -> torch.Tensor:
         m, P, k = U.shape
-        return d.decode(U.reshape(m * P, k), y).reshape(m, P, c)
+        return _decode(d, U.reshape(m * P, k), y).reshape(m, P, c)
 
     if sp.prefix is None:
         return lambda U: tail(decode(U).reshape(U.shape[0], *grid_shape))
     return lambda U, prefix: tail(torch.cat([prefix, decode(U)], dim=1))
-
-
-@dataclass
-class _Accum:
-    recon_logits: list = dataclasses.field(default_factory=list)
-    model_logits: list = dataclasses.field(default_factory=list)
-    labels: list = dataclasses.field(default_factory=list)
-    groups: list = dataclasses.field(default_factory=list)
-    fit_test: FitAccumulator = dataclasses.field(default_factory=FitAccumulator)
-    fit_train: FitAccumulator = dataclasses.field(default_factory=FitAccumulator)
-    curves: dict = dataclasses.field(default_factory=lambda: {"gradcam": [], "ig": []})
-    mean_imp: dict = dataclasses.field(default_factory=lambda: {"gradcam": [], "ig": []})
-    ig_err: list = dataclasses.field(default_factory=list)
-    ig_rel: list = dataclasses.field(default_factory=list)
-    ig_gap: list = dataclasses.field(default_factory=list)
 
 
 def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None) -> torch.Tensor:
@@ -298,72 +319,133 @@ def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None) -> torch.Tenso
     return torch.as_tensor(d.encode(rows.reshape(n * P, c), y)).reshape(n, P, -1).float()
 
 
-def _eval_test_class(acc: _Accum, tail: _Tail, d: DictionaryLike, y: int | None, sp: _Split, model_logits: torch.Tensor,
-                     labels: torch.Tensor, group: int, cfg: EvaluateConfig, importance: bool) -> None:
-    U = _encode(d, sp.rows, y)
-    head = _make_head(tail, d, y, sp)
-    side = sp.prefix
-    n = U.shape[0]
+def _decode(d: DictionaryLike, U: torch.Tensor, y: int | None) -> torch.Tensor:
+    return torch.as_tensor(d.decode(U, y))
+
+
+def _needs_class(d: DictionaryLike) -> bool:
+    """Whether encoding needs a class index: per-class dictionaries or means, and c2mf's gates."""
+    mean = d.tensors.get("mean")
+    return bool(d.per_class or "gates" in d.tensors or (mean is not None and mean.ndim == 2))
+
+
+def _class_free(d: DictionaryLike) -> tuple[DictionaryLike | None, str]:
+    """The dictionary `--encode-class none` uses (all concepts ungated, one shared basis), or None and why not."""
+    if not _needs_class(d):
+        return d, ""
+    mean = d.tensors.get("mean")
+    if d.per_class or (mean is not None and mean.ndim == 2):
+        return None, ("a per-class dictionary has no class-free basis: fit a shared one (e.g. --shared) to "
+                      "encode without a class")
+    from ..artifacts.dictionary import ConceptDictionary
+
+    tensors = {k: v for k, v in d.tensors.items() if k != "gates"}
+    return ConceptDictionary(tensors, dict(d.meta)), ""
+
+
+def _rows_to_head(tail: _Tail, sp: _Split, rows_hat: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits of h on reconstructed rows (n, P, c) placed back in the store layout (prefix tokens as stored)."""
+    n, c = rows_hat.shape[0], rows_hat.shape[-1]
+    if sp.prefix is None:
+        full = rows_hat.reshape(n, *sp.shape)
+    else:
+        full = torch.cat([sp.prefix, rows_hat], dim=1)
     with torch.no_grad():
-        recon = torch.cat([
-            (head(U[s : s + cfg.batch_size]) if side is None else head(U[s : s + cfg.batch_size], side[s : s + cfg.batch_size]))
-            for s in range(0, n, cfg.batch_size)
-        ])
-        A_hat = torch.as_tensor(d.decode(U.reshape(-1, U.shape[-1]), y))
-    acc.fit_test.update(sp.rows.reshape(-1, sp.rows.shape[-1]), A_hat)
-    acc.recon_logits.append(recon.cpu())
-    acc.model_logits.append(model_logits.cpu())
-    acc.labels.append(labels.cpu())
-    acc.groups.append(torch.full((n,), group))
-    if not importance:
-        return
-    targets = model_logits.argmax(1)
-    gc = gradcam(U, head, targets, side=side, batch_size=cfg.batch_size)
-    ig = integrated_gradients(U, head, targets, steps=cfg.ig_steps, rule=cfg.ig_rule,  # type: ignore[arg-type]
-                              side=side, batch_size=cfg.batch_size)
-    acc.ig_err.append(ig.completeness_error.abs().cpu())
-    acc.ig_rel.append(ig.relative_completeness_error().cpu())
-    acc.ig_gap.append((ig.logit - ig.baseline_logit).abs().cpu())
-    for name, imp in (("gradcam", gc), ("ig", ig.attributions)):
-        acc.mean_imp[name].append(imp.detach().cpu())
-        acc.curves[name].append(insertion_deletion(U, head, targets, ranking(imp), labels=labels, side=side,
-                                                   batch_size=cfg.batch_size))
+        return torch.cat([tail(full[s : s + batch_size]) for s in range(0, n, batch_size)]) if n else \
+            full.new_zeros((0, 0))
 
 
-def _summarise(acc: _Accum, classes: Sequence[str], importance: bool) -> dict:
-    groups = torch.cat(acc.groups).numpy()
-    rec = per_class_accuracy(torch.cat(acc.recon_logits), torch.cat(acc.labels), torch.cat(acc.model_logits), groups)
-    for key in ("accuracy", "agreement"):
-        rec[key]["per_class"] = {classes[int(g)]: v for g, v in rec[key]["per_class"].items()}
-    train, test = acc.fit_train.result(), acc.fit_test.result()
-    out: dict[str, Any] = {
-        "reconstruction": rec,
-        "consistency": consistency(train["mse"], test["mse"]),
-        "fit": {"train": train, "test": test},
-    }
-    if importance:
-        err, rel, gap = torch.cat(acc.ig_err), torch.cat(acc.ig_rel), torch.cat(acc.ig_gap)
-        out["importance"] = {
-            "target": "model prediction",
-            "gradcam_mean": torch.cat(acc.mean_imp["gradcam"]).mean(0).tolist(),
-            "ig_mean": torch.cat(acc.mean_imp["ig"]).mean(0).tolist(),
-            "ig_completeness": {
-                "mean_abs_error": float(err.mean()),
-                "max_abs_error": float(err.max()),
-                "mean_relative_error": float(rel.mean()),
-                "max_relative_error": float(rel.max()),
-                "mean_abs_logit_gap": float(gap.mean()),
-            },
-        }
-        out["insertion_deletion"] = {
-            name: InsertionDeletion.concat(parts).to_dict() for name, parts in acc.curves.items()
-        }
-    return out
+def _subset(sp: _Split, idx: torch.Tensor) -> _Split:
+    return _Split(sp.rows[idx], None if sp.prefix is None else sp.prefix[idx], sp.shape)
 
 
-def _similarity(d: DictionaryLike) -> dict:
-    W = d.tensors["W"].detach().cpu()
-    return concept_similarity(list(W) if W.ndim == 3 else W)
+def _groups(index: list[int | None]) -> list[tuple[int | None, list[int]]]:
+    """Images grouped by the dictionary class index that encodes them, in first-seen order."""
+    out: dict[int | None, list[int]] = {}
+    for i, v in enumerate(index):
+        out.setdefault(v, []).append(i)
+    return list(out.items())
+
+
+def _predicted_class(logits: torch.Tensor, class_outputs: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The store class each image is predicted as: the most probable of the outputs that are the store's classes.
+
+    A model with more outputs than the store has classes may predict an output that is no class of the store; its
+    most probable store class is then used, as explain does for the gates.
+    """
+    scores = logits[:, class_outputs].masked_fill(~known[None, :], float("-inf"))
+    return scores.argmax(1)
+
+
+@dataclass
+class _Row:
+    """One dictionary evaluated: the encodings it is computed under and one set of metrics for each."""
+
+    name: str
+    d: DictionaryLike
+    class_map: list[int | None]
+    needs_class: bool
+    attribute: bool
+    variants: dict[str, DictionaryLike]
+    skipped: dict[str, str]
+    metrics: dict[str, list[Any]]
+    predictions: dict[str, np.ndarray]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def computed(self) -> list[str]:
+        return list(self.variants)
+
+
+def _make_row(name: str, d: DictionaryLike, class_map: list[int | None], cfg: EvaluateConfig, n_test: int,
+              attribute: bool, extra: dict[str, Any] | None = None) -> _Row:
+    needs = _needs_class(d)
+    variants: dict[str, DictionaryLike] = {}
+    skipped: dict[str, str] = {}
+    # a dictionary that takes no class gives the same numbers under every encoding: computed once
+    for enc in (cfg.encode_class if needs else (cfg.headline,)):
+        if enc == "none":
+            v, why = _class_free(d)
+            if v is None:
+                skipped[enc] = why
+                continue
+            variants[enc] = v
+        else:
+            variants[enc] = d
+    W = d.tensors["W"]
+    metrics = {enc: [m(W, d.meta, cfg) for m in EVALUATE_METRICS] for enc in variants}
+    preds = {enc: np.full(n_test, -1, dtype=np.int64) for enc in variants}
+    return _Row(name, d, class_map, needs, attribute, variants, skipped, metrics, preds, dict(extra or {}))
+
+
+def _index_for(row: _Row, enc: str, y: int, pred_class: torch.Tensor) -> list[int | None]:
+    n = pred_class.shape[0]
+    if not row.needs_class or enc == "none":
+        return [None] * n
+    if enc == "true":
+        return [row.class_map[y]] * n
+    return [row.class_map[int(c)] for c in pred_class.tolist()]
+
+
+def _feed(row: _Row, enc: str, split: str, y: int, sp: _Split, tail: _Tail, model_logits: torch.Tensor,
+          labels: torch.Tensor, pred_class: torch.Tensor, ids: np.ndarray | None, cfg: EvaluateConfig,
+          attribute: bool) -> None:
+    d = row.variants[enc]
+    for yd, members in _groups(_index_for(row, enc, y, pred_class)):
+        idx = torch.as_tensor(members, device=sp.rows.device)
+        sub = _subset(sp, idx)
+        U = _encode(d, sub.rows, yd)
+        with torch.no_grad():
+            A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd)
+        head = _make_head(tail, d, yd, sub)
+        recon = None
+        if split == "test":
+            recon = _rows_to_head(tail, sub, A_hat.reshape(sub.rows.shape), cfg.batch_size)
+            if ids is not None:
+                row.predictions[enc][ids[np.asarray(members)]] = recon.argmax(1).cpu().numpy()
+        batch = Batch(split=split, group=y, rows=sub.rows, U=U, A_hat=A_hat, head=head, side=sub.prefix,
+                      model_logits=model_logits[idx], labels=labels[idx], recon_logits=recon, attribute=attribute)
+        for metric in row.metrics[enc]:
+            metric.update(batch)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -382,11 +464,17 @@ def evaluate(
     tail: Callable[[torch.Tensor], torch.Tensor] | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Every metric of METHOD.md section 4 for each dictionary, side by side; returns the results dict.
+    """Every metric of METHOD.md section 4 for each dictionary, side by side, with references; returns a dict.
 
     names: one row label per dictionary (default "<method> k=<k>"). tail: h in the store layout (activations
     (m, *positions, c) -> logits), built from the store's model spec when not given (tests pass their own).
     out_dir: when given, also writes evaluation.json and the PNG plots there (`write_results`).
+
+    Codes are solved under each encoding of `config.encode_class` (the class that picks gates, per-class
+    dictionaries and means: the true one, the model's predicted one, or none); the full set of metrics is
+    computed under the headline encoding (`config.headline`, the predicted class by default), the reconstruction
+    under every one. References read every method against what no concept at all gives: the model itself, the
+    train mean of the true / predicted class alone (k = 0), the global train mean, and chance.
     """
     if not dictionaries:
         raise C2MFError("no dictionary to evaluate: give at least one --dict")
@@ -403,28 +491,67 @@ def evaluate(
     prefix = int(getattr(test_store, "num_prefix_tokens", 0) or 0)
     classes = list(test_store.classes)
     cap = config.max_images_per_class
+    headline = config.headline
 
-    # clustering ablation: per-class non-negative (CRAFT-style) dictionaries are the sources, K from the shared ones
+    counts = [min(test_store.n_images(y), cap) if cap is not None else test_store.n_images(y)
+              for y in range(len(classes))]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_test = int(offsets[-1])
+    if n_test == 0:
+        raise C2MFError("the test store has no images")
+
+    rows = [_make_row(lab, d, cmap, config, n_test, attribute=True, extra={"capacity": _capacity(d)})
+            for lab, d, cmap in zip(labels, dicts, class_maps)]
+    # clustering ablation: per-class non-negative (CRAFT-style) dictionaries are the sources, K from the shared ones;
+    # each clustered dictionary is a shared one of K concepts, so it joins the same-capacity comparison
     sources = [i for i, d in enumerate(dicts) if d.per_class and bool((d.tensors["W"] >= 0).all())]
     ks = config.cluster_ks
     if ks is None:
         ks = tuple(sorted({d.n_concepts for d in dicts if not d.per_class}))
-    clustered: list[tuple[int, int, DictionaryLike]] = []
     for i in sources:
         pooled = dicts[i].tensors["W"].shape[0] * dicts[i].n_concepts
         for K in ks:
             if K <= pooled:
-                clustered.append((i, K, _clustered_dictionary(dicts[i], K, config.seed)))
+                cd = _clustered_dictionary(dicts[i], K, config.seed)
+                rows.append(_make_row(f"{labels[i]} clustered K={K}", cd, class_maps[i], config, n_test,
+                                      attribute=False, extra={"capacity": "shared", "clustered_from": labels[i]}))
 
-    accs = [_Accum() for _ in dicts]
-    cl_accs = [_Accum() for _ in clustered]
-    h_diff, h_agree, h_n = 0.0, 0, 0
+    class_outputs, known = _class_outputs(test_store, train_store, dev)
+
+    # train: class means (the k = 0 references) and the train side of fit/consistency, under the headline encoding
+    width = _store_width(test_store)
+    sums = torch.zeros(len(classes), width, dtype=torch.float64, device=dev)
+    n_rows = torch.zeros(len(classes), dtype=torch.float64, device=dev)
+    advance = progress("reconstructing train images", len(classes))
+    for y in range(len(classes)):
+        if train_store.n_images(y) > 0:
+            A, logits, lab = _take(train_store, y, cap)
+            sp = _split_positions(torch.from_numpy(A).to(dev), prefix)
+            flat = sp.rows.reshape(-1, sp.rows.shape[-1]).double()
+            sums[y] += flat.sum(0)
+            n_rows[y] += flat.shape[0]
+            ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
+            pc = _predicted_class(ml, class_outputs, known)
+            for row in rows:
+                if headline in row.variants:
+                    _feed(row, headline, "train", y, sp, tail, ml, lb, pc, None, config, attribute=False)
+        advance(1)
+    means = (sums / n_rows.clamp_min(1)[:, None]).float()
+    global_mean = (sums.sum(0) / n_rows.sum().clamp_min(1)).float()
+    has_mean = (n_rows > 0).cpu()
+
+    model_pred = np.zeros(n_test, dtype=np.int64)
+    true_label = np.zeros(n_test, dtype=np.int64)
+    group = np.zeros(n_test, dtype=np.int64)
+    ref_pred = {k: np.zeros(n_test, dtype=np.int64) for k in _REFERENCES}
+    h_diff, h_agree = 0.0, 0
     advance = progress("evaluating test images", len(classes))
     for y, name in enumerate(classes):
-        if test_store.n_images(y) == 0:
+        if counts[y] == 0:
             advance(1)
             continue
         A, logits, lab = _take(test_store, y, cap)
+        ids = np.arange(offsets[y], offsets[y + 1])
         A_t = torch.from_numpy(A).to(dev)
         sp = _split_positions(A_t, prefix)
         ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
@@ -432,49 +559,24 @@ def evaluate(
             own = torch.cat([tail(A_t[s : s + config.batch_size]) for s in range(0, A_t.shape[0], config.batch_size)])
         h_diff = max(h_diff, float((own - ml).abs().max()))
         h_agree += int((own.argmax(1) == ml.argmax(1)).sum())
-        h_n += int(own.shape[0])
-        for acc, d, cmap in zip(accs, dicts, class_maps):
-            _eval_test_class(acc, tail, d, cmap[y], sp, ml, lb, y, config, importance=True)
-        for acc, (i, _, d) in zip(cl_accs, clustered):
-            _eval_test_class(acc, tail, d, class_maps[i][y], sp, ml, lb, y, config, importance=False)
+        model_pred[ids], true_label[ids], group[ids] = ml.argmax(1).cpu().numpy(), lab, y
+        pc = _predicted_class(ml, class_outputs, known)
+        P = sp.rows.shape[1]
+        for key, which in (("class_mean_true", torch.full_like(pc, y)), ("class_mean_predicted", pc)):
+            hat = means[which][:, None, :].expand(-1, P, -1)
+            ref_pred[key][ids] = _rows_to_head(tail, sp, hat, config.batch_size).argmax(1).cpu().numpy()
+        hat = global_mean[None, None, :].expand(sp.rows.shape[0], P, -1)
+        ref_pred["global_mean"][ids] = _rows_to_head(tail, sp, hat, config.batch_size).argmax(1).cpu().numpy()
+        for row in rows:
+            for enc in row.computed():
+                _feed(row, enc, "test", y, sp, tail, ml, lb, pc, ids, config,
+                      attribute=row.attribute and enc == headline)
         advance(1)
 
-    advance = progress("reconstructing train images", len(classes))
-    for y in range(len(classes)):
-        if train_store.n_images(y) > 0:
-            A, _, _ = _take(train_store, y, cap)
-            rows = _split_positions(torch.from_numpy(A).to(dev), prefix).rows
-            for acc, d, cmap in zip(accs, dicts, class_maps):
-                U = _encode(d, rows, cmap[y])
-                acc.fit_train.update(rows.reshape(-1, rows.shape[-1]),
-                                     torch.as_tensor(d.decode(U.reshape(-1, U.shape[-1]), cmap[y])))
-        advance(1)
-
-    methods = []
-    for lab, d, acc in zip(labels, dicts, accs):
-        row = {
-            "name": lab,
-            "method": d.method,
-            "k": d.n_concepts,
-            "per_class_dictionary": bool(d.per_class),
-            "gated": "gates" in d.tensors,
-            "similarity": _similarity(d),
-        }
-        row.update(_summarise(acc, classes, importance=True))
-        methods.append(row)
-
-    clustering = []
-    for (i, K, d), acc in zip(clustered, cl_accs):
-        rec = _summarise(acc, classes, importance=False)["reconstruction"]
-        shared = [m for m in methods if not m["per_class_dictionary"] and m["k"] == K]
-        clustering.append({
-            "source": labels[i],
-            "K": K,
-            "clustered_accuracy": {k: rec["accuracy"][k] for k in ("mean", "std")},
-            "clustered_agreement": {k: rec["agreement"][k] for k in ("mean", "std")},
-            "shared": {m["name"]: {k: m["reconstruction"]["accuracy"][k] for k in ("mean", "std")} for m in shared},
-        })
-
+    references = _references(ref_pred, model_pred, true_label, group, classes, bool(has_mean.all()))
+    methods = [_row_result(row, classes, config, model_pred, true_label, group, references) for row in rows]
+    significance = _significance(rows, headline, model_pred, true_label, ref_pred)
+    clustering = _clustering_summary(methods)
     result: dict[str, Any] = {
         "encoding-type": ENCODING_TYPE,
         "encoding-version": ENCODING_VERSION,
@@ -485,10 +587,22 @@ def evaluate(
             "crops": _store_identity(crops_store) if crops_store is not None else None,
             "dictionaries": [_dict_identity(d, lab) for d, lab in zip(dictionaries, labels)],
         },
-        "settings": dict(config.to_dict(), device=str(dev)),
-        "h_check": {"max_abs_logit_diff": h_diff, "prediction_agreement": h_agree / max(h_n, 1), "n_images": h_n},
+        "settings": dict(config.to_dict(), device=str(dev), headline_encoding=headline),
+        "h_check": {"max_abs_logit_diff": h_diff, "prediction_agreement": h_agree / n_test, "n_images": n_test},
+        "n_test_images": n_test,
+        "chance": 1.0 / len(classes),
+        "references": references,
         "methods": methods,
+        "significance": significance,
+        "notes": [n for m in methods for n in m["notes"]],
         "clustering": clustering,
+        "per_image": {
+            "store_class": group.tolist(),
+            "label": true_label.tolist(),
+            "model_prediction": model_pred.tolist(),
+            "references": {k: v.tolist() for k, v in ref_pred.items()},
+            "methods": {r.name: {enc: p.tolist() for enc, p in r.predictions.items()} for r in rows},
+        },
         "ood": _ood(test_store, crops_store, config, progress) if crops_store is not None else None,
     }
     result["time_s"] = time.perf_counter() - t0
@@ -496,6 +610,147 @@ def evaluate(
         files = write_results(result, out_dir)
         result["files"] = {k: os.path.basename(v) for k, v in files.items() if k != "json"}  # as in evaluation.json
     return result
+
+
+_REFERENCES = ("class_mean_true", "class_mean_predicted", "global_mean")
+REFERENCE_LABELS = {
+    "model": "the model itself (original activations)",
+    "class_mean_true": "true class's train mean only (k = 0)",
+    "class_mean_predicted": "predicted class's train mean only (k = 0)",
+    "global_mean": "global train mean only",
+    "chance": "chance (1 / classes)",
+}
+# the reference a method is read against under each encoding, and the measure compared
+_BAR = {"true": ("class_mean_true", "accuracy"), "predicted": ("class_mean_predicted", "agreement"),
+        "none": ("global_mean", "agreement")}
+
+
+def _capacity(d: DictionaryLike) -> str:
+    return "per-class" if d.per_class else "shared"
+
+
+def _class_outputs(test: StoreLike, train: StoreLike, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model output of each store class (from its stored labels) and whether it is known."""
+    outs, known = [], []
+    for y in range(len(test.classes)):
+        src = test if test.n_images(y) else train
+        lab = np.asarray(src.labels(y)) if src.n_images(y) else np.zeros(0, dtype=np.int64)
+        outs.append(int(lab[0]) if lab.size else 0)
+        known.append(bool(lab.size))
+    return torch.tensor(outs, device=dev), torch.tensor(known, device=dev)
+
+
+def _references(ref_pred: dict[str, np.ndarray], model_pred: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                classes: Sequence[str], have_means: bool) -> dict[str, Any]:
+    def named(rec: dict) -> dict:
+        for key in ("accuracy", "agreement"):
+            rec[key]["per_class"] = {classes[int(g)]: v for g, v in rec[key]["per_class"].items()}
+        return rec
+
+    out: dict[str, Any] = {
+        "model": named(per_class_accuracy_from_predictions(model_pred, labels, model_pred, groups)),
+        "chance": {"accuracy": {"mean": 1.0 / len(classes)}},
+    }
+    for key in _REFERENCES:
+        if key.startswith("class_mean") and not have_means:
+            out[key] = {"skipped": "a class has no train images, so its train mean is unknown"}
+            continue
+        out[key] = named(per_class_accuracy_from_predictions(ref_pred[key], labels, model_pred, groups))
+    for key, rec in out.items():
+        rec["label"] = REFERENCE_LABELS[key]
+    return out
+
+
+def _row_result(row: _Row, classes: Sequence[str], cfg: EvaluateConfig, model_pred: np.ndarray,
+                labels: np.ndarray, groups: np.ndarray, references: dict[str, Any]) -> dict[str, Any]:
+    d = row.d
+    out: dict[str, Any] = {
+        "name": row.name,
+        "method": d.method,
+        "k": d.n_concepts,
+        "per_class_dictionary": bool(d.per_class),
+        "capacity": row.extra["capacity"],
+        "directions": d.n_concepts * (d.tensors["W"].shape[0] if d.per_class else 1),
+        "gated": "gates" in d.tensors,
+        "needs_class": row.needs_class,
+        "encode_class": cfg.headline,
+    }
+    out.update({k: v for k, v in row.extra.items() if k != "capacity"})
+    per_enc: dict[str, dict[str, Any]] = {}
+    for enc in row.computed():
+        res: dict[str, Any] = {}
+        for metric in row.metrics[enc]:
+            res.update(metric.result(classes))
+        per_enc[enc] = res
+    out.update(per_enc[cfg.headline] if cfg.headline in per_enc else {})
+    by_encoding: dict[str, Any] = {}
+    for enc in cfg.encode_class:
+        if enc in row.skipped:
+            by_encoding[enc] = {"skipped": row.skipped[enc]}
+            continue
+        src = enc if enc in per_enc else cfg.headline  # a dictionary that takes no class: one result for all
+        by_encoding[enc] = {"reconstruction": per_enc[src].get("reconstruction"),
+                            "fit": {"test": per_enc[src]["fit"]["test"]},
+                            "class_free": not row.needs_class}
+    out["by_encoding"] = by_encoding
+
+    notes, warnings = [], []
+    agreement = (out.get("reconstruction") or {}).get("agreement", {}).get("mean")
+    # None: not computed under the headline encoding (a per-class dictionary under `none`)
+    out["preserves_decision"] = None if agreement is None else bool(agreement >= cfg.min_agreement)
+    if out["preserves_decision"] is False:
+        warnings.append(
+            f"its reconstruction keeps the model's decision on {agreement:.1%} of test images per class (below "
+            f"{cfg.min_agreement:.0%}): its importance and insertion/deletion numbers describe another decision")
+    beats: dict[str, bool] = {}
+    for enc, entry in by_encoding.items():
+        rec = entry.get("reconstruction")
+        ref_key, measure = _BAR[enc]
+        ref = references.get(ref_key, {})
+        # a dictionary that takes no class has one set of numbers: read it against the headline's reference only
+        if rec is None or measure not in ref or (not row.needs_class and enc != cfg.headline):
+            continue
+        mine, bar = rec[measure]["mean"], ref[measure]["mean"]
+        beats[enc] = bool(mine > bar)
+        if not beats[enc]:
+            alone = "the global mean" if ref_key == "global_mean" else "the class's mean"
+            notes.append(f"{row.name} does not beat the reference \"{REFERENCE_LABELS[ref_key]}\" under {enc}-class "
+                         f"encoding ({measure} {mine:.3f} against {bar:.3f}): {alone} alone, with no concept, "
+                         f"does as well")
+    out["beats_reference"] = beats
+    out["warnings"] = warnings
+    out["notes"] = notes
+    return out
+
+
+def _significance(rows: Sequence[_Row], headline: str, model_pred: np.ndarray, labels: np.ndarray,
+                  ref_pred: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Exact McNemar for every pair of methods (and each against the class-mean reference) on the same images."""
+    bar = _BAR[headline][0]
+    pairs = []
+    for measure, target in (("accuracy", labels), ("agreement", model_pred)):
+        correct = {r.name: r.predictions[headline] == target for r in rows if headline in r.variants}
+        correct[REFERENCE_LABELS[bar]] = ref_pred[bar] == target
+        pairs += [dict(p, measure=measure) for p in pairwise_mcnemar(correct)]
+    return {"test": "exact McNemar (two-sided binomial on discordant images)", "encoding": headline,
+            "alpha": ALPHA, "pairs": pairs}
+
+
+def _clustering_summary(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for m in methods:
+        if "clustered_from" not in m:
+            continue
+        shared = [s for s in methods if s["capacity"] == "shared" and "clustered_from" not in s and s["k"] == m["k"]]
+        rec = m["reconstruction"]
+        out.append({
+            "source": m["clustered_from"],
+            "K": m["k"],
+            "clustered_accuracy": {k: rec["accuracy"][k] for k in ("mean", "std")},
+            "clustered_agreement": {k: rec["agreement"][k] for k in ("mean", "std")},
+            "shared": {s["name"]: {k: s["reconstruction"]["accuracy"][k] for k in ("mean", "std")} for s in shared},
+        })
+    return out
 
 
 def _clustered_dictionary(d: DictionaryLike, K: int, seed: int) -> DictionaryLike:
@@ -595,6 +850,8 @@ def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
                 files[f"insertion_deletion_{ranking_name}_{quantity}"] = str(p)
     series: dict[str, list[tuple[int, float, float]]] = {}
     for m in methods:
+        if "clustered_from" in m:  # drawn from the clustering entries below
+            continue
         acc = m["reconstruction"]["accuracy"]
         series.setdefault(m["method"], []).append((m["k"], acc["mean"], acc["std"]))
     for c in result.get("clustering") or []:
