@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -53,11 +54,23 @@ def test_evaluate_cli_on_cifar(cifar, tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert [m["name"] for m in res["methods"]] == ["c2mf", "craft", "pca"]
+    assert [m["name"] for m in res["methods"]] == ["c2mf", "craft", "pca", "craft clustered K=4"]
     assert res["h_check"]["prediction_agreement"] == 1.0
-    for m in res["methods"]:
-        assert 0.0 <= m["reconstruction"]["accuracy"]["mean"] <= 1.0
+    assert [m["capacity"] for m in res["methods"]] == ["shared", "per-class", "per-class", "shared"]
+    refs, n = res["references"], res["n_test_images"]
+    assert n == 20 and res["chance"] == 0.1
+    # the model agrees with itself; the predicted class's mean can do no better than the model on labels
+    assert refs["model"]["agreement"]["mean"] == 1.0
+    assert refs["model"]["accuracy"]["mean"] == pytest.approx(
+        float(np.mean(np.array(res["per_image"]["model_prediction"]) == np.array(res["per_image"]["label"]))))
+    for m in res["methods"][:3]:
+        rec = m["reconstruction"]
+        assert m["encode_class"] == "predicted" and set(m["by_encoding"]) == {"predicted", "true"}
+        assert rec["n_images"] == n
         assert m["importance"]["ig_completeness"]["max_relative_error"] < 0.05
+    names = [m["name"] for m in res["methods"]]
+    pairs = [p for p in res["significance"]["pairs"] if p["measure"] == "agreement"]
+    assert len(pairs) == (len(names) + 1) * len(names) // 2 and all(0 < p["p"] <= 1 and p["n"] == n for p in pairs)
     assert 0.0 <= res["ood"]["auroc"] <= 1.0
     assert res["clustering"] and res["clustering"][0]["K"] == 4
     saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
