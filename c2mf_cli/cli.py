@@ -1,15 +1,19 @@
 """The `c2mf` command line: a thin layer over the library that parses options, prints, and exits.
 
-Each command family lives in `c2mf_cli/commands/<name>.py` and exposes `register(app)`.
+Each command is a module-level function in `c2mf_cli/commands/<name>.py`, registered below. Command modules
+import the library (torch, timm, matplotlib) inside the command, so `c2mf --help`, `--version`, completion and
+option errors answer without loading it.
 """
 
 from __future__ import annotations
 
-import importlib
+from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
+from .commands import (atlas, demo, evaluate, explain, extract, factorize, info, layers, methods, report,
+                       version)
 from .commands._console import err
 from .errors import C2MFError
 
@@ -24,6 +28,17 @@ class _Group(TyperGroup):
             err.print(f"Error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
+    def get_command(self, ctx, cmd_name):  # type: ignore[override]
+        command = super().get_command(ctx, cmd_name)
+        for p in command.params if command is not None else ():
+            # typer prints an argument's Python type after its name (`IMAGE... <list[Path]>`); the metavar says it
+            if p.param_type_name == "argument" and p.metavar is not None:
+                p.display_type_rich = lambda ctx: None
+        return command
+
+    def list_commands(self, ctx):  # type: ignore[override]
+        return list(self.commands)  # registration order: the chain, not the alphabet
+
 
 app = typer.Typer(
     name="c2mf",
@@ -31,36 +46,33 @@ app = typer.Typer(
     help="Find the concepts a vision model uses (C2MF, CRAFT, PCA) and show where they are in an image.\n\n"
     "The commands form a chain: extract -> factorize -> evaluate / explain. `c2mf demo` runs it all.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Optional[bool] = typer.Option(None, "--version", callback=version.version_flag, is_eager=True,
+                                                help="Print the c2mf version and exit."),
+) -> None:
     """Find the concepts a vision model uses and show where they are in an image."""
 
 
-# Order here is the order in `c2mf --help`.
-_COMMAND_MODULES = ("demo", "extract", "factorize", "evaluate", "explain", "info")
-
-for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"{__package__}.commands.{_name}")
-    except ModuleNotFoundError as e:  # a command family not written yet must not break the others
-        if e.name != f"{__package__}.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
-
-
-@app.command("version")
-def version() -> None:
-    """Print the c2mf version."""
-    from . import __version__
-
-    print(__version__)
+# The order here is the order in `c2mf --help`: the chain.
+app.command("demo")(demo.demo)
+app.command("layers")(layers.layers)
+app.command("extract")(extract.extract)
+app.command("factorize")(factorize.factorize)
+app.command("methods")(methods.methods)
+app.command("evaluate")(evaluate.evaluate)
+app.command("explain")(explain.explain)
+app.command("atlas")(atlas.atlas)
+app.command("report")(report.report)
+app.command("info")(info.info)
+app.command("version")(version.version)
 
 
 def main() -> None:

@@ -13,15 +13,15 @@ SHIFT=${SHIFT:-}   # set SHIFT=--shift for a signed layer: craft then fits A - m
 MODEL=(-m "$DATA/models.py:mobilenet_v2_inat_birds" -c "$DATA/cub/mobilenet_v2_inat_birds.pt" -l "$LAYER"
        -d "$DATA/cub/images" --class-index "$DATA/cub/class_index.json")
 
-c2mf extract "${MODEL[@]}" --split train --max-per-class "$TRAIN" -o "$OUT/train.zarr"
+c2mf extract "${MODEL[@]}" --split train --max-images-per-class "$TRAIN" -o "$OUT/train.zarr"
 c2mf extract "${MODEL[@]}" --split test -o "$OUT/test.zarr"
-c2mf extract "${MODEL[@]}" --split train --max-per-class "$CROPS" --mode crops -o "$OUT/crops.zarr"
+c2mf extract "${MODEL[@]}" --split train --max-images-per-class "$CROPS" --mode crops -o "$OUT/crops.zarr"
 
 dicts=()
 for k in $K; do
-    c2mf factorize "$OUT/train.zarr" --method c2mf --concepts "$k" -o "$OUT/c2mf-k$k.safetensors"
-    c2mf factorize "$OUT/crops.zarr" --method craft --concepts "$k" $SHIFT -o "$OUT/craft-k$k.safetensors"
-    c2mf factorize "$OUT/train.zarr" --method pca --concepts "$k" -o "$OUT/pca-k$k.safetensors"
+    c2mf factorize -s "$OUT/train.zarr" --method c2mf --concepts "$k" -o "$OUT/c2mf-k$k.safetensors"
+    c2mf factorize -s "$OUT/crops.zarr" --method craft --concepts "$k" $SHIFT -o "$OUT/craft-k$k.safetensors"
+    c2mf factorize -s "$OUT/train.zarr" --method pca --concepts "$k" -o "$OUT/pca-k$k.safetensors"
     dicts+=(--dict "$OUT/c2mf-k$k.safetensors" --dict "$OUT/craft-k$k.safetensors" --dict "$OUT/pca-k$k.safetensors")
 done
 c2mf evaluate --train "$OUT/train.zarr" --test "$OUT/test.zarr" --crops "$OUT/crops.zarr" "${dicts[@]}" \

@@ -16,7 +16,7 @@ c2mf extract \
     --model nf_resnet50.ra2_in1k --checkpoint "$HOME/weights/nf_resnet50.ra2_in1k.safetensors" \
     --layer stages.3 \
     --data /datasets/imagenet/train --class-index "$HOME/imagenet_class_index.json" \
-    --max-per-class 100 \
+    --max-images-per-class 100 \
     --out "$SCRATCH/imagenet-nf50-stages3.zarr" \
     --device cuda --batch-size 128 --workers "$SLURM_CPUS_PER_TASK" --autocast bf16 --quiet
 

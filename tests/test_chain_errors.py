@@ -40,7 +40,7 @@ def _error_line(result) -> str:
 
 
 def _fit(store: Path, out: Path, method: str = "c2mf") -> Path:
-    r = _run("factorize", store, "--method", method, "--concepts", 3, "--iterations", 3, "--quiet", "--device",
+    r = _run("factorize", "-s", store, "--method", method, "--concepts", 3, "--iterations", 3, "--quiet", "--device",
              "cpu", "--out", out)
     assert r.exit_code == 0, r.output
     return out
@@ -75,7 +75,7 @@ def _other_weights(meta: dict) -> None:
 @pytest.mark.parametrize("option", ["--alpha", "--alpha-scale"])
 def test_factorize_infinite_alpha_is_a_usage_error(tiny_store, tmp_path, option):
     # inf passed the range checks and fitted a dictionary with every gate closed (relative error 1)
-    r = _run("factorize", tiny_store, "--method", "c2mf", "--concepts", 3, option, "inf", "--out",
+    r = _run("factorize", "-s", tiny_store, "--method", "c2mf", "--concepts", 3, option, "inf", "--out",
              tmp_path / "d.safetensors")
     assert r.exit_code == 2
     assert f"{option} must be a finite number, got inf" in _error_line(r)
@@ -84,10 +84,10 @@ def test_factorize_infinite_alpha_is_a_usage_error(tiny_store, tmp_path, option)
 
 def test_factorize_out_that_cannot_be_a_file_fails_before_fitting(tiny_store, tmp_path):
     (tmp_path / "folder").mkdir()
-    r = _run("factorize", tiny_store, "--method", "pca", "--concepts", 3, "--out", tmp_path / "folder")
+    r = _run("factorize", "-s", tiny_store, "--method", "pca", "--concepts", 3, "--out", tmp_path / "folder")
     assert r.exit_code == 2 and "is a folder: give a file path" in _error_line(r)
     (tmp_path / "a_file").write_text("x")
-    r = _run("factorize", tiny_store, "--method", "pca", "--concepts", 3, "--out", tmp_path / "a_file" / "d.st")
+    r = _run("factorize", "-s", tiny_store, "--method", "pca", "--concepts", 3, "--out", tmp_path / "a_file" / "d.st")
     assert r.exit_code == 2 and "is a file, not a folder" in _error_line(r)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "folder"]
 
@@ -97,14 +97,14 @@ def test_factorize_write_failure_is_one_error_line(tiny_store, tmp_path, monkeyp
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(ConceptDictionary, "save", fail)
-    r = _run("factorize", tiny_store, "--method", "pca", "--concepts", 3, "-q", "--out", tmp_path / "d.safetensors")
+    r = _run("factorize", "-s", tiny_store, "--method", "pca", "--concepts", 3, "-q", "--out", tmp_path / "d.safetensors")
     assert r.exit_code == 1 and "cannot write --out" in _error_line(r) and "Permission denied" in r.output
 
 
 def test_factorize_replaces_an_existing_out_and_says_so(tiny_store, tmp_path):
     out = tmp_path / "d.safetensors"
     out.write_bytes(b"old")
-    r = _run("factorize", tiny_store, "--method", "pca", "--concepts", 3, "--out", out)
+    r = _run("factorize", "-s", tiny_store, "--method", "pca", "--concepts", 3, "--out", out)
     assert r.exit_code == 0, r.output
     assert "note: replaced the previous" in r.output
     assert ConceptDictionary.load(out).n_concepts == 3
@@ -117,7 +117,7 @@ def test_craft_on_a_signed_crop_store_points_to_shift(tiny_crop_store, tmp_path)
     root = zarr.open_group(str(signed), mode="r+", zarr_format=3)
     arr = root[sorted(root.group_keys())[0]]["activations"]
     arr[:] = np.asarray(arr[:]) - 1.0
-    r = _run("factorize", signed, "--method", "craft", "--concepts", 3, "--iterations", 2, "-q", "--out",
+    r = _run("factorize", "-s", signed, "--method", "craft", "--concepts", 3, "--iterations", 2, "-q", "--out",
              tmp_path / "d.safetensors")
     assert r.exit_code == 1
     assert "negative activations" in (line := _error_line(r)) and "--shift" in line
@@ -129,9 +129,9 @@ def test_factorize_incomplete_store_and_plain_folder(tiny_store, image_folder, t
     shutil.copytree(tiny_store, broken)
     root = zarr.open_group(str(broken), mode="r+", zarr_format=3)
     root.attrs["complete"] = False
-    r = _run("factorize", broken, "--method", "pca", "--concepts", 3, "--out", tmp_path / "d.safetensors")
+    r = _run("factorize", "-s", broken, "--method", "pca", "--concepts", 3, "--out", tmp_path / "d.safetensors")
     assert r.exit_code == 1 and "incomplete" in (line := _error_line(r)) and "rerun" in line
-    r = _run("factorize", image_folder, "--method", "pca", "--concepts", 3, "--out", tmp_path / "d.safetensors")
+    r = _run("factorize", "-s", image_folder, "--method", "pca", "--concepts", 3, "--out", tmp_path / "d.safetensors")
     assert r.exit_code == 1 and str(image_folder.name) in _error_line(r)
     assert not (tmp_path / "d.safetensors").exists()
 
@@ -189,7 +189,7 @@ def test_evaluate_reused_folder_drops_stale_plots_and_json_is_strict_and_stdout_
     Image.new("RGB", (4, 4)).save(out / "confidence_histograms.png")  # from an earlier run with --crops
     (out / "notes.txt").write_text("mine")
     one = tmp_path / "pca1.safetensors"  # one concept: its similarity metrics are NaN (printed as NaN before)
-    r = _run("factorize", chain["train"], "--method", "pca", "--concepts", 1, "-q", "--out", one)
+    r = _run("factorize", "-s", chain["train"], "--method", "pca", "--concepts", 1, "-q", "--out", one)
     assert r.exit_code == 0, r.output
     r = _evaluate(chain, "--dict", one, "--json", out=out)
     assert r.exit_code == 0, r.output
@@ -287,21 +287,21 @@ def test_explain_out_is_a_file(chain, tmp_path):
 def test_atlas_refuses_a_dictionary_of_other_weights(chain, tmp_path):
     # the old check read the weights from a key dictionaries do not record, so this drew a meaningless atlas
     other = _edited_dictionary(chain["dict"], tmp_path / "other.safetensors", _other_weights)
-    r = _run("atlas", chain["train"], other, "-q", "--out", tmp_path / "atlas")
+    r = _run("atlas", "-s", chain["train"], "--dict", other, "-q", "--out", tmp_path / "atlas")
     line = _error_line(r)
     assert r.exit_code == 1 and "weights ffffffffffff" in line and str(chain["train"]) in line
     assert not (tmp_path / "atlas").exists()
 
 
 def test_atlas_bad_inputs(chain, tiny_crop_store, tmp_path):
-    r = _run("atlas", tiny_crop_store, chain["dict"], "-q", "--out", tmp_path / "a")
+    r = _run("atlas", "-s", tiny_crop_store, "--dict", chain["dict"], "-q", "--out", tmp_path / "a")
     assert r.exit_code == 1 and "needs a store of whole images" in _error_line(r)
-    r = _run("atlas", chain["train"], chain["dict"], "--class", "zebra", "-q", "--out", tmp_path / "a")
+    r = _run("atlas", "-s", chain["train"], "--dict", chain["dict"], "--class", "zebra", "-q", "--out", tmp_path / "a")
     assert r.exit_code == 2 and "--class 'zebra' is not in the store" in _error_line(r)
-    r = _run("atlas", chain["train"], chain["dict"], "--clip-model", "ViT-B-32", "--out", tmp_path / "a")
+    r = _run("atlas", "-s", chain["train"], "--dict", chain["dict"], "--clip-model", "ViT-B-32", "--out", tmp_path / "a")
     assert r.exit_code == 2 and "missing --clip-checkpoint, --vocabulary" in _error_line(r)
     (tmp_path / "f").write_text("x")
-    r = _run("atlas", chain["train"], chain["dict"], "--out", tmp_path / "f")
+    r = _run("atlas", "-s", chain["train"], "--dict", chain["dict"], "--out", tmp_path / "f")
     assert r.exit_code == 2 and "is a file" in _error_line(r)
     assert not (tmp_path / "a").exists()
 

@@ -31,7 +31,7 @@ def cifar(tmp_path_factory):
     runner = CliRunner()
     common = ["extract", "-m", f"{DATA / 'models.py'}:cifar_resnet20", "-c", str(CIFAR / "resnet20-12fca82f.th"),
               "-l", "layer3", "-d", str(CIFAR / "images"), "--device", "cpu", "--workers", "0", "-q",
-              "--max-per-class", "5"]
+              "--max-images-per-class", "5"]
     for name, extra in (("train", ["--split", "train"]), ("test", ["--split", "test"]),
                         ("crops", ["--split", "train", "--mode", "crops", "--crop-size", "0.5"])):
         r = runner.invoke(app, [*common, *extra, "-o", str(root / name)])

@@ -212,7 +212,7 @@ def test_cli_missing_data_and_store(tmp_path):
 
 
 def test_cli_layers_lists_useful_layers():
-    result = runner.invoke(app, ["layers", "test_vit", "--json"])
+    result = runner.invoke(app, ["layers", "-m", "test_vit", "--json"])
     assert result.exit_code == 0, result.output
     layers = {entry["name"]: entry for entry in json.loads(result.stdout)["layers"]}
     assert {f"blocks.{i}" for i in range(6)} <= set(layers)
@@ -271,7 +271,7 @@ def test_real_cub_store_with_class_index(tmp_path):
     args = ["extract", "-m", f"{SHARED_DATA}/models.py:mobilenet_v2_inat_birds", "-c",
             str(SHARED_DATA / "cub/mobilenet_v2_inat_birds.pt"), "-l", "blocks.16", "-d",
             str(SHARED_DATA / "cub/images"), "--class-index", str(SHARED_DATA / "cub/class_index.json"),
-            "--max-per-class", "1", "-o", str(tmp_path / "b.zarr"), "--workers", "1", "--quiet"]
+            "--max-images-per-class", "1", "-o", str(tmp_path / "b.zarr"), "--workers", "1", "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     store = ActivationStore.open(tmp_path / "b.zarr")
@@ -373,9 +373,9 @@ def test_max_per_class_and_splits_without_images(tmp_path):
 
 def test_cli_error_before_any_work_is_one_line(tmp_path, image_folder):
     result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d",
-                                 str(image_folder), "-o", str(tmp_path / "s"), "--max-per-class", "0"])
+                                 str(image_folder), "-o", str(tmp_path / "s"), "--max-images-per-class", "0"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["Error: --max-per-class must be at least 1, got 0"]
+    assert result.output.strip().splitlines() == ["Error: --max-images-per-class must be at least 1, got 0"]
     assert not list(tmp_path.iterdir())  # no store, no temporary directory
 
 

@@ -12,7 +12,7 @@ import zarr
 from typer.testing import CliRunner
 
 from c2mf_cli.cli import app
-from c2mf_cli.commands.factorize import describe_dictionary
+from c2mf_cli.artifacts.describe import describe_dictionary
 from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.errors import C2MFError
 from c2mf_cli.artifacts.store import ActivationStore
@@ -45,13 +45,19 @@ def test_methods_lists_the_registry():
 def test_help_has_an_example():
     r = _run("factorize", "--help")
     assert r.exit_code == 0 and "Example: c2mf factorize" in r.stdout
-    for name in ("c2mf", "craft", "pca", "nmf", "semi-nmf"):
-        assert name in r.stdout
+    assert "`c2mf methods`" in r.stdout  # the list is read from the registry only when a command runs
+
+
+def test_unknown_method_lists_the_registry(tiny_store: Path, tmp_path: Path):
+    r = _run("factorize", "-s", tiny_store, "--method", "nfm", "-k", 3, "-o", tmp_path / "d.safetensors")
+    assert r.exit_code == 2
+    assert _error_line(r) == ("Error: unknown --method 'nfm': did you mean 'nmf'? use one of c2mf, craft, pca, nmf, "
+                              "semi-nmf (see `c2mf methods`)")
 
 
 def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
     out = tmp_path / "c2mf.safetensors"
-    r = _run("factorize", tiny_store, "--method", "c2mf", "--concepts", 4, "--iterations", 6, "--batch-size", 40,
+    r = _run("factorize", "-s", tiny_store, "--method", "c2mf", "--concepts", 4, "--iterations", 6, "--batch-size", 40,
              "--checkpoint-every", 2, "--device", "cpu", "--json", "--out", out)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -71,7 +77,7 @@ def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
     assert info["classes"] == 3 and all("concepts_used" in row for row in info["per_class_concepts"])
     r = _run("info", out, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "c2mf"
-    r = _run("factorize", tiny_store, "--method", "c2mf", "--concepts", 4, "--iterations", 3, "--alpha", "0.05",
+    r = _run("factorize", "-s", tiny_store, "--method", "c2mf", "--concepts", 4, "--iterations", 3, "--alpha", "0.05",
              "--device", "cpu", "--json", "--out", tmp_path / "fixed.safetensors")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["alpha"] == 0.05
@@ -81,14 +87,14 @@ def test_c2mf_end_to_end(tiny_store: Path, tmp_path: Path):
                                   ["--method", "nmf", "--shift", "--iterations", "3"]])
 def test_other_methods_on_full_store(tiny_store: Path, tmp_path: Path, args):
     out = tmp_path / "d.safetensors"
-    r = _run("factorize", tiny_store, *args, "--concepts", 3, "--device", "cpu", "--quiet", "--out", out)
+    r = _run("factorize", "-s", tiny_store, *args, "--concepts", 3, "--device", "cpu", "--quiet", "--out", out)
     assert r.exit_code == 0, r.output
     assert ConceptDictionary.load(out).n_concepts == 3
 
 
 def test_craft_on_crop_store(tiny_crop_store: Path, tmp_path: Path):
     out = tmp_path / "craft.safetensors"
-    r = _run("factorize", tiny_crop_store, "--method", "craft", "--concepts", 3, "--iterations", 5, "--shift",
+    r = _run("factorize", "-s", tiny_crop_store, "--method", "craft", "--concepts", 3, "--iterations", 5, "--shift",
              "--device", "cpu", "--quiet", "--out", out)
     assert r.exit_code == 0, r.output
     d = ConceptDictionary.load(out)
@@ -114,16 +120,16 @@ def test_bad_inputs_by_message_and_exit_code(request, tmp_path: Path, store_fixt
     store = request.getfixturevalue(store_fixture)
     if "--concepts" not in args:
         args = args + ["--concepts", "3"]
-    r = _run("factorize", store, *args, "--iterations", "2", "--quiet", "--out", tmp_path / "d.safetensors")
+    r = _run("factorize", "-s", store, *args, "--iterations", "2", "--quiet", "--out", tmp_path / "d.safetensors")
     assert r.exit_code == code, r.output
     assert message in _error_line(r)
     assert not (tmp_path / "d.safetensors").exists()
 
 
 def test_missing_store_and_unknown_method(tmp_path: Path):
-    r = _run("factorize", tmp_path / "nope.zarr", "--method", "c2mf", "--concepts", 3, "--out", tmp_path / "d")
+    r = _run("factorize", "-s", tmp_path / "nope.zarr", "--method", "c2mf", "--concepts", 3, "--out", tmp_path / "d")
     assert r.exit_code == 1 and "does not exist" in _error_line(r)
-    r = _run("factorize", tmp_path, "--method", "ica", "--concepts", 3, "--out", tmp_path / "d")
+    r = _run("factorize", "-s", tmp_path, "--method", "ica", "--concepts", 3, "--out", tmp_path / "d")
     assert r.exit_code == 2 and "ica" in r.output
 
 
@@ -137,7 +143,7 @@ def test_nan_in_store_is_an_error(tiny_store: Path, tmp_path: Path):
     block = np.asarray(arr[:1])
     block[...] = np.nan
     arr[:1] = block
-    r = _run("factorize", bad, "--method", "c2mf", "--concepts", 3, "--iterations", 2, "--quiet",
+    r = _run("factorize", "-s", bad, "--method", "c2mf", "--concepts", 3, "--iterations", 2, "--quiet",
              "--out", tmp_path / "d.safetensors")
     assert r.exit_code == 1, r.output
     assert "NaN or infinite activations" in _error_line(r)

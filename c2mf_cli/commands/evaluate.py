@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ._console import Reporter, err, out, print_json
+from ._console import Reporter, check_output_dir, err, out, print_json
 from ..errors import UsageError
+from .options import REQUIRED, check_input, option
 
 
 def _pm(d: dict[str, Any] | None, mean: str = "mean", std: str = "std", fmt: str = ".3f") -> str:
@@ -185,68 +185,67 @@ def tables(result: dict[str, Any]) -> list[Table]:
     return out_tables
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("evaluate")
-    def evaluate_cmd(
-        train: Path = typer.Option(..., "--train", help="Activation store of the training images (whole images)."),
-        test: Path = typer.Option(..., "--test", help="Held-out activation store (whole images, same model/layer)."),
-        dicts: list[Path] = typer.Option(..., "--dict", help="Dictionary file from `c2mf factorize`; repeat the option."),
-        out_dir: Path = typer.Option(
-            ..., "--out", help="Folder for evaluation.json and the PNG plots; an existing folder is reused: its "
-            "evaluation.json and plots are replaced, other files are left alone."),
-        crops: Optional[Path] = typer.Option(None, "--crops", help="Crop store (for the OOD view of crops)."),
-        json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
-        device: str = typer.Option("auto", "--device", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps."),
-        max_images: Optional[int] = typer.Option(None, "--max-images-per-class", help="Use at most N images per class."),
-        ig_steps: int = typer.Option(32, "--ig-steps", help="Integrated Gradients steps (>= 32 advised)."),
-        batch_size: int = typer.Option(1024, "--batch-size", help="Rows (image x step) per call of the model's tail."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the clustering ablation's k-means."),
-        encode_class: str = typer.Option(
-            "predicted,true", "--encode-class", metavar="ENCODINGS",
-            help="Which class picks gates, per-class dictionaries and means when codes are solved, comma-separated: "
-            "predicted (the model's prediction, as explain does: the headline), true (the label: the paper's "
-            "protocol, which hands the answer to the reconstruction), none (all concepts ungated)."),
-        min_agreement: float = typer.Option(
-            0.5, "--min-agreement", metavar="FRACTION",
-            help="Below this agreement with the model, a method's reconstruction is flagged as not keeping the "
-            "model's decision (its insertion/deletion numbers are then not bolded)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    ) -> None:
-        """Measure concept dictionaries side by side with every metric of the C2MF paper.
+def evaluate(
+    train: Path = option("train", default=REQUIRED),
+    test: Path = option("test", default=REQUIRED),
+    dicts: list[Path] = option("dict", default=REQUIRED, help="Dictionary file from `c2mf factorize`; repeat the "
+                               "option to compare several."),
+    out_dir: Path = option("out", default=REQUIRED, help="Folder for evaluation.json and the PNG plots; an "
+                           "existing folder is reused: its evaluation.json and plots are replaced, other files are "
+                           "left alone."),
+    crops: Optional[Path] = option("crops"),
+    json_out: bool = option("json", help="Print the full result as JSON on stdout."),
+    device: str = option("device"),
+    max_images: Optional[int] = option("max_images_per_class"),
+    ig_steps: int = option("ig_steps"),
+    batch_size: int = option("batch_size", default=1024, help="Rows (image x step) per call of the model's tail."),
+    seed: int = option("seed", help="Seed of the clustering ablation's k-means."),
+    encode_class: str = typer.Option(
+        "predicted,true", "--encode-class", metavar="ENCODINGS",
+        help="Which class picks gates, per-class dictionaries and means when codes are solved, comma-separated: "
+        "predicted (the model's prediction, as explain does: the headline), true (the label: the paper's "
+        "protocol, which hands the answer to the reconstruction), none (all concepts ungated)."),
+    min_agreement: float = typer.Option(
+        0.5, "--min-agreement", metavar="FRACTION",
+        help="Below this agreement with the model, a method's reconstruction is flagged as not keeping the "
+        "model's decision (its insertion/deletion numbers are then not bolded)."),
+    quiet: bool = option("quiet"),
+) -> None:
+    """Measure concept dictionaries side by side with every metric of the C2MF paper.
 
-        Example: c2mf evaluate --train cub-train --test cub-test --crops cub-crops
-        --dict c2mf-k10.safetensors --dict craft-k10.safetensors --dict pca-k10.safetensors --out eval/
-        """
-        from ..artifacts.dictionary import ConceptDictionary
-        from ..stages.evaluate import EvaluateConfig, evaluate, json_safe
-        from ..artifacts.store import ActivationStore
+    Example: c2mf evaluate --train cub-train --test cub-test --crops cub-crops
+    --dict c2mf-k10.safetensors --dict craft-k10.safetensors --dict pca-k10.safetensors -o eval/
+    """
+    if not dicts:
+        raise UsageError("give at least one --dict")
+    for p, name in [(train, "--train"), (test, "--test"), (crops, "--crops")] + [(d, "--dict") for d in dicts]:
+        check_input(p, name)
+    check_output_dir(out_dir)
+    from ..artifacts.dictionary import ConceptDictionary
+    from ..artifacts.store import ActivationStore
+    from ..stages.evaluate import EvaluateConfig, evaluate as run_evaluate, json_safe
 
-        from ._console import check_output_dir
-
-        if not dicts:
-            raise UsageError("give at least one --dict")
-        check_output_dir(out_dir)
-        config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed,
-                                encode_class=tuple(e.strip() for e in encode_class.split(",") if e.strip()),
-                                min_agreement=min_agreement)
-        train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
-        crops_s = ActivationStore.open(crops) if crops is not None else None
-        loaded = []
-        for p in dicts:
-            d = ConceptDictionary.load(p)
-            d.meta["path"] = str(p)
-            loaded.append(d)
-        names = [p.stem for p in dicts] if len({p.stem for p in dicts}) == len(dicts) else None
-        reporter = Reporter(quiet)
-        with reporter.session():
-            result = evaluate(train_s, test_s, loaded, crops_s, config, reporter.task, names=names, device=device,
+    config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed,
+                            encode_class=tuple(e.strip() for e in encode_class.split(",") if e.strip()),
+                            min_agreement=min_agreement)
+    train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
+    crops_s = ActivationStore.open(crops) if crops is not None else None
+    loaded = []
+    for p in dicts:
+        d = ConceptDictionary.load(p)
+        d.meta["path"] = str(p)
+        loaded.append(d)
+    names = [p.stem for p in dicts] if len({p.stem for p in dicts}) == len(dicts) else None
+    reporter = Reporter(quiet)
+    with reporter.session():
+        result = run_evaluate(train_s, test_s, loaded, crops_s, config, reporter.task, names=names, device=device,
                               out_dir=out_dir)
-        console: Console = err if json_out else out
-        if not (json_out and quiet):
-            for t in tables(result):
-                console.print(t)
-            for note in result.get("notes", []):
-                console.print(f"note: {note}", markup=False)
-            console.print(f"results in {out_dir} ({result['time_s']:.1f} s)", markup=False)
-        if json_out:
-            print_json(json_safe(result))  # strict JSON: a NaN metric (e.g. one concept) is null, as in the file
+    console = err if json_out else out
+    if not (json_out and quiet):
+        for t in tables(result):
+            console.print(t)
+        for note in result.get("notes", []):
+            console.print(f"note: {note}", markup=False)
+        console.print(f"results in {out_dir} ({result['time_s']:.1f} s)", markup=False)
+    if json_out:
+        print_json(json_safe(result))  # strict JSON: a NaN metric (e.g. one concept) is null, as in the file
