@@ -87,7 +87,7 @@ def test_evaluate_cli_errors(cifar, tmp_path):
     assert r.exit_code == 1
     assert "Error: dictionary 'bad' has 7 channels but the store's layer 'layer3' has 64" in r.output
     r = CliRunner().invoke(app, [*base, "--dict", str(tmp_path / "missing.safetensors")])
-    assert r.exit_code == 1 and "Error: no dictionary file at" in r.output
+    assert r.exit_code == 1 and "Error: --dict " in r.output and "missing.safetensors' does not exist" in r.output
     r = CliRunner().invoke(app, ["evaluate", "--train", str(cifar / "crops"), "--test", str(cifar / "test"),
                                  "--out", str(tmp_path / "o"), "--dict", str(cifar / "pca.safetensors"), "-q"])
     assert r.exit_code == 1 and "Error: the train store holds 'crops' rows" in r.output

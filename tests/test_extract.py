@@ -206,7 +206,7 @@ def test_cli_user_errors(tmp_path, image_folder, extra, message, code):
 def test_cli_missing_data_and_store(tmp_path):
     result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(tmp_path / "none"),
                                  "-o", str(tmp_path / "s")])
-    assert result.exit_code == 1 and "Error: data" in result.output and "does not exist" in result.output
+    assert result.exit_code == 1 and "Error: --data" in result.output and "does not exist" in result.output
     result = runner.invoke(app, ["info", str(tmp_path / "none")])
     assert result.exit_code == 1 and "does not exist" in result.output
 
