@@ -140,3 +140,11 @@ def test_importing_the_cli_does_not_import_torch():
             "if m in sys.modules]; print(','.join(heavy))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert r.stdout.strip() == ""
+
+
+def test_defaults_shown_without_importing_the_library_match_it():
+    """Some defaults live in modules that import torch; help shows them as text, so check the text."""
+    from c2mf_cli.distributed import DEFAULT_TIMEOUT_S
+
+    timeout = next(p for p in _commands()["factorize"].params if p.name == "timeout")
+    assert float(timeout.show_default) == DEFAULT_TIMEOUT_S

@@ -183,7 +183,7 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path, tiny_store):
             "distributed.describe(torch.device('cpu'))\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     out = tmp_path / "d.safetensors"
-    cmd = [sys.executable, "-m", "c2mf_cli.cli", "factorize", str(tiny_store), "-m", "c2mf", "-k", "3",
+    cmd = [sys.executable, "-m", "c2mf_cli.cli", "factorize", "-s", str(tiny_store), "--method", "c2mf", "-k", "3",
            "--iterations", "50", "--device", "cpu", "--timeout", "60", "-q", "-o", str(out)]
     t0 = time.perf_counter()
     main = subprocess.Popen(cmd, env={**env, **_env(0, 2, port)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
