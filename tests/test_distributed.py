@@ -66,7 +66,7 @@ def _interrupt_after(passes: int):
     def task(label: str, total):
         done = [0]
 
-        def advance(n: int = 1) -> None:
+        def advance(n: int = 1, *, total: int | None = None, note: str | None = None) -> None:
             done[0] += n
             if done[0] > passes:
                 raise _Stop

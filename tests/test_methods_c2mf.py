@@ -121,7 +121,7 @@ def _stop_after(n_passes: int):
     def progress(description, total):
         seen = [0]
 
-        def advance(k=1):
+        def advance(k=1, *, total=None, note=None):
             seen[0] += k
             if seen[0] >= n_passes:
                 raise _Interrupt

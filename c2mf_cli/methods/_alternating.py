@@ -283,6 +283,17 @@ def _run_passes(source: RowSource, classes: list[int], res: GroupResult, st: Eng
             return
 
 
+def _pass_note(res: GroupResult, p: int, gi: int, n_groups: int, tol: float) -> str:
+    """What a progress line shows after a pass: where the fit is and how far from converged."""
+    h = res.history
+    group = f"group {gi + 1}/{n_groups}, " if n_groups > 1 else ""
+    note = f"{group}pass {p + 1}, rel. error {h[-1]['relative_error']:.4f}"
+    if len(h) > 1 and h[-1]["objective"]:
+        change = (h[-2]["objective"] - h[-1]["objective"]) / abs(h[-1]["objective"])
+        note += f", objective change {change:.1e} (stops below {tol:.0e})"
+    return note + (": converged" if res.converged else "")
+
+
 def _subsample_fit(source: RowSource, classes: list[int], parts: list[torch.Tensor], state: State,
                    st: EngineSettings, update: Callable[[State, Stats, torch.Tensor, float], None],
                    device: torch.device) -> dict[str, Any]:
@@ -341,7 +352,8 @@ def fit_groups(
         start_pass = passes
         if current.converged or passes >= st.iterations:
             done, current, start_pass = results, None, 0
-    advance = progress(label, st.iterations * len(groups))
+    planned = [st.iterations * len(groups)]  # passes still possible; lowered when a group converges early
+    advance = progress(label, planned[0])
     advance(len(done) * st.iterations + start_pass)
     for gi in range(len(done), len(groups)):
         classes = groups[gi]
@@ -355,6 +367,8 @@ def fit_groups(
             start_pass = 0
             total = sum(source.n_rows(y) for y in classes)
             if st.subsample_rows > 0 and total > 2 * sum(p.shape[0] for p in parts):
+                advance(0, note=f"group {gi + 1}/{len(groups)}: first a fit on "
+                                f"{sum(p.shape[0] for p in parts):,} sampled rows")
                 current.subsample = _subsample_fit(source, classes, parts, current.state, st, update, device)
             broadcast(current.state)
         group_st = replace(st, warmup=0) if current.subsample is not None else st  # alpha ramped on the sample
@@ -364,13 +378,13 @@ def fit_groups(
             # e.g. CRAFT's crops, would otherwise re-read the store on each of their passes)
             rows = in_memory(mine, classes, st, device, shift)
 
-        def on_pass(p: int, res: GroupResult = current) -> None:
-            advance(1)
+        def on_pass(p: int, res: GroupResult = current, gi: int = gi) -> None:
+            if res.converged:  # the passes it will not make leave the total: the count ends at 100%, no leap
+                planned[0] -= st.iterations - p - 1
+            advance(1, total=planned[0], note=_pass_note(res, p, gi, len(groups), st.tol))
             if checkpoint_path is not None and is_writer() and (res.converged or (p + 1) % st.checkpoint_every == 0
                                                 or p + 1 == st.iterations):
                 _save_checkpoint(checkpoint_path, done, res, p + 1, st, fingerprint)
-            if res.converged:
-                advance(st.iterations - p - 1)
 
         if rows is mine:
             _run_passes(mine, classes, current, group_st, update, device, shift, start_pass, on_pass)
