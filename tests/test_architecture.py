@@ -20,7 +20,7 @@ RANKS = {
     "metrics": 4,
     "render": 5,
     "stages": 6,
-    "report": 7,
+    "report": 7, "api": 7,
     "demo": 8,
     "commands": 9, "cli": 9,
 }

@@ -1,0 +1,248 @@
+"""The notebook API: the chain on in-memory arrays and models, no files and no model strings.
+
+    import c2mf_cli as c2mf
+    d = c2mf.fit(acts, labels, method="c2mf", k=10)      # acts (n, c) rows or (n, ..., c) per image
+    U = c2mf.encode(d, acts, y=0)                         # or d.encode(rows, 0)
+    e = c2mf.explain(model, "layer3", images, d)          # images: a preprocessed (m, 3, H, W) tensor
+    r = c2mf.evaluate(train_store, test_store, [d])       # stores from `c2mf extract` (paths or opened)
+
+Notation: A activations (rows, c); U codes (rows, k); W the dictionary (k, c); A ~ U W.
+The CLI's `factorize` and `evaluate` call the same stage functions (`stages.factorize`, `stages.evaluate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import C2MFError
+from .progress import ProgressFn, no_progress
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .artifacts.dictionary import ConceptDictionary
+
+
+def _numpy(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, on any device
+        x = x.detach().float().cpu().numpy()
+    a = np.asarray(x)
+    if a.dtype == object:
+        raise C2MFError(f"{name} must be a numeric array or tensor")
+    return a
+
+
+def _rows(acts: Any) -> tuple[np.ndarray, int]:
+    """(rows, c) float32 from (n, c) or channels-last (n, ..., c); and the rows per item."""
+    a = _numpy(acts, "acts").astype(np.float32, copy=False)
+    if a.ndim < 2:
+        raise C2MFError(f"acts must be (n, c) rows or (n, ..., c) per image, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise C2MFError("acts hold NaN or infinite values: check the layer's output")
+    per_item = int(np.prod(a.shape[1:-1])) if a.ndim > 2 else 1
+    return a.reshape(-1, a.shape[-1]), per_item
+
+
+def fit(
+    acts: Any,
+    labels: Any = None,
+    *,
+    method: str = "c2mf",
+    k: int = 10,
+    mode: Literal["full", "crops"] = "full",
+    device: str = "auto",
+    progress: ProgressFn = no_progress,
+    **options: Any,
+) -> "ConceptDictionary":
+    """Learn a concept dictionary from in-memory activations.
+
+    Args:
+        acts: (n, c) rows, or (n, ..., c) channels-last activations of n images (a PyTorch (n, c, h, w) map is
+            `acts.permute(0, 2, 3, 1)`); every position of an image is one row.
+        labels: the class of each of the n items (ints or strings); None: one class. Classes are sorted.
+        method: a registered method (`c2mf_cli.methods.list_methods()`).
+        k: number of concepts.
+        mode: "full" (positions of whole images) or "crops" (pooled crops, what CRAFT learns from).
+        options: the method's settings by name (alpha=0.05, iterations=50, seed=1, ...); a wrong name is an error.
+    Returns:
+        The dictionary: `d.encode(rows, y)`, `d.decode(U, y)`, `d.save(path)`; `d.classes` are the label names.
+    """
+    from .artifacts.sources import ArraySource
+    from .stages.factorize import factorize
+
+    rows, per_item = _rows(acts)
+    n = rows.shape[0] // per_item
+    if labels is None:
+        names, groups = ["all"], [rows]
+    else:
+        lab = _numpy(labels, "labels").reshape(-1)
+        if lab.shape[0] != n:
+            raise C2MFError(f"{lab.shape[0]} labels for {n} items of acts: give one label per item")
+        lab_rows = np.repeat(lab, per_item)
+        values = sorted(set(lab.tolist()))
+        names = [str(v) for v in values]
+        groups = [rows[lab_rows == v] for v in values]
+    source = ArraySource(groups, classes=names, mode=mode)
+    return factorize(source, method, device=device, progress=progress, concepts=k, **options)
+
+
+def encode(d: "ConceptDictionary", acts: Any, y: int | str | None = None) -> Any:
+    """Codes U of activations for class `y` (index or name; None for a shared, ungated dictionary).
+
+    `acts` (n, c) gives (n, k); (n, ..., c) gives (n, ..., k). A tensor in gives a tensor out, numpy gives numpy.
+    """
+    shape = tuple(acts.shape)
+    is_tensor = hasattr(acts, "detach")
+    rows = acts.reshape(-1, shape[-1]) if is_tensor else _rows(acts)[0]
+    U = d.encode(rows, d.class_index(y) if isinstance(y, str) else y)
+    return U.reshape(*shape[:-1], U.shape[-1])
+
+
+def decode(d: "ConceptDictionary", U: Any, y: int | str | None = None) -> Any:
+    """Reconstructed activations U W (+ the mean for PCA) for class `y`; (n, ..., k) gives (n, ..., c)."""
+    shape = tuple(U.shape)
+    A = d.decode(U.reshape(-1, shape[-1]), d.class_index(y) if isinstance(y, str) else y)
+    return A.reshape(*shape[:-1], A.shape[-1])
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image: the explained output, each concept's importance for it, and where each concept is.
+
+    `heatmaps` (h, w, k) are the codes on the layer's grid (upsample them to the image to overlay).
+    """
+
+    target: int
+    probabilities: np.ndarray  # (outputs,) softmax of the model
+    importance: np.ndarray  # (k,) Grad-CAM or Integrated Gradients on the codes, for `target`
+    ranking: list[int]  # concepts, most important first
+    heatmaps: np.ndarray  # (h, w, k)
+    reconstruction_probability: float  # of `target`, when the layer is replaced by its reconstruction
+    relative_error: float  # ||A - U W|| / ||A|| on this image
+
+
+def explain(
+    model: "nn.Module",
+    layer: str,
+    images: "torch.Tensor",
+    d: "ConceptDictionary",
+    *,
+    target: int | Sequence[int] | None = None,
+    importance: Literal["gradcam", "ig"] = "gradcam",
+    ig_steps: int = 32,
+    y: int | str | None = None,
+) -> list[Explanation]:
+    """Explain preprocessed images (m, 3, H, W) with a dictionary fitted at `layer` of `model`.
+
+    Args:
+        target: the model output to explain per image (default: the prediction).
+        y: the dictionary class whose gates / per-class dictionary give the codes (default: for a dictionary
+            with classes, the class named like the target's index if there is one; else the first class).
+    """
+    import torch
+
+    from .inputs.models import split_model
+    from .metrics.importance import gradcam, integrated_gradients
+
+    if images.ndim != 4:
+        raise C2MFError(f"images must be a preprocessed (m, 3, H, W) tensor, got shape {tuple(images.shape)}")
+    model = model.eval()
+    split = split_model(model, layer, tuple(images.shape[1:]))
+    if split.layout == "vector":
+        raise C2MFError(f"layer {layer!r} has no spatial grid: explain needs a CNN map or ViT tokens")
+    if split.channels != d.n_features:
+        raise C2MFError(f"layer {layer!r} has {split.channels} channels but the dictionary has {d.n_features}")
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    d = d.to(device)
+    with torch.no_grad():
+        a = split.g(images.to(device))
+        logits = split.h(a).float()
+    probs = torch.softmax(logits, dim=1).cpu().numpy()
+    targets = ([int(t) for t in target] if isinstance(target, Sequence) else
+               [int(target)] * len(images) if target is not None else [int(p.argmax()) for p in probs])
+    gh, gw = split.grid
+    out = []
+    for i in range(len(images)):
+        s = split.to_store(a[i : i + 1])[0]
+        rows, prefix = (s.reshape(-1, s.shape[-1]), None) if split.layout == "nchw" else \
+            (s[split.num_prefix_tokens:], s[:split.num_prefix_tokens])
+        cls = _dictionary_class(d, y, targets[i])
+        U = d.encode(rows, cls).detach().float()
+
+        def head(codes: torch.Tensor, cls: int | None = cls, prefix: torch.Tensor | None = prefix) -> torch.Tensor:
+            m, P, k = codes.shape
+            A = d.decode(codes.reshape(m * P, k), cls).reshape(m, P, -1)
+            if split.layout == "nchw":
+                return split.h(split.from_store(A.reshape(m, gh, gw, -1)))
+            side = prefix.unsqueeze(0).expand(m, *prefix.shape) if prefix is not None else A[:, :0]
+            return split.h(torch.cat([side, A], dim=1))
+
+        t = torch.tensor([targets[i]], device=device)
+        imp = (gradcam(U[None], head, t)[0] if importance == "gradcam"
+               else integrated_gradients(U[None], head, t, steps=ig_steps).attributions[0])
+        with torch.no_grad():
+            rec = torch.softmax(head(U[None])[0].float(), dim=0)[targets[i]]
+            err = torch.linalg.norm(rows - d.decode(U, cls)) / torch.linalg.norm(rows).clamp_min(1e-12)
+        imp_np = imp.detach().cpu().numpy().astype(np.float64)
+        out.append(Explanation(
+            target=targets[i], probabilities=probs[i], importance=imp_np,
+            ranking=[int(j) for j in np.argsort(-imp_np, kind="stable")],
+            heatmaps=U.cpu().numpy().reshape(gh, gw, -1), reconstruction_probability=float(rec),
+            relative_error=float(err)))
+    return out
+
+
+def _dictionary_class(d: "ConceptDictionary", y: int | str | None, target: int) -> int | None:
+    if y is not None:
+        return d.class_index(y) if isinstance(y, str) else int(y)
+    if not (d.per_class or d.has_gates):
+        return None
+    if str(target) in d.classes:  # fit(acts, labels) with integer labels names classes by their output index
+        return d.classes.index(str(target))
+    return 0
+
+
+def evaluate(
+    train: Any,
+    test: Any,
+    dictionaries: Sequence[Any],
+    *,
+    crops: Any = None,
+    names: Sequence[str] | None = None,
+    device: str = "auto",
+    out_dir: str | Path | None = None,
+    progress: ProgressFn = no_progress,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Every metric of `c2mf evaluate`, as a plain dict (the content of evaluation.json).
+
+    Args:
+        train, test, crops: activation stores from `c2mf extract`: paths or `ActivationStore.open(...)`.
+        dictionaries: `ConceptDictionary` objects (e.g. from `fit`) or paths of saved ones.
+        out_dir: where to write evaluation.json and the plots; None writes nothing.
+        settings: fields of `EvaluateConfig` (max_images_per_class=..., ig_steps=..., ...).
+    """
+    from .artifacts.dictionary import ConceptDictionary
+    from .artifacts.store import ActivationStore
+    from .stages.evaluate import EvaluateConfig, evaluate as run, json_safe
+
+    def store(s: Any) -> Any:
+        return ActivationStore.open(s) if isinstance(s, (str, Path)) else s
+
+    dicts = []
+    for x in dictionaries:
+        if isinstance(x, (str, Path)):
+            loaded = ConceptDictionary.load(x)
+            loaded.meta["path"] = str(x)
+            dicts.append(loaded)
+        else:
+            dicts.append(x)
+    result = run(store(train), store(test), dicts, store(crops) if crops is not None else None,
+                 EvaluateConfig(**settings), progress, names=list(names) if names else None, device=device,
+                 out_dir=Path(out_dir) if out_dir is not None else None)
+    return json_safe(result)
