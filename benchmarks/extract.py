@@ -4,7 +4,14 @@ The bare pass is what a user would write by hand: the same preprocessing in a Da
 `model(x)` under inference_mode, nothing stored. `extract` adds the split (g then h), the float16 conversion and
 the Zarr writes. Target on a 2-core CPU: ratio >= 0.9.
 
-    python benchmarks/extract.py [--images 320] [--batch-size 32] [--workers 1] [--repeats 3]
+The checksums' cost (format version 2 puts zarr's crc32c codec after zstd on every array) is measured apart, since
+it is far below the run-to-run noise of a whole extract: the rows of the last store written are encoded and
+written again as extract writes them, with and without crc32c, interleaved, and the difference of the fastest
+repeats (the least disturbed by other load) is given as a share of extract's steady-state time per image; the
+crc32c computation alone over every chunk file of the store is timed too.
+
+    python benchmarks/extract.py [--per-class 32] [--cub-per-class 4] [--batch-size 32] [--workers 1] [--repeats 3]
+                                 [--only cifar]
 
 Writes benchmarks/results/extract-<host>.json.
 """
@@ -20,8 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import google_crc32c
+import numpy as np
 import torch
+import zarr
 from torch.utils.data import DataLoader
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from c2mf_cli.inputs.data import DatasetSpec, resolve_dataset
 from c2mf_cli.stages.extract import ExtractConfig, _collate, _Images, extract
@@ -72,6 +83,46 @@ def c2mf_pass(case: dict, per_class: int, batch_size: int, workers: int, out: Pa
     return time.perf_counter() - t0, result.compute_seconds, result.images
 
 
+def checksum_cost(store: Path, tmp: Path, repeats: int) -> dict:
+    """Seconds per image to encode and write (then read back) a store's rows with zstd, and with zstd + crc32c."""
+    from c2mf_cli.artifacts.store import ActivationStore
+
+    s = ActivationStore.open(store)
+    groups = [{name: s._read(y, name) for name in ("activations", "logits", "valid")} for y in range(len(s.classes))]
+    rows = int(s._group(0)["activations"].chunks[0])
+    n = sum(g["valid"].shape[0] for g in groups)
+    times: dict[str, list[float]] = {"zstd": [], "zstd+crc32c": [], "read zstd": [], "read zstd+crc32c": []}
+    for r in range(repeats):
+        for label, compressors in (("zstd", [ZstdCodec(level=0)]), ("zstd+crc32c", [ZstdCodec(level=0), Crc32cCodec()])):
+            root = zarr.open_group(str(tmp / f"cost-{label}-{r}"), mode="w", zarr_format=3)
+            arrays = []
+            for y, g in enumerate(groups):
+                for name, a in g.items():
+                    arr = root.create_array(f"c{y}/{name}", shape=a.shape, chunks=(rows, *a.shape[1:]),
+                                            dtype=a.dtype, compressors=compressors)
+                    arrays.append((arr.with_config({"write_empty_chunks": True}), a))
+            t0 = time.perf_counter()
+            for arr, a in arrays:
+                for i in range(0, a.shape[0], rows):
+                    arr[i : i + rows] = a[i : i + rows]
+            times[label].append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            for arr, _ in arrays:
+                np.asarray(arr[:])
+            times[f"read {label}"].append((time.perf_counter() - t0) / n)
+    best = {k: min(v) for k, v in times.items()}
+    chunks = [f.read_bytes() for f in store.rglob("c/**/*") if f.is_file()]
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for b in chunks:
+            google_crc32c.value(b)
+    crc_alone = (time.perf_counter() - t0) / repeats / n
+    return {"images": n, "chunk_rows": rows, "best_seconds_per_image": best,
+            "write_extra_seconds_per_image": best["zstd+crc32c"] - best["zstd"],
+            "read_extra_seconds_per_image": best["read zstd+crc32c"] - best["read zstd"],
+            "crc32c_alone_seconds_per_image": crc_alone, "runs": times}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=32, help="images per class (CIFAR: 10 classes, CUB: 78)")
@@ -80,12 +131,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
+    ap.add_argument("--cost-repeats", type=int, default=20, help="repeats of the checksum-cost measurement")
     args = ap.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"the real data folder {SHARED} is needed for this benchmark")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in CASES:
+        for case in [c for c in CASES if args.only is None or args.only in c["name"]]:
             per_class = args.per_class if "cifar" in case["name"] else args.cub_per_class
             bare, ours, steady = [], [], []
             for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
@@ -105,9 +158,14 @@ def main() -> None:
                 "runs_bare": bare,
                 "runs_extract": ours,
             }
+            cost = checksum_cost(Path(tmp) / f"s{args.repeats - 1}.zarr", Path(tmp), args.cost_repeats)
+            cost["share_of_extract_steady"] = cost["write_extra_seconds_per_image"] * row["extract_steady_images_per_s"]
+            row["checksum_cost"] = cost
             rows.append(row)
             print(f"{row['case']}: bare {row['bare_images_per_s']:.1f}/s, extract {row['extract_images_per_s']:.1f}/s,"
-                  f" ratio {row['ratio']:.2f} (steady state {row['ratio_steady']:.2f})")
+                  f" ratio {row['ratio']:.2f} (steady state {row['ratio_steady']:.2f}); crc32c adds "
+                  f"{cost['write_extra_seconds_per_image'] * 1e6:.1f} us per image written "
+                  f"({100 * cost['share_of_extract_steady']:.2f} % of extract's steady time per image)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "extract",
@@ -120,7 +178,8 @@ def main() -> None:
         "cases": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    path = args.out / f"extract-{platform.node() or 'host'}.json"
+    suffix = f"-{args.only}" if args.only else ""
+    path = args.out / f"extract-{platform.node() or 'host'}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(path)
 

@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from .commands import (atlas, demo, evaluate, explain, extract, factorize, info, layers, methods, report,
-                       version)
+                       verify, version)
 from .commands._console import err
 from .errors import C2MFError
 
@@ -72,6 +72,7 @@ app.command("explain")(explain.explain)
 app.command("atlas")(atlas.atlas)
 app.command("report")(report.report)
 app.command("info")(info.info)
+app.command("verify")(verify.verify)
 app.command("version")(version.version)
 
 

@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 from c2mf_cli.cli import app
 from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
+from c2mf_cli.artifacts.store import StoreWriter
+
 from .conftest import build_store
 
 runner = CliRunner()
@@ -117,6 +119,7 @@ def test_craft_on_a_signed_crop_store_points_to_shift(tiny_crop_store, tmp_path)
     root = zarr.open_group(str(signed), mode="r+", zarr_format=3)
     arr = root[sorted(root.group_keys())[0]]["activations"]
     arr[:] = np.asarray(arr[:]) - 1.0
+    StoreWriter(signed).finalize()  # sealed again: a store made so, not one damaged since
     r = _run("factorize", "-s", signed, "--method", "craft", "--concepts", 3, "--iterations", 2, "-q", "--out",
              tmp_path / "d.safetensors")
     assert r.exit_code == 1

@@ -15,7 +15,7 @@ from c2mf_cli.cli import app
 from c2mf_cli.artifacts.describe import describe_dictionary
 from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.artifacts.store import ActivationStore
+from c2mf_cli.artifacts.store import ActivationStore, StoreWriter
 
 runner = CliRunner()
 
@@ -143,6 +143,7 @@ def test_nan_in_store_is_an_error(tiny_store: Path, tmp_path: Path):
     block = np.asarray(arr[:1])
     block[...] = np.nan
     arr[:1] = block
+    StoreWriter(bad).finalize()  # sealed again: a store made so (its NaN is the model's), not one damaged since
     r = _run("factorize", "-s", bad, "--method", "c2mf", "--concepts", 3, "--iterations", 2, "--quiet",
              "--out", tmp_path / "d.safetensors")
     assert r.exit_code == 1, r.output

@@ -3,7 +3,7 @@
 Layout (one directory):
 
     STORE/zarr.json                 root attributes: encoding-type/-version, fingerprint, config, plan, classes,
-                                    complete (set by finalize), failures
+                                    and, written by finalize in one atomic step: complete, failures, manifest, seal
     STORE/c0000/                    one group per class (attributes: name, label, n_images, paths, crop boxes)
         activations                 (n_rows, *positions, c)   float16 by default, chunked along rows
         logits                      (n_rows, n_outputs)       float32, the model's own logits for each row
@@ -15,14 +15,24 @@ The plan (classes, files, chunking) is deterministic, so several shard processes
 and write disjoint chunks; a unit counts as done only once its marker exists, so a killed run resumes where it
 stopped and never trusts a half-written chunk. `finalize` checks every marker and only then marks the store
 complete.
+
+Integrity (format version 2): every chunk ends with a crc32c of its compressed bytes (zarr's `crc32c` codec), so
+a changed or truncated chunk fails on read. Finalize records a manifest (per array: shape, dtype, chunks, codecs
+and the byte size of every chunk; per class: name, label, images, valid rows and a digest of its paths) and a seal,
+the sha256 of all root attributes, fingerprint and manifest included. Opening a complete store runs the fast
+check (`check_store`): the seal, the manifest against the groups' and arrays' own metadata, and every chunk file
+present with its recorded size; so a deleted chunk is never read as fill values, and an edited attribute, dtype
+or shape is refused by name. `verify_store(deep=True)` also decodes every chunk and scans for NaN/Inf.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,14 +41,20 @@ from typing import Any, Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import C2MFError
 from ..inputs.models import ModelSpec, Preprocess
+from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-activations"
-ENCODING_VERSION = 1
+# 2: crc32c on every chunk, manifest and seal written at finalize. Version 1 stores are refused (re-extract).
+ENCODING_VERSION = 2
 PROGRESS_DIR = "progress"
+SHARDS_DIR = "shards"  # progress/shards/<i>-of-<n>.json: shard i of n has computed all its units
+ARRAYS = ("activations", "logits", "valid")
+CODECS = ("bytes", "zstd", "crc32c")  # what the writer uses; any other codec (pickle!) is refused on open
 
 
 def fingerprint(config: dict[str, Any]) -> str:
@@ -48,8 +64,47 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename publishes it
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some network file systems cannot fsync a folder; the rename is still atomic there
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(attrs: dict[str, Any]) -> str:
+    """sha256 of every root attribute but the seal itself: the fingerprint, the manifest and the class list."""
+    return fingerprint({k: v for k, v in attrs.items() if k != "seal"})
+
+
+def chunk_key(index: int, ndim: int) -> str:
+    """The file of row-chunk `index` of an array chunked along rows only (zarr v3's default key encoding)."""
+    return "/".join(["c", str(index)] + ["0"] * (ndim - 1))
+
+
+def _paths_digest(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def group_name(y: int) -> str:
@@ -96,16 +151,28 @@ def plan_units(classes: list[ClassPlan], chunk_images: int) -> list[Unit]:
     return units
 
 
+def planned_unit_names(attrs: dict[str, Any]) -> list[str]:
+    """The names of every unit a store's plan holds, in plan order (the order shards deal them out)."""
+    k = int(attrs["plan"]["chunk_images"])
+    return [unit_name(y, j) for y, c in enumerate(attrs["classes"]) for j in range(-(-int(c["n_images"]) // k))]
+
+
 def _check_version(attrs: dict[str, Any], path: Path) -> None:
     kind = attrs.get("encoding-type")
     if kind != ENCODING_TYPE:
         what = f"a {kind!r} file" if kind else "not a c2mf activation store"
         raise C2MFError(f"{str(path)!r} is {what}: expected an activation store written by `c2mf extract`")
     version = attrs.get("encoding-version")
-    if not isinstance(version, int) or version > ENCODING_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > ENCODING_VERSION:
         raise C2MFError(
-            f"{str(path)!r} has store format version {version}, newer than this c2mf ({__version__}) reads "
+            f"{str(path)!r} has store format version {version!r}, newer than this c2mf ({__version__}) reads "
             f"(version {ENCODING_VERSION}): upgrade c2mf (pip install -U c2mf)"
+        )
+    if version < ENCODING_VERSION:
+        raise C2MFError(
+            f"{str(path)!r} has store format version {version} (c2mf {attrs.get('c2mf_version', '?')}), which has "
+            f"no checksums or manifest; this c2mf ({__version__}) reads version {ENCODING_VERSION} only: "
+            "re-extract it with this version (the same `c2mf extract` command, with a new --out)"
         )
 
 
@@ -124,23 +191,18 @@ def create_layout(
     Returns False if another process created the store first (the caller then opens and checks it).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
+    _clean_creating(path)
+    # host and pid in the name let the next run tell a dead writer's folder from one being made right now
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.{uuid.uuid4().hex}.creating")
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for y, cp in enumerate(classes):
             g = root.create_group(group_name(y))
-            rows_per_chunk = chunk_images * cp.crops_per_image
-            g.create_array(
-                "activations",
-                shape=(cp.n_rows, *row_shape),
-                chunks=(max(1, rows_per_chunk), *row_shape),
-                dtype=dtype,
-                fill_value=0,
-            )
-            g.create_array(
-                "logits", shape=(cp.n_rows, n_outputs), chunks=(max(1, rows_per_chunk), n_outputs), dtype="float32"
-            )
-            g.create_array("valid", shape=(cp.n_rows,), chunks=(max(1, rows_per_chunk),), dtype="bool")
+            rows = max(1, min(chunk_images, cp.n_images) * cp.crops_per_image)  # never a chunk beyond the class
+            for name, shape, dt in (("activations", row_shape, dtype), ("logits", (n_outputs,), "float32"),
+                                    ("valid", (), "bool")):
+                g.create_array(name, shape=(cp.n_rows, *shape), chunks=(rows, *shape), dtype=dt,
+                               compressors=[ZstdCodec(level=0), Crc32cCodec()])
             g.attrs.update(
                 {"name": cp.name, "label": cp.label, "n_images": cp.n_images, "paths": list(cp.paths),
                  "crops_per_image": cp.crops_per_image}
@@ -172,26 +234,70 @@ def create_layout(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _clean_creating(path: Path) -> None:
+    """Remove the `.creating` folders that a killed run left beside `path` (never one a live process makes)."""
+    host = socket.gethostname()
+    for d in path.parent.glob(f".{glob.escape(path.name)}.*.creating"):
+        who = d.name[len(path.name) + 2 :].rsplit(".", 2)[0]
+        owner, _, pid = who.rpartition("-")
+        if owner == host and pid.isdigit():
+            dead = not _alive(int(pid))
+        else:  # another machine's: only once it is clearly abandoned
+            try:
+                dead = time.time() - d.stat().st_mtime > 3600
+            except FileNotFoundError:
+                continue
+        if dead:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class StoreWriter:
     """Writes units into a laid-out store; several writers (shards) may share one store."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-        self._groups: dict[int, Any] = {}
+        self._arrays: dict[tuple[int, str], Any] = {}
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.root.attrs)
+        return dict(zarr.open_group(str(self.path), mode="r", zarr_format=3).attrs)
 
-    def _group(self, y: int):
-        if y not in self._groups:
-            self._groups[y] = self.root[group_name(y)]
-        return self._groups[y]
+    def _array(self, y: int, name: str):
+        if (y, name) not in self._arrays:
+            # every chunk is written, even one that equals the fill value (all rows unreadable): the manifest
+            # then lists the whole grid, and a missing chunk file always means damage
+            arr = self.root[f"{group_name(y)}/{name}"]
+            self._arrays[y, name] = arr.with_config({"write_empty_chunks": True})
+        return self._arrays[y, name]
 
     def done_units(self) -> set[str]:
         d = self.path / PROGRESS_DIR
         return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+
+    def missing_units(self) -> list[str]:
+        done = self.done_units()
+        return [u for u in planned_unit_names(self.attrs) if u not in done]
+
+    def mark_shard_done(self, index: int, count: int) -> None:
+        """Record that shard index/count has computed all its units (so the last one can tell it is last)."""
+        d = self.path / PROGRESS_DIR / SHARDS_DIR
+        d.mkdir(exist_ok=True)
+        atomic_write_text(d / f"{index}-of-{count}.json", json.dumps({"shard": [index, count], "time": time.time()}))
+
+    def shards_done(self, count: int) -> set[int]:
+        d = self.path / PROGRESS_DIR / SHARDS_DIR
+        return {int(p.stem.split("-of-")[0]) for p in d.glob(f"*-of-{count}.json")} if d.is_dir() else set()
 
     def write_unit(
         self,
@@ -203,34 +309,221 @@ class StoreWriter:
         failures: list[dict[str, str]],
     ) -> None:
         """Write one unit's rows, then its marker. The marker is what makes the unit count as done."""
-        g = self._group(unit.y)
         r0, r1 = unit.start * crops_per_image, unit.stop * crops_per_image
         if activations.shape[0] != r1 - r0:
             raise RuntimeError(f"unit {unit.name}: {activations.shape[0]} rows for {r1 - r0} planned")
-        g["activations"][r0:r1] = activations
-        g["logits"][r0:r1] = logits
-        g["valid"][r0:r1] = valid
+        for name, values in (("activations", activations), ("logits", logits), ("valid", valid)):
+            arr = self._array(unit.y, name)
+            arr[r0:r1] = values
+            # the chunk is on disk before the marker that publishes it (zarr renames but does not fsync)
+            chunk = self.path / group_name(unit.y) / name / chunk_key(unit.chunk, arr.ndim)
+            _fsync_file(chunk)
+            _fsync_dir(chunk.parent)
         marker = {"unit": unit.name, "rows": [r0, r1], "failures": failures, "time": time.time()}
         atomic_write_text(self.path / PROGRESS_DIR / f"{unit.name}.json", json.dumps(marker))
 
+    def clean_debris(self, units: set[str] | None = None) -> int:
+        """Remove what a killed writer left: zarr's `.partial` chunk files and `.tmp` marker files of `units`
+        (None: every unit, for finalize), and the `.tmp` of the root attributes. Returns how many were removed.
+
+        Only the units a writer owns are cleaned, so a shard never deletes the file another shard is writing.
+        """
+        removed = 0
+        for f in self.path.glob("c*/*/c/**/*.partial"):
+            arr_dir = f.parents[len(f.relative_to(self.path).parts) - 3]
+            key = f.relative_to(arr_dir).as_posix()
+            name = unit_name(int(arr_dir.parent.name[1:]), int(key.split("/")[1].split(".")[0]))
+            if units is None or name in units:
+                f.unlink(missing_ok=True)
+                removed += 1
+        for f in (self.path / PROGRESS_DIR).glob(".*.tmp"):
+            if units is None or f.name[1:].split(".json.")[0] in units:
+                f.unlink(missing_ok=True)
+                removed += 1
+        for f in self.path.glob(".zarr.json.*.tmp"):
+            f.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def finalize(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check that every unit is done, gather the failures, and mark the store complete."""
+        """Check that every unit and chunk is there, gather the failures, and write the final root attributes
+        (complete, failures, manifest, seal) in one atomic step."""
         attrs = self.attrs
-        n_units = int(attrs["plan"]["n_units"])
-        markers = sorted((self.path / PROGRESS_DIR).glob("*.json"))
-        if len(markers) < n_units:
+        missing = self.missing_units()
+        if missing:
             raise C2MFError(
-                f"{str(self.path)!r} has {len(markers)} of {n_units} units done: run the missing shards "
-                "(or rerun extract without --shard) before finalizing"
+                f"{str(self.path)!r} has {len(missing)} unit(s) missing (e.g. {', '.join(missing[:3])}): run the "
+                "missing shards (or rerun extract without --shard) before finalizing"
             )
+        self.clean_debris()
         failures: list[dict[str, str]] = []
-        for m in markers:
+        for m in sorted((self.path / PROGRESS_DIR).glob("*.json")):
             failures.extend(json.loads(m.read_text()).get("failures", []))
         failures.sort(key=lambda f: f["path"])
-        update = {"complete": True, "failures": failures, "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        update = {"complete": True, "failures": failures, "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "manifest": build_manifest(self.path, attrs)}
         update.update(extra or {})
-        self.root.attrs.update(update)
+        final = {**attrs, **update}
+        final["seal"] = seal(final)
+        meta_path = self.path / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta["attributes"] = final
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))
         return update
+
+
+def _array_meta(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _codec_names(meta: dict[str, Any]) -> list[str]:
+    return [str(c.get("name")) if isinstance(c, dict) else str(c) for c in meta.get("codecs", [])]
+
+
+def build_manifest(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """What finalize records: every array's metadata and chunk sizes, every class's rows. Refuses a missing chunk."""
+    arrays: dict[str, Any] = {}
+    classes = []
+    for y, c in enumerate(attrs["classes"]):
+        g = group_name(y)
+        for name in ARRAYS:
+            meta = _array_meta(path / g / name / "zarr.json")
+            shape = [int(v) for v in meta["shape"]]
+            rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+            sizes = {}
+            for i in range(-(-shape[0] // rows)):
+                key = chunk_key(i, len(shape))
+                f = path / g / name / key
+                if not f.is_file():
+                    raise C2MFError(f"{str(path)!r}: chunk {key} of {g}/{name} (class {c['name']!r}) is missing "
+                                    "although its unit is marked done: delete the store and extract again")
+                sizes[key] = f.stat().st_size
+            arrays[f"{g}/{name}"] = {"shape": shape, "dtype": meta["data_type"], "chunk_rows": rows,
+                                     "codecs": meta["codecs"], "chunk_bytes": sizes}
+        gattrs = json.loads((path / g / "zarr.json").read_text()).get("attributes", {})
+        valid = np.asarray(zarr.open_array(str(path / g / "valid"), mode="r")[:], dtype=bool)
+        classes.append({"group": g, "name": c["name"], "label": c["label"], "n_images": c["n_images"],
+                        "rows": int(valid.sum()), "crops_per_image": gattrs.get("crops_per_image", 1),
+                        "paths_sha256": _paths_digest(list(gattrs.get("paths", [])))})
+    return {"arrays": arrays, "classes": classes}
+
+
+def _damaged(path: Path, what: str) -> C2MFError:
+    return C2MFError(f"activation store {str(path)!r} is damaged: {what}; extract it again (or copy it again "
+                     "from a good source); `c2mf verify` lists every problem")
+
+
+def _read_json(path: Path, store: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _damaged(store, f"{what} is missing ({path.relative_to(store).as_posix()})") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise _damaged(store, f"{what} cannot be read ({path.relative_to(store).as_posix()}: {e})") from None
+
+
+def check_store(path: Path, attrs: dict[str, Any]) -> list[str]:
+    """The fast check of a complete store (metadata and file sizes, no chunk decoded). Returns the problems found,
+    each one line naming the class, array or chunk; an empty list means the store is as finalize wrote it."""
+    try:
+        return _check_store(path, attrs)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return [f"its root attributes or manifest are malformed ({type(e).__name__}: {e})"]
+
+
+def _check_store(path: Path, attrs: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    if attrs.get("fingerprint") != fingerprint(attrs.get("config", {})):
+        problems.append("its configuration (model, layer, data, preprocessing...) no longer matches its "
+                        "fingerprint: the root attributes were edited")
+    manifest = attrs.get("manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
+        return problems + ["it is marked complete but has no manifest"]
+    classes = attrs.get("classes")
+    m_classes = manifest.get("classes", [])
+    if not isinstance(classes, list) or len(classes) != len(m_classes):
+        problems.append(f"the root attributes list {len(classes) if isinstance(classes, list) else '?'} classes, "
+                        f"the manifest {len(m_classes)}")
+    else:
+        for c, m in zip(classes, m_classes):
+            for key in ("name", "label", "n_images"):
+                if c.get(key) != m.get(key):
+                    problems.append(f"class {m['group']}: {key} is {c.get(key)!r} in the root attributes but "
+                                    f"{m.get(key)!r} in the manifest")
+    row_shape = attrs.get("row_shape")
+    for m in m_classes:
+        g = m["group"]
+        gdir = path / g
+        if not (gdir / "zarr.json").is_file():
+            problems.append(f"group {g} (class {m['name']!r}) is missing")
+            continue
+        try:
+            gattrs = json.loads((gdir / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{g}/zarr.json cannot be read: {e}")
+            continue
+        for key, want in (("name", m["name"]), ("label", m["label"]), ("n_images", m["n_images"]),
+                          ("crops_per_image", m["crops_per_image"])):
+            if gattrs.get(key) != want:
+                problems.append(f"group {g}: attribute {key} is {gattrs.get(key)!r}, the manifest says {want!r}")
+        if _paths_digest(list(gattrs.get("paths", []))) != m["paths_sha256"]:
+            problems.append(f"group {g} (class {m['name']!r}): its list of image paths was edited")
+        for name in ARRAYS:
+            want = manifest["arrays"].get(f"{g}/{name}")
+            if want is None:
+                problems.append(f"the manifest has no entry for {g}/{name}")
+                continue
+            problems.extend(_check_array(path, g, name, want, row_shape if name == "activations" else None,
+                                         attrs.get("n_outputs") if name == "logits" else None))
+    if not problems and attrs.get("seal") != seal(attrs):
+        problems.append("its root attributes were edited after extract (the seal over them does not match)")
+    return problems
+
+
+def _check_array(path: Path, g: str, name: str, want: dict[str, Any], row_shape, n_outputs) -> list[str]:
+    adir = path / g / name
+    where = f"{g}/{name}"
+    try:
+        meta = json.loads((adir / "zarr.json").read_text())
+    except FileNotFoundError:
+        return [f"array {where} is missing"]
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return [f"{where}/zarr.json cannot be read: {e}"]
+    problems = []
+    codecs = _codec_names(meta)
+    odd = [c for c in codecs if c not in CODECS]
+    if odd:
+        problems.append(f"array {where} uses codec {odd[0]!r}, which c2mf never writes (and will not read)")
+    elif codecs[-1:] != ["crc32c"]:
+        problems.append(f"array {where} has no crc32c checksum codec")
+    if meta.get("data_type") != want["dtype"]:
+        problems.append(f"array {where} has dtype {meta.get('data_type')!r}, the manifest says {want['dtype']!r}")
+    if list(meta.get("shape", [])) != want["shape"]:
+        problems.append(f"array {where} has shape {meta.get('shape')}, the manifest says {want['shape']}")
+    if meta.get("codecs") != want["codecs"] and not odd:
+        problems.append(f"array {where} has other codecs than the manifest records")
+    try:
+        rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        rows = None
+    if rows != want["chunk_rows"]:
+        problems.append(f"array {where} has chunks of {rows} rows, the manifest says {want['chunk_rows']}")
+    if row_shape is not None and list(want["shape"][1:]) != list(row_shape):
+        problems.append(f"the root attributes give rows of shape {row_shape}, array {where} holds "
+                        f"{want['shape'][1:]}")
+    if n_outputs is not None and want["shape"][1:] != [n_outputs]:
+        problems.append(f"the root attributes give {n_outputs} outputs, array {where} holds {want['shape'][1:]}")
+    for key, size in want["chunk_bytes"].items():
+        f = adir / key
+        try:
+            actual = f.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"chunk {key} of {where} is missing")
+            continue
+        if actual != size:
+            problems.append(f"chunk {key} of {where} has {actual} bytes, the manifest says {size} (truncated or "
+                            "replaced)")
+    return problems
 
 
 class _StoreRows:
@@ -305,7 +598,7 @@ class _StoreRows:
             v = valid[s : s + step]
             if not v.any():
                 continue
-            rows = self._flatten(np.asarray(arr[s : s + step])[v].astype(np.float32, copy=False))
+            rows = self._flatten(self._store._read(y, "activations", slice(s, s + step))[v].astype(np.float32, copy=False))
             if shuffle:
                 rows = rows[rng.permutation(rows.shape[0])]
             pending.append(rows)
@@ -329,7 +622,9 @@ class ActivationStore:
         self._valid_cache: dict[int, np.ndarray] = {}
 
     @classmethod
-    def open(cls, path: str | Path, *, require_complete: bool = True) -> "ActivationStore":
+    def open(cls, path: str | Path, *, require_complete: bool = True, check: bool = True) -> "ActivationStore":
+        """Open a store; a complete one gets the fast check (`check_store`) unless `check` is False (verify
+        runs it itself, to list every problem rather than the first)."""
         p = Path(path).expanduser()
         if not (p / "zarr.json").is_file():
             if p.is_file():
@@ -338,18 +633,55 @@ class ActivationStore:
                 raise C2MFError(f"{str(p)!r} is a folder but not an activation store (no zarr.json): give a "
                                 "directory made by `c2mf extract`")
             raise C2MFError(f"activation store {str(p)!r} does not exist: create it with `c2mf extract`")
-        try:
-            root = zarr.open_group(str(p), mode="r", zarr_format=3)
-        except Exception as e:
-            raise C2MFError(f"{str(p)!r} is not a readable Zarr v3 store: {e}") from None
-        attrs = dict(root.attrs)
+        meta = _read_json(p / "zarr.json", p, "the root metadata")
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        if not isinstance(attrs, dict):
+            raise C2MFError(f"{str(p)!r} is not a c2mf activation store (zarr.json has no attributes): expected a "
+                            "store written by `c2mf extract`")
         _check_version(attrs, p)
-        if require_complete and not attrs.get("complete"):
+        complete = attrs.get("complete") is True
+        if require_complete and not complete:
             raise C2MFError(
                 f"activation store {str(p)!r} is incomplete (an extract was interrupted or shards are missing): "
                 "rerun the same `c2mf extract` command to resume and finalize it"
             )
+        if complete and check:
+            problems = check_store(p, attrs)
+            if problems:
+                more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+                raise _damaged(p, problems[0] + more)
+        try:
+            root = zarr.open_group(str(p), mode="r", zarr_format=3)
+        except Exception as e:
+            raise C2MFError(f"{str(p)!r} is not a readable Zarr v3 store: {e}") from None
         return cls(p, root, attrs)
+
+    def _read(self, y: int, name: str, sel: slice = slice(None)) -> np.ndarray:
+        """Rows `sel` of array `name` of class y; a chunk that fails its checksum or cannot be decoded raises
+        one error naming the class, array and chunk."""
+        g = group_name(y)
+        try:
+            arr = self._group(y)[name]
+        except C2MFError:
+            raise
+        except Exception as e:
+            raise _damaged(self.path, f"array {g}/{name} cannot be opened ({type(e).__name__}: {e})") from None
+        try:
+            return np.asarray(arr[sel])
+        except Exception as e:
+            step = int(arr.chunks[0])
+            start, stop, _ = sel.indices(arr.shape[0])
+            for i in range(start // step, -(-stop // step)):
+                try:
+                    arr[i * step : (i + 1) * step]
+                except Exception as e_i:
+                    e = e_i
+                    key = chunk_key(i, arr.ndim)
+                    break
+            else:
+                key = "?"
+            reason = "fails its checksum" if "checksum" in str(e).lower() else f"cannot be decoded ({e})"
+            raise _damaged(self.path, f"chunk {key} of {g}/{name} (class {self.classes[y]!r}) {reason}") from None
 
     # -- metadata
     @property
@@ -438,7 +770,7 @@ class ActivationStore:
 
     def _valid(self, y: int) -> np.ndarray:
         if y not in self._valid_cache:
-            self._valid_cache[y] = np.asarray(self._group(y)["valid"][:], dtype=bool)
+            self._valid_cache[y] = np.asarray(self._read(y, "valid"), dtype=bool)
         return self._valid_cache[y]
 
     def n_images(self, y: int) -> int:
@@ -450,12 +782,12 @@ class ActivationStore:
 
     def activations(self, y: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """float32 (n, *positions, c) of the valid rows of class y (optionally a subset of those)."""
-        a = np.asarray(self._group(y)["activations"][:])[self._valid(y)]
+        a = self._read(y, "activations")[self._valid(y)]
         a = a if rows is None else a[rows]
         return a.astype(np.float32, copy=False)
 
     def logits(self, y: int) -> np.ndarray:
-        return np.asarray(self._group(y)["logits"][:], dtype=np.float32)[self._valid(y)]
+        return self._read(y, "logits").astype(np.float32, copy=False)[self._valid(y)]
 
     def labels(self, y: int) -> np.ndarray:
         return np.full(self.n_images(y), int(self.info["classes"][y]["label"]), dtype=np.int64)

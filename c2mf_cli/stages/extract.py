@@ -7,8 +7,11 @@ from) and the model's logits on the crop.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import math
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +30,7 @@ from ..errors import C2MFError, UsageError
 from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
 from ..progress import ProgressFn, no_progress
 from ..artifacts.store import (
+    PROGRESS_DIR,
     ActivationStore,
     ClassPlan,
     StoreWriter,
@@ -57,13 +61,36 @@ class ShardSpec:
 
     @classmethod
     def from_environment(cls) -> "ShardSpec":
+        """torchrun's RANK/WORLD_SIZE, else a SLURM array's task id (ranges with a step too), else 0/1."""
         env = os.environ
         if "WORLD_SIZE" in env and "RANK" in env:
-            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]))
+            rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+            if world < 1 or not 0 <= rank < world:
+                raise UsageError(f"RANK={rank} and WORLD_SIZE={world} in the environment: need WORLD_SIZE >= 1 and "
+                                 "0 <= RANK < WORLD_SIZE (or pass --shard i/n)")
+            return cls(rank, world)
         if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return cls(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+            task, count = _env_int("SLURM_ARRAY_TASK_ID"), _env_int("SLURM_ARRAY_TASK_COUNT")
+            first = _env_int("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+            step = _env_int("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+            # --array=0-3:2 runs tasks 0 and 2 with COUNT=2: they are shards 0/2 and 1/2
+            index, off = divmod(task - first, step) if step >= 1 else (-1, 0)
+            if count < 1 or off or not 0 <= index < count:
+                raise UsageError(
+                    f"SLURM array task {task} (min {first}, step {step}, count {count}) does not map to one of "
+                    f"{count} shards: use a range such as --array=0-{max(count, 1) - 1} (a step is fine), or pass "
+                    "--shard i/n yourself"
+                )
+            return cls(index, count)
         return cls(0, 1)
+
+
+def _env_int(name: str) -> int:
+    text = os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} in the environment is not a whole number (or pass --shard i/n)") from None
 
 
 @dataclass(frozen=True)
@@ -88,16 +115,57 @@ class ExtractConfig:
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Every option's range, checked before any work or allocation starts."""
         if self.mode not in ("full", "crops"):
             raise UsageError(f"unknown mode {self.mode!r}: use full or crops")
         if self.dtype not in ("float16", "float32"):
             raise UsageError(f"unknown dtype {self.dtype!r}: use float16 or float32")
         if self.autocast not in ("none", "bf16", "fp16"):
             raise UsageError(f"unknown autocast {self.autocast!r}: use none, bf16 or fp16")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.chunk_images < 1:
-            raise UsageError(f"--chunk-images must be at least 1, got {self.chunk_images}")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH}, got {self.batch_size}")
+        if not 1 <= self.chunk_images <= MAX_CHUNK_IMAGES:
+            raise UsageError(f"--chunk-images must be between 1 and {MAX_CHUNK_IMAGES:,} (a chunk is held in "
+                             f"memory until it is written), got {self.chunk_images}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if self.workers is not None:
+            cpus = available_cpus()
+            if not 0 <= self.workers <= cpus:
+                raise UsageError(f"--workers must be between 0 and the {cpus} CPU(s) this process may use, got "
+                                 f"{self.workers} (0 reads images in the main process)")
+        c = self.crops
+        if not (math.isfinite(c.size) and 0 < c.size <= 1):
+            raise UsageError(f"--crop-size must be in (0, 1] (relative to the input's short side), got {c.size}")
+        if not (math.isfinite(c.stride) and 0 < c.stride <= 1):
+            raise UsageError(f"--crop-stride must be in (0, 1] (relative to the crop side), got {c.stride}")
+        if not 1 <= c.count <= MAX_CROPS:
+            raise UsageError(f"--n-crops must be between 1 and {MAX_CROPS}, got {c.count}")
+        if not (math.isfinite(c.size_min) and math.isfinite(c.size_max) and 0 < c.size_min <= c.size_max <= 1):
+            raise UsageError("random crops need 0 < size_min <= size_max <= 1")
+        for key in ("mean", "std"):
+            values = self.preprocess_overrides.get(key)
+            if values is not None and not all(math.isfinite(v) and (key == "mean" or v > 0) for v in values):
+                need = "finite numbers" if key == "mean" else "finite numbers above 0"
+                raise UsageError(f"--{key} takes {need}, got {','.join(map(str, values))}")
+        pct = self.preprocess_overrides.get("crop_pct")
+        if pct is not None and not (math.isfinite(pct) and 0 < pct <= 1):
+            raise UsageError(f"--crop-pct must be in (0, 1], got {pct}")
+
+
+MAX_BATCH = 65536
+MAX_CHUNK_IMAGES = 1_000_000
+MAX_CROPS = 1024  # crops per image: a batch holds every crop of its images, so this bounds its memory
+MAX_UNIT_BYTES = 8 * 2**30  # the rows of one unit, held in memory (float32) until the unit is written
+LOADER_TIMEOUT_S = 300.0  # no batch from the loading workers for this long: they are dead or stuck
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a SLURM or container limit, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -210,8 +278,29 @@ def _open_existing(path: Path, config: dict[str, Any]) -> StoreWriter:
     return StoreWriter(path)
 
 
+def _report_missing(out: Path, missing: list[str], plan: list[str], shard: ShardSpec, writer: StoreWriter,
+                    log) -> None:
+    """After this shard's units: say which shards still owe units; when every shard of this count has finished
+    and units are still missing, the store cannot complete by itself, so that is an error."""
+    position = {name: k for k, name in enumerate(plan)}
+    owners = sorted({position[u] % shard.count for u in missing})
+    finished = writer.shards_done(shard.count)
+    rerun = " ".join(f"--shard {i}/{shard.count}" for i in owners[:8])
+    if all(i in finished for i in owners):
+        raise C2MFError(
+            f"{str(out)!r} is incomplete although every shard of {shard.count} has finished: {len(missing)} "
+            f"unit(s) missing (e.g. {', '.join(missing[:3])}), owned by shard(s) "
+            f"{', '.join(f'{i}/{shard.count}' for i in owners)}; rerun the same command with {rerun} "
+            "(or without --shard) to compute them and finalize the store"
+        )
+    waiting = [i for i in owners if i not in finished]
+    log(f"shard {shard.index}/{shard.count} done; {len(missing)} unit(s) left to shard(s) "
+        f"{', '.join(f'{i}/{shard.count}' for i in waiting)}: the last shard to finish finalizes the store "
+        f"(if one of them is not running, rerun the same command with --shard {waiting[0]}/{shard.count})")
+
+
 def _default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, available_cpus() - 1))
 
 
 def extract(
@@ -242,49 +331,87 @@ def extract(
     if crops is not None:
         check_crop_geometry(crops, h, w)
     per_image = crops.n_crops(h, w) if crops is not None else 1
+    if per_image > MAX_CROPS:
+        raise UsageError(f"--crop-size {crops.size:g} and --crop-stride {crops.stride:g} give {per_image} crops per "
+                         f"image on a {h}x{w} input, more than {MAX_CROPS}: raise them")
     row_shape = (split.channels,) if cfg.mode == "crops" else split.store_shape
+    _check_file_names(items)
     classes: list[ClassPlan] = []
     for name in dict.fromkeys(it.class_name for it in items):
         mine = [it for it in items if it.class_name == name]
         classes.append(ClassPlan(name, mine[0].label, tuple(it.path for it in mine), per_image))
+    unit_images = min(cfg.chunk_images, max(c.n_images for c in classes))
+    unit_bytes = unit_images * per_image * (math.prod(row_shape) + n_outputs) * 4
+    if unit_bytes > MAX_UNIT_BYTES:
+        fit = max(1, cfg.chunk_images * MAX_UNIT_BYTES // unit_bytes)
+        raise UsageError(f"--chunk-images {cfg.chunk_images} holds {unit_bytes / 2**30:.1f} GiB of rows in memory "
+                         f"per chunk (at most {MAX_UNIT_BYTES // 2**30} GiB): use --chunk-images {fit} or fewer")
     config = _store_config(cfg, lm, split, items, n_outputs)
 
     out = Path(cfg.out).expanduser()
     created = False
-    if out.exists():
-        writer = _open_existing(out, config)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        created = create_layout(
-            out, config=config, classes=classes, row_shape=row_shape, n_outputs=n_outputs,
-            chunk_images=cfg.chunk_images, dtype=cfg.dtype,
-        )
-        writer = StoreWriter(out) if created else _open_existing(out, config)
-
-    units = plan_units(classes, cfg.chunk_images)
-    mine = [u for i, u in enumerate(units) if i % shard.count == shard.index]
-    done = writer.done_units()
-    pending = [u for u in mine if u.name not in done]
-    n_images = sum(u.stop - u.start for u in pending)
-    t_compute = time.perf_counter()
-    if pending:
-        _run_units(writer, pending, classes, split, lm, cfg, device, crops, per_image, progress, log)
-    compute_seconds = time.perf_counter() - t_compute
-    complete = bool(writer.attrs.get("complete"))
-    if not complete and len(writer.done_units()) >= len(units):
-        writer.finalize()
-        complete = True
-    elif not complete:
-        log(f"shard {shard.index}/{shard.count} done; the store is finalized when every shard has finished")
+    try:
+        if out.exists():
+            writer = _open_existing(out, config)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            created = create_layout(
+                out, config=config, classes=classes, row_shape=row_shape, n_outputs=n_outputs,
+                chunk_images=cfg.chunk_images, dtype=cfg.dtype,
+            )
+            writer = StoreWriter(out) if created else _open_existing(out, config)
+        units = plan_units(classes, cfg.chunk_images)
+        mine = [u for i, u in enumerate(units) if i % shard.count == shard.index]
+        done = writer.done_units()
+        pending = [u for u in mine if u.name not in done]
+        writer.clean_debris(done | {u.name for u in pending})  # what a killed run of this shard left
+        n_images = sum(u.stop - u.start for u in pending)
+        t_compute = time.perf_counter()
+        if pending:
+            _run_units(writer, pending, classes, split, lm, cfg, device, crops, per_image, progress, log)
+        compute_seconds = time.perf_counter() - t_compute
+        complete = bool(writer.attrs.get("complete"))
+        if not complete:
+            writer.mark_shard_done(shard.index, shard.count)
+            missing = writer.missing_units()
+            if not missing:
+                writer.finalize()
+                complete = True
+            else:
+                _report_missing(out, missing, [u.name for u in units], shard, writer, log)
+    except BaseException as e:
+        # A store this single run laid out and never got a unit into is removed, so that the corrected
+        # command starts afresh (its fingerprint may differ) and no half-made store is left behind.
+        if created and shard.count == 1 and not any((out / PROGRESS_DIR).glob("*.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            kept = "" if not out.exists() else "; the finished chunks are kept: rerun the same command to resume"
+            raise C2MFError(f"cannot write the store {str(out)!r}: {os.strerror(e.errno)}"
+                            f"{f' ({e.filename})' if e.filename else ''}: free space or choose another --out{kept}"
+                            ) from None
+        raise
     seconds = time.perf_counter() - t0
     store = ActivationStore.open(out, require_complete=False)
     failures = store.failures if complete else []
     return ExtractResult(
         path=str(out), created=created, complete=complete, shard=shard, units_total=len(units),
-        units_done_now=len(pending), units_skipped=len(mine) - len(pending), images=n_images, seconds=seconds, compute_seconds=compute_seconds,
-        images_per_second=n_images / seconds if seconds > 0 else 0.0, failures=failures,
-        summary=store.summary() if complete else {},
+        units_done_now=len(pending), units_skipped=len(mine) - len(pending), images=n_images, seconds=seconds,
+        compute_seconds=compute_seconds, images_per_second=n_images / seconds if seconds > 0 else 0.0,
+        failures=failures, summary=store.summary() if complete else {},
     )
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EPERM}
+
+
+def _check_file_names(items: list[Item]) -> None:
+    """The store records every path as UTF-8 JSON: a file name that is not UTF-8 is refused before any work."""
+    for it in items:
+        try:
+            it.path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise C2MFError(f"image file name {it.path.encode('utf-8', 'surrogateescape')!r} is not UTF-8: rename it "
+                            "(for example with `convmv -f latin1 -t utf8`) or move it out of the data folder") from None
 
 
 def _run_units(
@@ -314,6 +441,7 @@ def _run_units(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        timeout=LOADER_TIMEOUT_S if workers > 0 else 0,
     )
     model = lm.model.to(device)
     nchw = split.layout == "nchw"
@@ -333,7 +461,7 @@ def _run_units(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="c2mf-writer") as pool:
         writes: list[Future] = []
         try:
-            for batch in loader:
+            for batch in _batches(loader, workers):
                 _compute_batch(batch, g, hd, split, cfg, device, nchw, autocast, crops, bufs, need, log,
                                lambda slot, b: writes.append(pool.submit(_flush, writer, pending[slot], per_image,
                                                                          b, np_dtype)))
@@ -346,6 +474,26 @@ def _run_units(
             for w in writes:  # stop at once: queued units are simply recomputed on resume
                 w.cancel()
             raise
+
+
+def _batches(loader: DataLoader, workers: int):
+    """The loader's batches; a dead, stuck or failing loading worker ends the run with one error, never a hang
+    (torch notices a dead worker; the loader's timeout catches one that stays silent)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if workers == 0:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise C2MFError(
+                f"the image-loading workers failed ({first}): rerun with --workers 0, or give the machine more "
+                "shared memory (/dev/shm; docker run --shm-size=2g) and a larger file-size limit (ulimit -f)"
+            ) from None
+        yield batch
 
 
 def _compute_batch(batch, g, hd, split: Split, cfg: ExtractConfig, device: torch.device, nchw: bool, autocast,
