@@ -517,3 +517,25 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, image_folder: Path
     store = ActivationStore.open(out)
     assert store.info["manifest"] == ActivationStore.open(tiny_store).info["manifest"]
     assert _chunks(out) == _chunks(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def pca_dict(tiny_store: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dict") / "pca.safetensors"
+    r = runner.invoke(app, ["factorize", str(tiny_store), "--method", "pca", "--concepts", "3", "--device", "cpu",
+                            "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+EVALUATE_DAMAGE = [d for d in DAMAGE if d[0] in ("delete-chunk", "rename-class", "dtype-int16")]
+
+
+@pytest.mark.parametrize("damaged", EVALUATE_DAMAGE, indirect=True, ids=[d[0] for d in EVALUATE_DAMAGE])
+def test_evaluate_refuses_a_damaged_store(damaged, tiny_store: Path, pca_dict: Path, tmp_path: Path):
+    store, message, _ = damaged
+    r = runner.invoke(app, ["evaluate", "--train", str(store), "--test", str(tiny_store), "--dict", str(pca_dict),
+                            "--out", str(tmp_path / "ev"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1, r.output
+    assert message in _error_line(r.output)
+    assert not (tmp_path / "ev").exists()

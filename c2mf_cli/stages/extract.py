@@ -122,8 +122,10 @@ class ExtractConfig:
             raise UsageError(f"unknown dtype {self.dtype!r}: use float16 or float32")
         if self.autocast not in ("none", "bf16", "fp16"):
             raise UsageError(f"unknown autocast {self.autocast!r}: use none, bf16 or fp16")
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH}, got {self.batch_size}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size > MAX_BATCH:
+            raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {self.batch_size}")
         if not 1 <= self.chunk_images <= MAX_CHUNK_IMAGES:
             raise UsageError(f"--chunk-images must be between 1 and {MAX_CHUNK_IMAGES:,} (a chunk is held in "
                              f"memory until it is written), got {self.chunk_images}")
