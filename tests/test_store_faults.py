@@ -157,7 +157,7 @@ def test_library_open_and_read_refuse_damage(damaged):
 def test_factorize_refuses_damage(damaged, tmp_path: Path):
     store, message, _ = damaged
     out = tmp_path / "out" / "d.safetensors"
-    r = runner.invoke(app, ["factorize", str(store), "--method", "pca", "--concepts", "3", "--device", "cpu",
+    r = runner.invoke(app, ["factorize", "-s", str(store), "--method", "pca", "--concepts", "3", "--device", "cpu",
                             "--out", str(out)])
     assert r.exit_code == 1, r.output
     assert message in _error_line(r.output)
@@ -244,7 +244,7 @@ def test_verify_a_dictionary_and_nan_in_it(tiny_store: Path, tmp_path: Path):
     from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
     out = tmp_path / "d.safetensors"
-    r = runner.invoke(app, ["factorize", str(tiny_store), "--method", "pca", "--concepts", "3", "--device", "cpu",
+    r = runner.invoke(app, ["factorize", "-s", str(tiny_store), "--method", "pca", "--concepts", "3", "--device", "cpu",
                             "--out", str(out), "-q"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["verify", str(out), "--deep", "--json"])
@@ -522,7 +522,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, image_folder: Path
 @pytest.fixture(scope="module")
 def pca_dict(tiny_store: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dict") / "pca.safetensors"
-    r = runner.invoke(app, ["factorize", str(tiny_store), "--method", "pca", "--concepts", "3", "--device", "cpu",
+    r = runner.invoke(app, ["factorize", "-s", str(tiny_store), "--method", "pca", "--concepts", "3", "--device", "cpu",
                             "--out", str(out), "-q"])
     assert r.exit_code == 0, r.output
     return out
