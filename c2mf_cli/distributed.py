@@ -97,10 +97,12 @@ def start(device: str | torch.device = "auto", timeout_s: float = DEFAULT_TIMEOU
         if not torch.cuda.is_available():
             raise C2MFError(f"--device {device} asked for, but CUDA is not available here: use --device cpu")
         n_gpus = torch.cuda.device_count()
-        if launch.local_rank >= n_gpus:
-            raise C2MFError(f"local rank {launch.local_rank} has no GPU: this node has {n_gpus}; launch at most "
-                            f"{n_gpus} processes per node (torchrun --nproc-per-node {n_gpus})")
-        dev, backend = torch.device("cuda", launch.local_rank), "nccl"
+        # one visible GPU: the launcher bound this process to it (srun --gpus-per-task=1)
+        index = 0 if n_gpus == 1 else launch.local_rank
+        if index >= n_gpus:
+            raise C2MFError(f"local rank {launch.local_rank} has no GPU: this node shows it {n_gpus}; launch at "
+                            f"most {n_gpus} processes per node (torchrun --nproc-per-node {n_gpus})")
+        dev, backend = torch.device("cuda", index), "nccl"
         torch.cuda.set_device(dev)
     elif name == "cpu":
         dev, backend = torch.device("cpu"), "gloo"
