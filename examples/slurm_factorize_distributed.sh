@@ -8,7 +8,8 @@
 # Resubmitting resumes: extract skips finished chunks, factorize continues from its checkpoint.
 set -euo pipefail
 
-STORE=${STORE:-$SCRATCH/imagenet-nf50-stages3.zarr}
+STORE=${STORE:-$SCRATCH/imagenet-nf50-stages3.zarr}   # what examples/slurm_extract.sh writes
+# the held-out images, extracted the same way beforehand (slurm_extract.sh with the val folder and this --out)
 TEST_STORE=${TEST_STORE:-$SCRATCH/imagenet-val-nf50-stages3.zarr}
 DICT=${DICT:-$SCRATCH/imagenet-c2mf-k25.safetensors}
 NODES=${NODES:-2}
