@@ -12,6 +12,7 @@ crc32c computation alone over every chunk file of the store is timed too.
 
     python benchmarks/extract.py [--per-class 32] [--cub-per-class 4] [--batch-size 32] [--workers 1] [--repeats 3]
                                  [--only cifar]
+    python benchmarks/extract.py --device cuda --autocast bf16     # both passes on the GPU, in bf16 autocast
 
 Writes benchmarks/results/extract-<host>.json.
 """
@@ -19,7 +20,9 @@ Writes benchmarks/results/extract-<host>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -38,7 +41,7 @@ from c2mf_cli.inputs.data import DatasetSpec, resolve_dataset
 from c2mf_cli.stages.extract import ExtractConfig, _collate, _Images, extract
 from c2mf_cli.inputs.models import ModelSpec, load_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(os.environ.get("C2MF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 CASES = [
     {
@@ -58,24 +61,31 @@ CASES = [
 ]
 
 
-def bare_pass(case: dict, per_class: int, batch_size: int, workers: int) -> tuple[float, int]:
+def bare_pass(case: dict, per_class: int, batch_size: int, workers: int, device: str = "cpu",
+              autocast: str = "none") -> tuple[float, int]:
     lm = load_model(case["model"])
     items = resolve_dataset(DatasetSpec(str(case["data"]), class_index=case["class_index"], max_per_class=per_class))
     loader = DataLoader(_Images([(0, it.path) for it in items], lm.preprocess, None), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate)
-    model = lm.model.to(memory_format=torch.channels_last)
+                        num_workers=workers, collate_fn=_collate, pin_memory=device.startswith("cuda"))
+    dev = torch.device(device)
+    model = lm.model.to(dev, memory_format=torch.channels_last)
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16 if autocast == "bf16" else torch.float16)
+           if autocast != "none" else contextlib.nullcontext())
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), amp:
         for _slots, _paths, x, _errors, _counts in loader:
-            model(x.contiguous(memory_format=torch.channels_last))
+            model(x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, len(items)
 
 
-def c2mf_pass(case: dict, per_class: int, batch_size: int, workers: int, out: Path) -> tuple[float, float, int]:
+def c2mf_pass(case: dict, per_class: int, batch_size: int, workers: int, out: Path, device: str = "cpu",
+              autocast: str = "none") -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = ExtractConfig(model=case["model"], layer=case["layer"],
                         data=DatasetSpec(str(case["data"]), class_index=case["class_index"], max_per_class=per_class),
-                        out=str(out), batch_size=batch_size, workers=workers)
+                        out=str(out), batch_size=batch_size, workers=workers, device=device, autocast=autocast)
     t0 = time.perf_counter()
     result = extract(cfg)
     # end to end counts model loading, the split's check and the store's layout: what a user waits for;
@@ -130,6 +140,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ...: both passes run there")
+    ap.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="both passes alike")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     ap.add_argument("--cost-repeats", type=int, default=20, help="repeats of the checksum-cost measurement")
@@ -142,9 +154,10 @@ def main() -> None:
             per_class = args.per_class if "cifar" in case["name"] else args.cub_per_class
             bare, ours, steady = [], [], []
             for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-                s, n = bare_pass(case, per_class, args.batch_size, args.workers)
+                s, n = bare_pass(case, per_class, args.batch_size, args.workers, args.device, args.autocast)
                 bare.append(n / s)
-                s, s_loop, n = c2mf_pass(case, per_class, args.batch_size, args.workers, Path(tmp) / f"s{r}.zarr")
+                s, s_loop, n = c2mf_pass(case, per_class, args.batch_size, args.workers, Path(tmp) / f"s{r}.zarr",
+                                         args.device, args.autocast)
                 ours.append(n / s)
                 steady.append(n / s_loop)
             row = {
@@ -175,11 +188,15 @@ def main() -> None:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "repeats": args.repeats,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "autocast": args.autocast,
         "cases": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     suffix = f"-{args.only}" if args.only else ""
-    path = args.out / f"extract-{platform.node() or 'host'}{suffix}.json"
+    tag = "" if (args.device, args.autocast) == ("cpu", "none") else f"-{args.device.replace(':', '')}-{args.autocast}"
+    path = args.out / f"extract-{platform.node() or 'host'}{suffix}{tag}.json"
     path.write_text(json.dumps(result, indent=2))
     print(path)
 

@@ -3,6 +3,7 @@
     python benchmarks/factorize.py                 # 200,000 x 2,048, k = 25 (minutes on 2 cores)
     python benchmarks/factorize.py --rows 50000    # smaller matrix
     python benchmarks/factorize.py --quick         # 20,000 x 512: a smoke run
+    python benchmarks/factorize.py --device cuda   # our methods on the GPU, the others on this machine's CPU
 
 What it measures, on one seeded non-negative matrix A (rows x channels; 50 planted non-negative concepts with
 sparse codes plus noise, so k = 25 cannot fit it exactly):
@@ -147,7 +148,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         src = GeneratedSource(rows, args.channels)
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            d = factorize(src, "c2mf", concepts=args.k, iterations=2, tol=0.0, batch_size=16384, device="cpu",
+            d = factorize(src, "c2mf", concepts=args.k, iterations=2, tol=0.0, batch_size=16384, device=args.device,
                           alpha=0.0, subsample_rows=0)
         rec.update(rows=rows, seconds=time.perf_counter() - t0,
                    relative_error=d.meta["history"][0]["loss"][-1]["relative_error"],
@@ -171,7 +172,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             opts.update(shared=True, batch_size=16384)
         if method == "c2mf":
             opts["alpha"] = 0.0
-        d = factorize(ArraySource([A]), method, device="cpu", **opts)
+        d = factorize(ArraySource([A]), method, device=args.device, **opts)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        d = d.to("cpu")
         rec["seconds"] = time.perf_counter() - t0
         mem.__exit__()
         hist = d.meta["history"][0]["loss"]
@@ -243,7 +248,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def _subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--run-one", name, "--rows", str(args.rows), "--channels", str(args.channels),
            "--k", str(args.k), "--iters", str(args.iters), "--sk-iters", str(args.sk_iters), "--tol", str(args.tol),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--device", args.device]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if p.returncode != 0:
@@ -264,8 +269,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="20,000 x 512 smoke run")
     ap.add_argument("--methods", default=",".join(OURS + THEIRS))
-    ap.add_argument("--stream-rows", default="", help="comma list of rows for memory vs rows (default: 4 sizes)")
+    ap.add_argument("--stream-rows", default="", help="comma list of rows for memory vs rows (default: 4 sizes; none: skip)")
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--device", default="cpu", help="where our methods run (the others always run on the CPU)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -292,8 +298,11 @@ def main() -> None:
                 r["seconds_to_target"] = r["seconds"] if r["relative_error"] <= target else None
             if r.get("seconds_to_target"):
                 r["speedup_vs_sklearn_cd"] = ref["seconds"] / r["seconds_to_target"]
-    stream_rows = ([int(x) for x in args.stream_rows.split(",")] if args.stream_rows
-                   else [args.rows // 4, args.rows // 2, args.rows, args.rows * 2])
+    if args.stream_rows == "none":
+        stream_rows = []
+    else:
+        stream_rows = ([int(x) for x in args.stream_rows.split(",")] if args.stream_rows
+                       else [args.rows // 4, args.rows // 2, args.rows, args.rows * 2])
     streaming = []
     for rows in stream_rows:
         rec = _subprocess(f"stream-{rows}", args)
@@ -308,7 +317,8 @@ def main() -> None:
                     "python": platform.python_version(), "torch": torch.__version__},
         "matrix": {"rows": args.rows, "channels": args.channels, "k": args.k, "seed": args.seed,
                    "kind": "non-negative, 50 planted sparse concepts + 0.1 uniform noise"},
-        "settings": {"iters": args.iters, "tol": args.tol, "sk_iters": args.sk_iters, "slack": args.slack},
+        "settings": {"iters": args.iters, "tol": args.tol, "sk_iters": args.sk_iters, "slack": args.slack,
+                     "device": args.device},
         "summary": summary,
         "methods": results,
         "streaming_memory_vs_rows": streaming,
