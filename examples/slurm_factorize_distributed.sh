@@ -29,7 +29,7 @@ export MASTER_PORT=29500
 RESUME=; [ -f $DICT.ckpt ] && RESUME=--resume   # an earlier attempt left a checkpoint: continue it
 srun torchrun --nnodes=$NODES --nproc-per-node=$GPUS_PER_NODE \
     --rdzv-backend=c10d --rdzv-endpoint=\$MASTER_ADDR:\$MASTER_PORT --rdzv-id=\$SLURM_JOB_ID \
-    -m c2mf_cli.cli factorize $STORE --method c2mf --concepts 25 --out $DICT \
+    -m c2mf_cli.cli factorize --store $STORE --method c2mf --concepts 25 --out $DICT \
     --device cuda --checkpoint-every 5 --timeout 900 --quiet \$RESUME
 ")
 # Without torchrun, srun can start the processes itself (one task per GPU):
