@@ -27,7 +27,7 @@ SECONDS=0
 if [ $DRY = 1 ]; then
     DEV=cpu
     AMPS=none  # bf16 autocast on a CPU without bf16 units is emulated: minutes for nothing
-    EXTRACT_ARGS=(--per-class 2 --cub-per-class 1 --repeats 1 --batch-size 8 --workers 0)
+    EXTRACT_ARGS=(--per-class 2 --cub-per-class 1 --repeats 1 --batch-size 8 --workers 0 --cost-repeats 1)
     FACT_ARGS=(--rows 4000 --channels 128 --k 5 --iters 5 --sk-iters 20 --stream-rows none)
     DIST_ARGS=(--quick --procs 1,2 --threads 1)
 else
@@ -35,7 +35,7 @@ else
     AMPS="none bf16"
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here: use --dry-run')"
     NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-    EXTRACT_ARGS=(--per-class 200 --cub-per-class 16 --repeats 2 --batch-size 128 --workers 8)
+    EXTRACT_ARGS=(--per-class 200 --cub-per-class 16 --repeats 2 --batch-size 128 --workers 8 --cost-repeats 3)
     FACT_ARGS=(--rows 200000 --channels 2048 --k 25 --iters 60 --sk-iters 200 --stream-rows none --timeout 300)
     PROCS=1; [ "$NGPU" -ge 2 ] && PROCS=1,2
     DIST_ARGS=(--procs $PROCS --rows 500000 --channels 2048 --k 25 --block 65536 --passes 4)
