@@ -187,9 +187,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         rec["curve"] = [[init + float(t), h["relative_error"]] for t, h in zip(elapsed, hist)]
         rec["seconds"] = d.meta["fit_seconds"]
         # independent check of the recorded error: the final dictionary's own codes, error by the Gram form
-        U = d.encode(A, 0 if d.per_class or d.has_gates or d.tensors.get("mean") is not None and
-                     d.tensors["mean"].ndim == 2 else None, iters=30)
-        Wf = d.basis(0 if d.has_gates or d.per_class else None).numpy()
+        from c2mf_cli.methods import basis, encode, needs_class
+
+        y = 0 if needs_class(d) else None
+        U = encode(d, A, y, iters=30)
+        Wf = basis(d, y).numpy()
         if "mean" in d.tensors:
             Ac = A - d.tensors["mean"].numpy()
             rec["relative_error_check"] = _rel(Ac, U, Wf) * float(np.linalg.norm(Ac) / np.linalg.norm(A))

@@ -2,7 +2,7 @@
 
     import c2mf_cli as c2mf
     d = c2mf.fit(acts, labels, method="c2mf", k=10)      # acts (n, c) rows or (n, ..., c) per image
-    U = c2mf.encode(d, acts, y=0)                         # or d.encode(rows, 0)
+    U = c2mf.encode(d, acts, y=0)                         # or c2mf_cli.methods.encode(d, rows, 0)
     e = c2mf.explain(model, "layer3", images, d)          # images: a preprocessed (m, 3, H, W) tensor
     r = c2mf.evaluate(train_store, test_store, [d])       # stores from `c2mf extract` (paths or opened)
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 
 from .errors import C2MFError
+from .methods import decode as decode_rows, encode as encode_rows, needs_class
 from .progress import ProgressFn, no_progress
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def fit(
         mode: "full" (positions of whole images) or "crops" (pooled crops, what CRAFT learns from).
         options: the method's settings by name (alpha=0.05, iterations=50, seed=1, ...); a wrong name is an error.
     Returns:
-        The dictionary: `d.encode(rows, y)`, `d.decode(U, y)`, `d.save(path)`; `d.classes` are the label names.
+        The dictionary: `c2mf.encode(d, rows, y)`, `c2mf.decode(d, U, y)`, `d.save(path)`; `d.classes` are the label names.
     """
     from .artifacts.sources import ArraySource
     from .stages.factorize import factorize
@@ -99,14 +100,14 @@ def encode(d: "ConceptDictionary", acts: Any, y: int | str | None = None) -> Any
     shape = tuple(acts.shape)
     is_tensor = hasattr(acts, "detach")
     rows = acts.reshape(-1, shape[-1]) if is_tensor else _rows(acts)[0]
-    U = d.encode(rows, d.class_index(y) if isinstance(y, str) else y)
+    U = encode_rows(d, rows, d.class_index(y) if isinstance(y, str) else y)
     return U.reshape(*shape[:-1], U.shape[-1])
 
 
 def decode(d: "ConceptDictionary", U: Any, y: int | str | None = None) -> Any:
     """Reconstructed activations U W (+ the mean for PCA) for class `y`; (n, ..., k) gives (n, ..., c)."""
     shape = tuple(U.shape)
-    A = d.decode(U.reshape(-1, shape[-1]), d.class_index(y) if isinstance(y, str) else y)
+    A = decode_rows(d, U.reshape(-1, shape[-1]), d.class_index(y) if isinstance(y, str) else y)
     return A.reshape(*shape[:-1], A.shape[-1])
 
 
@@ -172,11 +173,11 @@ def explain(
         rows, prefix = (s.reshape(-1, s.shape[-1]), None) if split.layout == "nchw" else \
             (s[split.num_prefix_tokens:], s[:split.num_prefix_tokens])
         cls = _dictionary_class(d, y, targets[i])
-        U = d.encode(rows, cls).detach().float()
+        U = encode_rows(d, rows, cls).detach().float()
 
         def head(codes: torch.Tensor, cls: int | None = cls, prefix: torch.Tensor | None = prefix) -> torch.Tensor:
             m, P, k = codes.shape
-            A = d.decode(codes.reshape(m * P, k), cls).reshape(m, P, -1)
+            A = decode_rows(d, codes.reshape(m * P, k), cls).reshape(m, P, -1)
             if split.layout == "nchw":
                 return split.h(split.from_store(A.reshape(m, gh, gw, -1)))
             side = prefix.unsqueeze(0).expand(m, *prefix.shape) if prefix is not None else A[:, :0]
@@ -187,7 +188,7 @@ def explain(
                else integrated_gradients(U[None], head, t, steps=ig_steps).attributions[0])
         with torch.no_grad():
             rec = torch.softmax(head(U[None])[0].float(), dim=0)[targets[i]]
-            err = torch.linalg.norm(rows - d.decode(U, cls)) / torch.linalg.norm(rows).clamp_min(1e-12)
+            err = torch.linalg.norm(rows - decode_rows(d, U, cls)) / torch.linalg.norm(rows).clamp_min(1e-12)
         imp_np = imp.detach().cpu().numpy().astype(np.float64)
         out.append(Explanation(
             target=targets[i], probabilities=probs[i], importance=imp_np,
@@ -200,7 +201,7 @@ def explain(
 def _dictionary_class(d: "ConceptDictionary", y: int | str | None, target: int) -> int | None:
     if y is not None:
         return d.class_index(y) if isinstance(y, str) else int(y)
-    if not (d.per_class or d.has_gates):
+    if not needs_class(d):
         return None
     if str(target) in d.classes:  # fit(acts, labels) with integer labels names classes by their output index
         return d.classes.index(str(target))

@@ -1,4 +1,5 @@
-"""ConceptDictionary: the contract, the safetensors file, version checks and compatibility checks."""
+"""ConceptDictionary (a plain artifact) and the methods' entry on it: encode / decode / gates dispatched by the
+recorded method, the safetensors file, version checks and compatibility checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from c2mf_cli.artifacts.dictionary import ENCODING_VERSION, ConceptDictionary
 from c2mf_cli.errors import C2MFError
+from c2mf_cli.methods import basis, check_dictionary, concepts_used, decode, encode, needs_class
 
 
 def _c2mf_dict() -> ConceptDictionary:
@@ -19,18 +21,18 @@ def _c2mf_dict() -> ConceptDictionary:
     W = torch.randn(4, 6, generator=g)
     W = W / W.norm(dim=1, keepdim=True)
     gates = torch.tensor([[5.0, 5.0, -5.0, -5.0], [-5.0, 5.0, 5.0, 0.2]])
-    meta = {"method": "c2mf", "classes": ["cat", "dog"], "codes": "nnls", "ridge": 0.1,
+    meta = {"method": "c2mf", "classes": ["cat", "dog"], "ridge": 0.1,
             "source": {"info": {"model": {"name": "resnet18"}, "layer": "layer4", "layout": "nchw"}}}
     return ConceptDictionary({"W": W, "gates": gates}, meta)
 
 
 def test_basis_is_gated_dictionary_and_concepts_used():
     d = _c2mf_dict()
-    B = d.basis(0)
+    B = basis(d, 0)
     torch.testing.assert_close(B, torch.sigmoid(d.tensors["gates"][0])[:, None] * d.tensors["W"])
-    assert d.concepts_used(0) == [0, 1]
-    assert d.concepts_used(1) == [1, 2, 3]
-    assert d.concepts_used(1, threshold=0.6) == [1, 2]
+    assert concepts_used(d, 0) == [0, 1]
+    assert concepts_used(d, 1) == [1, 2, 3]
+    assert concepts_used(d, 1, threshold=0.6) == [1, 2]
 
 
 def test_encode_decode_numpy_and_torch():
@@ -38,37 +40,67 @@ def test_encode_decode_numpy_and_torch():
     rng = np.random.default_rng(0)
     U_true = np.zeros((10, 4), np.float32)
     U_true[:, :2] = rng.random((10, 2))
-    A = d.decode(U_true, 0)
+    A = decode(d, U_true, 0)
     assert isinstance(A, np.ndarray) and A.shape == (10, 6)
-    U = d.encode(A, 0)
+    U = encode(d, A, 0)
     assert isinstance(U, np.ndarray) and (U >= 0).all()
-    Ut = d.encode(torch.from_numpy(A), 0)
+    Ut = encode(d, torch.from_numpy(A), 0)
     assert isinstance(Ut, torch.Tensor)
     np.testing.assert_allclose(Ut.numpy(), U, atol=1e-6)
     # the ridge shrinks codes a little; the reconstruction stays close
-    assert np.linalg.norm(d.decode(U, 0) - A) < 0.2 * np.linalg.norm(A)
+    assert np.linalg.norm(decode(d, U, 0) - A) < 0.2 * np.linalg.norm(A)
 
 
 def test_class_is_required_for_gated_and_range_checked():
     d = _c2mf_dict()
     with pytest.raises(C2MFError, match="give the class index y"):
-        d.basis()
+        basis(d)
     with pytest.raises(C2MFError, match="out of range"):
-        d.basis(5)
+        basis(d, 5)
     with pytest.raises(C2MFError, match="'bird' is not in this dictionary"):
         d.class_index("bird")
     with pytest.raises(C2MFError, match=r"expected \(n, 6\)"):
-        d.encode(np.zeros((3, 5), np.float32), 0)
+        encode(d, np.zeros((3, 5), np.float32), 0)
+    with pytest.raises(C2MFError, match="do not match the dictionary's 4 concepts"):
+        decode(d, np.zeros((3, 5), np.float32), 0)
 
 
 def test_pca_projection_codes():
     W = torch.eye(3, 5)
     mean = torch.arange(5, dtype=torch.float32)
-    d = ConceptDictionary({"W": W, "mean": mean}, {"method": "pca", "classes": ["a"], "codes": "projection"})
+    d = ConceptDictionary({"W": W, "mean": mean}, {"method": "pca", "classes": ["a"]})
     A = np.ones((2, 5), np.float32)
-    U = d.encode(A)
+    U = encode(d, A)
     np.testing.assert_allclose(U, (A - mean.numpy()) @ W.numpy().T)
-    np.testing.assert_allclose(d.decode(U), U @ W.numpy() + mean.numpy())
+    np.testing.assert_allclose(decode(d, U), U @ W.numpy() + mean.numpy())
+
+
+def test_whether_a_class_is_needed_is_the_methods_call():
+    W, W3 = torch.eye(3, 5), torch.rand(2, 3, 5)
+    classes = {"classes": ["a", "b"]}
+    assert needs_class(_c2mf_dict())  # gates, with a shared W
+    assert not needs_class(ConceptDictionary({"W": W}, {"method": "nmf", **classes}))
+    assert needs_class(ConceptDictionary({"W": W3}, {"method": "craft", **classes}))
+    # PCA: a shared basis with per-class means still codes each class differently
+    per_mean = ConceptDictionary({"W": W, "mean": torch.rand(2, 5)}, {"method": "pca", **classes})
+    assert needs_class(per_mean)
+    with pytest.raises(C2MFError, match="give the class index y"):
+        encode(per_mean, np.ones((1, 5), np.float32))
+
+
+def test_unknown_method_and_undeclared_tensors_are_refused():
+    with pytest.raises(C2MFError, match="method 'ica', which this c2mf does not know"):
+        encode(ConceptDictionary({"W": torch.eye(3)}, {"method": "ica", "classes": ["a"]}), np.ones((1, 3)))
+    check_dictionary(_c2mf_dict())
+    no_gates = ConceptDictionary({"W": torch.eye(4, 6)}, {"method": "c2mf", "classes": ["cat", "dog"]})
+    with pytest.raises(C2MFError, match="lacks its tensor 'gates'"):
+        check_dictionary(no_gates)
+    short = ConceptDictionary(_c2mf_dict().tensors, {"method": "c2mf", "classes": ["cat"]})
+    with pytest.raises(C2MFError, match=r"'gates' has shape \(2, 4\), expected \(m, k\) with m=1"):
+        check_dictionary(short)
+    with pytest.raises(C2MFError, match="does not declare: mean"):
+        check_dictionary(ConceptDictionary({"W": torch.eye(3), "mean": torch.zeros(3)},
+                                           {"method": "nmf", "classes": ["a"]}))
 
 
 def test_save_load_roundtrip_atomic(tmp_path: Path):

@@ -17,7 +17,7 @@ from c2mf_cli.cli import app
 from c2mf_cli.errors import C2MFError, UsageError
 from c2mf_cli.stages.explain import ExplainConfig, Explainer, explain_images
 from c2mf_cli.metrics.importance import gradcam
-from c2mf_cli.methods import get_method
+from c2mf_cli.methods import decode, encode, get_method
 from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
 from c2mf_cli.render.figures import geometry_from_preprocess, heatmap_to_original, input_geometry
 from c2mf_cli.report.page import build_report, referenced_files
@@ -163,11 +163,11 @@ def test_json_numbers_match_library(world):
     with torch.no_grad():
         a = split.to_store(split.g(x))[0]
         probs = torch.softmax(lm.model(x)[0], 0).numpy()
-    U = d.encode(a.reshape(-1, a.shape[-1]), None, iters=ex.config.encode_iters)
+    U = encode(d, a.reshape(-1, a.shape[-1]), None, iters=ex.config.encode_iters)
     np.testing.assert_allclose(rec["_arrays"]["codes"].reshape(-1, d.n_concepts), U.numpy(), rtol=1e-5, atol=1e-6)
 
     def head(u):
-        A = d.decode(u.reshape(-1, d.n_concepts), None).reshape(u.shape[0], *split.grid, -1)
+        A = decode(d, u.reshape(-1, d.n_concepts), None).reshape(u.shape[0], *split.grid, -1)
         return split.h(split.from_store(A))
 
     imp = gradcam(U[None], head, torch.tensor([1]))[0].numpy()
@@ -239,7 +239,7 @@ def test_top_positions_against_brute_force():
 def test_atlas_finds_strongest_regions(world, tmp_path):
     store, d = world["store"], world["dict"]
     regions = find_regions(store, d, AtlasConfig(top=3, one_per_image=False))
-    allU = [np.asarray(d.encode(a.reshape(-1, a.shape[-1]), None, iters=100)).reshape(a.shape[0], -1, 3)
+    allU = [np.asarray(encode(d, a.reshape(-1, a.shape[-1]), None, iters=100)).reshape(a.shape[0], -1, 3)
             for a in store._acts]
     for j in range(d.n_concepts):
         brute = sorted(((float(U[i, p, j]), y, i, p) for y, U in enumerate(allU)

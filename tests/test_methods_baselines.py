@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.decomposition import NMF as SkNMF
 
+from c2mf_cli.methods import basis, decode, encode
 from c2mf_cli.stages.factorize import factorize
 from c2mf_cli.artifacts.sources import ArraySource
 
@@ -20,7 +21,7 @@ def _nonneg(seed: int, n: int = 400, c: int = 30, k: int = 5, noise: float = 0.2
 
 
 def _frob_error(d, A: np.ndarray, y: int) -> float:
-    return float(np.linalg.norm(A - d.decode(d.encode(A, y, iters=300), y)))
+    return float(np.linalg.norm(A - decode(d, encode(d, A, y, iters=300), y)))
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -53,7 +54,7 @@ def test_pca_matches_numpy_svd_per_class_and_global():
         cos = np.abs(np.sum(W.numpy() * Vt[:4], axis=1))
         assert cos.min() > 0.999, cos
     # codes are the projections of the centred data
-    U = per.encode(arrays[0], 0)
+    U = encode(per, arrays[0], 0)
     np.testing.assert_allclose(U, (arrays[0] - per.tensors["mean"][0].numpy()) @ per.tensors["W"][0].numpy().T,
                                atol=1e-4)
     ev = per.meta["history"][0]["loss"][0]["explained_variance_ratio"]
@@ -70,7 +71,7 @@ def test_shared_and_per_class_dictionaries(method):
     shared = factorize(src, method, concepts=4, iterations=20, shared=True, device="cpu")
     assert per.per_class and per.tensors["W"].shape == (3, 4, 30)
     assert not shared.per_class and shared.tensors["W"].shape == (4, 30)
-    assert shared.basis().shape == (4, 30)  # no class needed for a shared dictionary without gates
+    assert basis(shared).shape == (4, 30)  # no class needed for a shared dictionary without gates
     assert len(per.meta["history"]) == 3 and len(shared.meta["history"]) == 1
 
 
@@ -85,7 +86,8 @@ def test_semi_nmf_fits_signed_data_with_nonneg_codes():
 
 def test_pca_top_eigenvectors_of_a_wide_layer_match_numpy():
     """Above 512 channels the leading eigenvectors come from a seeded randomized subspace iteration."""
-    from c2mf_cli.methods.pca import _EXACT_EIGH_MAX_CHANNELS, _top_eigenvectors
+    from c2mf_cli.methods.solvers.lowrank import EXACT_EIGH_MAX_CHANNELS as _EXACT_EIGH_MAX_CHANNELS
+    from c2mf_cli.methods.solvers.lowrank import top_eigenvectors as _top_eigenvectors
 
     c = _EXACT_EIGH_MAX_CHANNELS + 188
     g = torch.Generator().manual_seed(0)

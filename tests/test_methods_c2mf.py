@@ -11,6 +11,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from c2mf_cli.errors import C2MFError
+from c2mf_cli.methods import concepts_used
 from c2mf_cli.stages.factorize import factorize
 from c2mf_cli.artifacts.sources import ArraySource
 
@@ -60,13 +61,13 @@ def test_recovers_dictionary_and_class_subsets(sweep, alpha):
     assert cos.min() > 0.95, cos
     true_of_learned = {int(l): t for t, l in enumerate(learned_of_true)}
     for y, subset in enumerate(SUBSETS):
-        used = sorted(true_of_learned[j] for j in d.concepts_used(y))
+        used = sorted(true_of_learned[j] for j in concepts_used(d, y))
         assert used == sorted(subset), (y, used)
 
 
 def test_concepts_used_fall_monotonically_with_alpha(sweep):
     _, _, fits = sweep
-    counts = [sum(len(fits[a].concepts_used(y)) for y in range(len(SUBSETS))) for a in ALPHAS]
+    counts = [sum(len(concepts_used(fits[a], y)) for y in range(len(SUBSETS))) for a in ALPHAS]
     assert all(a >= b for a, b in zip(counts, counts[1:])), counts
     assert counts[0] == 8 * len(SUBSETS) and counts[-1] < counts[0] and counts[2] == 12
 
@@ -84,7 +85,7 @@ def test_auto_alpha_is_a_fraction_of_an_average_concepts_energy(sweep):
 
 
 def test_rank_k_energy_matches_svd():
-    from c2mf_cli.methods.c2mf import rank_k_energy
+    from c2mf_cli.methods.solvers.lowrank import rank_k_energy
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(3000, 40, generator=g) @ torch.randn(40, 200, generator=g) + torch.randn(3000, 200, generator=g)

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import nnls as scipy_nnls
 
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.methods.nnls import gram, nnls, nnls_gram
+from c2mf_cli.methods.solvers.nnls import gram, nnls, nnls_gram
 
 
 def _problem(seed: int, n: int = 40, k: int = 6, c: int = 20):

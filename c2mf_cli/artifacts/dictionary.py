@@ -2,11 +2,10 @@
 
 Notation: A (n, c) activations of one class, W (k, c) the dictionary rows (concepts), U (n, k) codes.
 
-Tensors (float32), by method:
-    W       (k, c) shared, or (n_classes, k, c) one dictionary per class.
-    gates   (n_classes, k) logits lambda of the per-class gates sigma(lambda) (c2mf only).
-    mean    (c,) or (n_classes, c) centring of PCA.
-    shift   () offset added to A before NMF when the user opted into `--shift` (A - min(A)).
+A plain artifact: named float32 tensors plus JSON metadata, saved and loaded. What the tensors mean, and how
+activations are encoded and decoded with them, belongs to the method that wrote them (`c2mf_cli.methods`:
+each method declares its tensors and owns `encode` / `decode`); this module never imports the methods. Every
+method writes W, (k, c) shared or (n_classes, k, c) one dictionary per class, whose rows are the concepts.
 
 File format: one `.safetensors` file; the JSON metadata (method, every hyper-parameter, the source's
 provenance, loss history, fit time, device, c2mf version, `encoding-type` "c2mf-dictionary" and
@@ -35,26 +34,14 @@ ENCODING_VERSION = 1
 _META_KEY = "c2mf"
 
 
-Array = np.ndarray | torch.Tensor
-
-
-def _to_tensor(x: Array, device: torch.device) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    return x.to(device=device, dtype=torch.float32)
-
-
-def _like(result: torch.Tensor, template: Array) -> Array:
-    """Return numpy for numpy input, a tensor (on the dictionary's device) for tensor input."""
-    return result.cpu().numpy() if isinstance(template, np.ndarray) else result
-
 
 class ConceptDictionary:
     """A learned concept dictionary with its provenance.
 
     Args:
         tensors: see the module docstring; at least "W".
-        meta: JSON-able metadata; must contain "method", "classes", "codes" ("nnls" or "projection").
+        meta: JSON-able metadata; must contain "method" (the registered method that owns encode / decode) and
+            "classes".
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -66,8 +53,6 @@ class ConceptDictionary:
         self.meta.setdefault("encoding-version", ENCODING_VERSION)
         self.meta.setdefault("c2mf_version", __version__)
         self.meta.setdefault("classes", [])
-        self.meta.setdefault("codes", "nnls")
-        self.meta.setdefault("ridge", 0.0)
         self.device = self.tensors["W"].device
 
     # ----- shape and identity -----
@@ -81,6 +66,7 @@ class ConceptDictionary:
 
     @property
     def per_class(self) -> bool:
+        """One dictionary per class (W has a class axis). Whether codes need a class is the method's call."""
         return self.tensors["W"].ndim == 3
 
     @property
@@ -90,10 +76,6 @@ class ConceptDictionary:
     @property
     def n_features(self) -> int:
         return int(self.tensors["W"].shape[-1])
-
-    @property
-    def has_gates(self) -> bool:
-        return "gates" in self.tensors
 
     def class_index(self, name: str) -> int:
         """Position of class `name` (the `y` every method takes)."""
@@ -105,81 +87,6 @@ class ConceptDictionary:
     def to(self, device: str | torch.device) -> "ConceptDictionary":
         """The same dictionary with its tensors on `device`."""
         return ConceptDictionary({k: v.to(device) for k, v in self.tensors.items()}, self.meta)
-
-    def _check_y(self, y: int | None) -> int | None:
-        needs_y = self.per_class or self.has_gates or self.tensors.get("mean", torch.zeros(1)).ndim == 2
-        if y is None:
-            if needs_y:
-                raise C2MFError(f"this {self.method} dictionary is per class: give the class index y")
-            return None
-        if not 0 <= int(y) < len(self.classes):
-            raise C2MFError(f"class index {y} out of range: the dictionary has {len(self.classes)} classes")
-        return int(y)
-
-    # ----- the contract -----
-    def gates(self, y: int) -> torch.Tensor:
-        """sigma(lambda_y), (k,): how much class y uses each concept (ones for methods without gates)."""
-        y = self._check_y(y)
-        if not self.has_gates:
-            return torch.ones(self.n_concepts, device=self.device)
-        return torch.sigmoid(self.tensors["gates"][y])
-
-    def basis(self, y: int | None = None) -> torch.Tensor:
-        """The (k, c) dictionary used for class y: diag(sigma(lambda_y)) W* for c2mf, W (or W[y]) otherwise."""
-        y = self._check_y(y)
-        W = self.tensors["W"]
-        if self.per_class:
-            W = W[y]
-        if self.has_gates:
-            W = torch.sigmoid(self.tensors["gates"][y])[:, None] * W
-        return W
-
-    def _mean(self, y: int | None) -> torch.Tensor | None:
-        mean = self.tensors.get("mean")
-        if mean is None:
-            return None
-        return mean[y] if mean.ndim == 2 else mean
-
-    def encode(self, A: Array, y: int | None = None, *, iters: int = 100, batch_size: int = 65536) -> Array:
-        """Codes of activations A (n, c) for class y: NNLS (U >= 0) or, for PCA, (A - mean) W^T.
-
-        For c2mf the codes carry the fit's ridge term (`meta["ridge"]`): it is what makes the gates act
-        (a concept with gate g costs ridge / g^2), so codes match the objective the dictionary was fitted on.
-        """
-        y = self._check_y(y)
-        a = _to_tensor(A, self.device)
-        if a.ndim != 2 or a.shape[1] != self.n_features:
-            raise C2MFError(f"activations of shape {tuple(a.shape)} do not match the dictionary's "
-                            f"{self.n_features} channels: expected (n, {self.n_features})")
-        W = self.basis(y)
-        if self.meta["codes"] == "projection":
-            mean = self._mean(y)
-            return _like((a - mean) @ W.T if mean is not None else a @ W.T, A)
-        if "shift" in self.tensors:
-            a = a + self.tensors["shift"]
-        from ..methods.nnls import nnls  # lazy: the methods package imports this module
-
-        U = nnls(a, W, ridge=float(self.meta.get("ridge", 0.0)), iters=iters, batch_size=batch_size)
-        return _like(U, A)
-
-    def decode(self, U: Array, y: int | None = None) -> Array:
-        """Reconstruction U W (+ mean for PCA, - shift for shifted NMF), (n, c)."""
-        y = self._check_y(y)
-        u = _to_tensor(U, self.device)
-        if u.ndim != 2 or u.shape[1] != self.n_concepts:
-            raise C2MFError(f"codes of shape {tuple(u.shape)} do not match the dictionary's "
-                            f"{self.n_concepts} concepts")
-        out = u @ self.basis(y)
-        mean = self._mean(y)
-        if mean is not None:
-            out = out + mean
-        if "shift" in self.tensors:
-            out = out - self.tensors["shift"]
-        return _like(out, U)
-
-    def concepts_used(self, y: int, threshold: float = 0.5) -> list[int]:
-        """Concepts class y uses: gates above `threshold` for c2mf; every concept for the other methods."""
-        return [int(j) for j in torch.nonzero(self.gates(y) > threshold).flatten().tolist()]
 
     def check_compatible(self, store_info: dict[str, Any]) -> None:
         """Fail clearly if a store (its `describe_source()` dict) comes from another model, layer or width.

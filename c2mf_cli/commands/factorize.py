@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,42 +13,11 @@ from ..errors import C2MFError, UsageError
 from .options import (REQUIRED, check_input, complete_method, deprecated, deprecated_argument, method_names,
                       option, resolve)
 
-# option flag -> config field
-_FLAGS = {
-    "alpha": "--alpha",
-    "alpha_scale": "--alpha-scale",
-    "beta": "--beta",
-    "iterations": "--iterations",
-    "batch_size": "--batch-size",
-    "tol": "--tol",
-    "seed": "--seed",
-    "shared": "--shared/--per-class",
-    "shift": "--shift",
-    "checkpoint_every": "--checkpoint-every",
-}
-
-
 def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
-    """The method's config from the options the user gave; an option the method does not take is an error."""
-    from ..methods import get_method
+    """The method's config from the options the user gave (None = not given); the methods check the rest."""
+    from ..methods import config_from_options
 
-    m = get_method(method)
-    fields = {f.name for f in dataclasses.fields(m.config_class)}
-    given = {k: v for k, v in options.items() if v is not None}
-    for name in given:
-        if name not in fields:
-            takes = ", ".join(_FLAGS[f] for f in _FLAGS if f in fields) or "only --concepts"
-            raise UsageError(f"{_FLAGS[name]} does not apply to --method {method} (it takes {takes})")
-    if isinstance(given.get("alpha"), str) and given["alpha"] != "auto":
-        try:
-            given["alpha"] = float(given["alpha"])
-        except ValueError:
-            raise UsageError(f"--alpha must be 'auto' or a number, got {given['alpha']!r}") from None
-    for name, value in given.items():
-        # nan fails the methods' own range checks, but inf passes them and fits an empty (or degenerate) dictionary
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{_FLAGS[name]} must be a finite number, got {value}")
-    return m.make_config(concepts=concepts, **given)
+    return config_from_options(method, concepts, options)
 
 
 def factorize(
@@ -126,7 +94,7 @@ def factorize(
     if use_ckpt and not hasattr(config, "checkpoint_every"):
         raise UsageError(f"--method {name} fits in one pass: it has nothing to checkpoint or resume")
     from .. import distributed
-    from ..artifacts.describe import describe_dictionary
+    from ..stages.describe import describe_dictionary
     from ..stages.factorize import factorize as run_factorize, open_store_source
 
     source = open_store_source(store)

@@ -23,7 +23,7 @@ def info(
     from rich.table import Table
     from rich.text import Text
 
-    from ..artifacts.describe import describe
+    from ..stages.describe import describe
 
     summary = describe(path, per_class=classes)
     if json_out:

@@ -110,9 +110,11 @@ def _store_index(world: World, split: str, store: Any) -> list[np.ndarray]:
 def concept_heatmaps(dictionary: Any, activations: np.ndarray, y: int | None, size: int) -> np.ndarray:
     """Codes of (n, h, w, c) activations for class y, upsampled to (n, k, size, size) (2k for PCA: U and -U)."""
     n, h, w, c = activations.shape
-    U = torch.as_tensor(dictionary.encode(activations.reshape(-1, c), y)).float().cpu()
+    from ..methods import encode, method_of
+
+    U = torch.as_tensor(encode(dictionary, activations.reshape(-1, c), y)).float().cpu()
     U = U.reshape(n, h, w, -1).permute(0, 3, 1, 2)
-    if dictionary.meta.get("codes") == "projection":
+    if method_of(dictionary).signed_codes:
         U = torch.cat([U, -U], dim=1)
     return F.interpolate(U, size=(size, size), mode="bilinear", align_corners=False).numpy()
 
@@ -171,13 +173,9 @@ def ungated(dictionary: Any) -> Any:
     Matching primitives to concepts on ungated codes asks "which concept detects this primitive" independently
     of the gates, so the gate check that follows is not circular.
     """
-    from ..artifacts.dictionary import ConceptDictionary
+    from ..methods import class_free
 
-    return ConceptDictionary(
-        {"W": dictionary.tensors["W"]},
-        {"method": f"{dictionary.method} (ungated)", "classes": dictionary.classes, "codes": "nnls",
-         "ridge": float(dictionary.meta.get("ridge", 0.0))},
-    )
+    return class_free(dictionary)
 
 
 def _diagonal_recovery(maps: list[np.ndarray], masks: list[np.ndarray], P: int) -> dict[str, Any]:
@@ -240,8 +238,10 @@ def gate_recovery(dictionary: Any, world: World, assignment: list[int]) -> dict[
     """For c2mf: gates against the class -> primitive table, with primitives matched to concepts by heatmap IoU."""
     from ..metrics.recovery import gate_selection_accuracy
 
+    from ..methods import gates as gates_of
+
     order = [dictionary.class_index(name) for name in world.classes]
-    gates = np.stack([dictionary.gates(y).cpu().numpy() for y in order])
+    gates = np.stack([gates_of(dictionary, y).cpu().numpy() for y in order])
     res = gate_selection_accuracy(gates, world.class_matrix(), assignment)
     res["open_gates"] = {name: [int(j) for j in np.nonzero(g > 0.5)[0]] for name, g in zip(world.classes, gates)}
     res["planted_concepts"] = {
@@ -281,6 +281,7 @@ def planted_recovery(world: World, config: DemoConfig, device: str, progress: Pr
     Two variants: `nonnegative` (W_planted >= 0) and `signed` (craft then needs its explicit shift A - min(A),
     the option the paper analyses). Each class's primitives are the world's; c2mf's gates are checked against them.
     """
+    from ..methods import gates as gates_of, method_of
     from ..stages.factorize import factorize
     from ..metrics.recovery import gate_selection_accuracy, matched_cosine
     from ..artifacts.sources import ArraySource
@@ -303,9 +304,9 @@ def planted_recovery(world: World, config: DemoConfig, device: str, progress: Pr
             Wl = d.tensors["W"].cpu().numpy().reshape(-1, W.shape[1])
             res = matched_cosine(Wl, W, absolute=name == "pca")
             res_v[name] = {"mean": res["mean"], "min": res["min"], "per_planted": res["per_planted"]}
-            if d.has_gates:
+            if method_of(d).gated:
                 order = [d.class_index(n) for n in world.classes]
-                gates = np.stack([d.gates(y).cpu().numpy() for y in order])
+                gates = np.stack([gates_of(d, y).cpu().numpy() for y in order])
                 res_v[name]["gates"] = gate_selection_accuracy(gates, world.class_matrix(), res["assignment"])
         out[variant] = res_v
     return out

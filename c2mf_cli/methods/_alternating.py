@@ -39,7 +39,8 @@ from ..errors import C2MFError
 from ..progress import ProgressFn
 from ..artifacts.sources import ArraySource, RowSource
 from .base import check_batch, to_device
-from .nnls import gram, nnls_gram
+from .solvers.kmeans import kmeans_pp as solvers_kmeans_pp
+from .solvers.nnls import gram, nnls_gram
 
 State = dict[str, torch.Tensor]  # "W" (k, c) and, for gated models, "g" (m, k) gate values in (0, 1)
 CHECKPOINT_TYPE = "c2mf-checkpoint"
@@ -129,28 +130,10 @@ def sample_rows(source: RowSource, classes: list[int], n_total: int, seed: int, 
 
 
 def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """k rows of X chosen by k-means++ seeding (D^2 sampling): spread-out data points as a first dictionary."""
-    gen = torch.Generator().manual_seed(seed)
-    n = X.shape[0]
-    if n < k:
-        raise C2MFError(f"only {n} rows to learn {k} concepts from: use fewer --concepts or more images")
-    sq = (X * X).sum(1)
-
-    def dist2(i: int) -> torch.Tensor:  # ||x - X[i]||^2 without an (n, c) temporary
-        return (sq - 2 * (X @ X[i]) + sq[i]).clamp_min(0)
-
-    first = int(torch.randint(n, (1,), generator=gen))
-    centers = [X[first]]
-    d2 = dist2(first)
-    for _ in range(1, k):
-        p = d2.clamp_min(0).double().cpu()
-        if float(p.sum()) <= 0:
-            idx = int(torch.randint(n, (1,), generator=gen))
-        else:
-            idx = int(torch.multinomial(p / p.sum(), 1, generator=gen))
-        centers.append(X[idx])
-        d2 = torch.minimum(d2, dist2(idx))
-    return torch.stack(centers).clone()
+    """k rows of X chosen by seeded k-means++ (D^2 sampling): spread-out data points as a first dictionary."""
+    if X.shape[0] < k:
+        raise C2MFError(f"only {X.shape[0]} rows to learn {k} concepts from: use fewer --concepts or more images")
+    return solvers_kmeans_pp(X, k, torch.Generator().manual_seed(seed))
 
 
 def pass_stats(source: RowSource, classes: list[int], state: State, st: EngineSettings, device: torch.device,

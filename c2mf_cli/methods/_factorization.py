@@ -18,7 +18,8 @@ from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
 from ..artifacts.sources import RowSource
 from ._alternating import EngineSettings, Stats, State, fit_groups, global_min, history_of, kmeans_pp
-from .base import Method, check_batch, check_source, source_summary
+from .base import Method, check_batch, check_source, option, source_summary
+from .solvers.nnls import nnls as nnls_codes
 
 SHIFT_HINT = ("Pass --shift to fit on A - min(A) (the shift the C2MF paper analyses), or use --method c2mf or "
               "semi-nmf, which take signed activations.")
@@ -59,14 +60,14 @@ class FactorizationConfig:
     """
 
     concepts: int
-    iterations: int = 200
-    tol: float = 1e-5
-    batch_size: int | None = 32768
-    seed: int = 0
+    iterations: int = option(200, help="Passes over the data (at most).", metavar="N")
+    tol: float = option(1e-5, help="Stop when a pass lowers the objective by less than this fraction.", metavar="F")
+    batch_size: int | None = option(32768, help="Rows per streamed batch (--full-batch: each class whole).", metavar="N")
+    seed: int = option(0, help="Seed of the initial dictionary.", metavar="INT")
     code_iters: int = 10
     code_solver: str = "hals"
     subsample_rows: int = 20000
-    checkpoint_every: int = 10
+    checkpoint_every: int = option(10, help="With a checkpoint (--checkpoint-every / --resume): passes between checkpoints.", metavar="N")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -80,7 +81,21 @@ class FactorizationMethod(Method):
 
     Its config may add `shared` (one dictionary for all classes), `shift` (fit on A - min(A)) and `dict_sweeps`
     (HALS sweeps over W per pass); without them: per class, no shift, one sweep.
+
+    Codes are NNLS on the basis (after the fit's shift); decode undoes the shift.
     """
+
+    tensor_shapes = {"W": ("k c", "m k c"), "shift": ("",)}
+    optional_tensors = frozenset({"shift"})
+
+    def encode(self, d: ConceptDictionary, A: torch.Tensor, y: int | None, *, iters: int) -> torch.Tensor:
+        if "shift" in d.tensors:
+            A = A + d.tensors["shift"]
+        return nnls_codes(A, self.basis(d, y), ridge=float(d.meta.get("ridge", 0.0)), iters=iters)
+
+    def decode(self, d: ConceptDictionary, U: torch.Tensor, y: int | None) -> torch.Tensor:
+        out = U @ self.basis(d, y)
+        return out - d.tensors["shift"] if "shift" in d.tensors else out
 
     def fit(self, source: RowSource, config: Any, *, device: torch.device, progress: ProgressFn = no_progress,
             checkpoint_path: Path | None = None, resume: bool = False) -> ConceptDictionary:
@@ -154,7 +169,6 @@ def fit_factorization(method: Method, source: RowSource, config: Any, *, signed:
         "method": method.name,
         "config": config.to_dict(),
         "ridge": 0.0,
-        "codes": "nnls",
         "shared": shared,
         "shift": shift if shift_opt else None,
         "classes": list(source.classes),

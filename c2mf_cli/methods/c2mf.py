@@ -30,28 +30,12 @@ from ..progress import ProgressFn, no_progress
 from ..artifacts.sources import RowSource
 from ._alternating import EngineSettings, Stats, State, fit_groups, history_of, kmeans_pp
 from ._factorization import check_common
-from .base import Method, check_source, register_method, source_summary
+from .base import Method, check_source, option, register_method, source_summary
+from .solvers.lowrank import rank_k_energy
+from .solvers.nnls import nnls
 
 _EPS = 1e-4  # gates live in [eps, 1 - eps] so that lambda = logit(g) stays finite
 AUTO_ALPHA_SCALE = 0.3  # rho of alpha = rho * E_k / k (docs/methods.md: measured on CIFAR layer3 and CUB head_conv)
-
-
-def rank_k_energy(X: torch.Tensor, k: int, seed: int, oversample: int = 10, power_iters: int = 4) -> float:
-    """E_k = ||X_k||^2 / ||X||^2, the fraction of the (uncentred) energy of X its best rank-k approximation holds.
-
-    Randomised range finder (Halko et al.) with a seeded test matrix, so the value is reproducible:
-    O(n c (k + oversample)) per power iteration instead of a full SVD.
-    """
-    total = float(X.double().pow(2).sum())
-    if total <= 0:
-        return 0.0
-    q = min(k + oversample, *X.shape)
-    omega = torch.randn(X.shape[1], q, generator=torch.Generator().manual_seed(seed)).to(X)
-    Q = torch.linalg.qr(X @ omega).Q
-    for _ in range(power_iters):
-        Q = torch.linalg.qr(X @ torch.linalg.qr(X.T @ Q).Q).Q
-    sv = torch.linalg.svdvals((Q.T @ X).double())
-    return min(1.0, float(sv[:k].pow(2).sum()) / total)
 
 
 def resolve_alpha(config: "C2MFConfig", sample: torch.Tensor) -> tuple[float, dict]:
@@ -94,20 +78,23 @@ class C2MFConfig:
     """
 
     concepts: int
-    alpha: float | str = "auto"
-    alpha_scale: float = AUTO_ALPHA_SCALE
-    beta: float = 0.1
-    iterations: int = 100
-    tol: float = 1e-5
-    batch_size: int | None = 32768
-    seed: int = 0
+    alpha: float | str = option(
+        "auto", metavar="auto|F", help="L1 weight on the gates, larger = fewer concepts per class: a number (the "
+        "relative squared error a concept must explain) or 'auto' (alpha-scale x the energy an average concept "
+        "explains, E_k / k).")
+    alpha_scale: float = option(AUTO_ALPHA_SCALE, metavar="F", help="With --alpha auto: the multiple of E_k / k.")
+    beta: float = option(0.1, metavar="F", help="Ridge on the codes (fixes their scale against the gates).")
+    iterations: int = option(100, help="Passes over the data (at most).", metavar="N")
+    tol: float = option(1e-5, help="Stop when a pass lowers the objective by less than this fraction.", metavar="F")
+    batch_size: int | None = option(32768, help="Rows per streamed batch (--full-batch: each class whole).", metavar="N")
+    seed: int = option(0, help="Seed of the initial dictionary.", metavar="INT")
     code_iters: int = 10
     code_solver: str = "hals"
     dict_sweeps: int = 5
     gate_init: float = 0.5
     warmup: int = 10
     subsample_rows: int = 20000
-    checkpoint_every: int = 10
+    checkpoint_every: int = option(10, help="With a checkpoint (--checkpoint-every / --resume): passes between checkpoints.", metavar="N")
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):
@@ -162,6 +149,30 @@ class C2MF(Method):
     signed_dictionary = True
     requires_nonnegative_input = False
     config_class = C2MFConfig
+    tensor_shapes = {"W": ("k c",), "gates": ("m k",)}
+    gated = True
+
+    def needs_class(self, d: ConceptDictionary) -> bool:
+        return True  # the gates of class y scale the shared dictionary
+
+    def gates(self, d: ConceptDictionary, y: int) -> torch.Tensor:
+        return torch.sigmoid(d.tensors["gates"][y])
+
+    def basis(self, d: ConceptDictionary, y: int | None) -> torch.Tensor:
+        """diag(sigma(lambda_y)) W*: the shared dictionary seen through class y's gates."""
+        return self.gates(d, y)[:, None] * d.tensors["W"]  # type: ignore[index]
+
+    def class_free(self, d: ConceptDictionary) -> ConceptDictionary:
+        """W* with every gate open: a shared signed dictionary coded by NNLS with the fit's ridge (semi-NMF's
+        codes), for encoding without a class."""
+        return ConceptDictionary({"W": d.tensors["W"]},
+                                 {"method": "semi-nmf", "ungated_from": self.name, "classes": d.classes,
+                                  "ridge": float(d.meta.get("ridge", 0.0)), "source": d.meta.get("source", {})})
+
+    def encode(self, d: ConceptDictionary, A: torch.Tensor, y: int | None, *, iters: int) -> torch.Tensor:
+        """NNLS codes with the fit's ridge beta: it is what makes the gates act (a concept with gate g costs
+        beta / g^2), so codes match the objective the dictionary was fitted on."""
+        return nnls(A, self.basis(d, y), ridge=float(d.meta.get("ridge", 0.0)), iters=iters)
 
     def fit(self, source: RowSource, config: C2MFConfig, *, device: torch.device,
             progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,
@@ -206,7 +217,6 @@ class C2MF(Method):
             "config": config.to_dict(),
             "alpha": how,
             "ridge": config.beta,
-            "codes": "nnls",
             "shared": True,
             "classes": list(source.classes),
             "source": source_summary(source),

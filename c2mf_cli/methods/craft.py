@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._factorization import FactorizationConfig, FactorizationMethod
-from .base import register_method
+from .base import option, register_method
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class CraftConfig(FactorizationConfig):
         dict_sweeps: HALS sweeps over W per pass (from the statistics; no data pass).
     """
 
-    shift: bool = False
+    shift: bool = option(False, help="Fit on A - min(A) when the layer is signed (NMF needs A >= 0).")
     dict_sweeps: int = 10
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._factorization import FactorizationConfig, FactorizationMethod
-from .base import register_method
+from .base import option, register_method
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class NMFConfig(FactorizationConfig):
         dict_sweeps: HALS sweeps over W per pass (from the statistics; no data pass).
     """
 
-    shared: bool = False
-    shift: bool = False
+    shared: bool = option(False, flag="--shared/--per-class", help="One dictionary for all classes, or one per class.")
+    shift: bool = option(False, help="Fit on A - min(A) when the layer is signed (NMF needs A >= 0).")
     dict_sweeps: int = 10
 
 

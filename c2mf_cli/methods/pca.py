@@ -21,7 +21,8 @@ from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
 from ..artifacts.sources import RowSource
 from ._alternating import _batches
-from .base import Method, check_batch, check_source, register_method, source_summary, to_device
+from .solvers.lowrank import top_eigenvectors
+from .base import Method, check_batch, check_source, option, register_method, source_summary, to_device
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ class PCAConfig:
     """
 
     concepts: int
-    batch_size: int | None = 32768
-    shared: bool = False
+    batch_size: int | None = option(32768, help="Rows per streamed batch (--full-batch: each class whole).", metavar="N")
+    shared: bool = option(False, flag="--shared/--per-class", help="One dictionary for all classes, or one per class.")
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -71,7 +72,7 @@ def _pca(source: RowSource, classes: list[int], k: int, batch_size: int | None,
     centred_mean = total / n  # mean of (x - shift)
     cov = (xtx - n * torch.outer(centred_mean, centred_mean)) / (n - 1)
     mean = centred_mean + shift
-    W, top = _top_eigenvectors(cov, k)
+    W, top = top_eigenvectors(cov, k)
     sign = torch.sign(W.gather(1, W.abs().argmax(1, keepdim=True)))
     W = W * sign
     var_total = float(torch.diagonal(cov).clamp_min(0).sum())  # the trace: all the variance
@@ -99,33 +100,6 @@ def _pooled(total: torch.Tensor, xtx: torch.Tensor, n: int,
     return total, xtx, int(counts), common
 
 
-# Above this many channels the top-k eigenvectors come from a randomized subspace iteration instead of a full
-# eigendecomposition: at 1,280 channels eigh took 1.85 s per class (float64) against 0.06-0.1 s, with the
-# top-10/25 subspaces agreeing to 1e-4 (measured); per-class PCA of 1,000 ImageNet classes at 2,048 channels
-# would otherwise spend most of an hour in eigh.
-_EXACT_EIGH_MAX_CHANNELS = 512
-
-
-def _top_eigenvectors(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k leading eigenvectors (rows, float64) of a symmetric PSD matrix and their eigenvalues."""
-    c = cov.shape[0]
-    if c <= _EXACT_EIGH_MAX_CHANNELS:
-        evals, evecs = torch.linalg.eigh(cov)
-        return evecs.flip(1)[:, :k].T.contiguous(), evals.flip(0)[:k]
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # the randomized start is seeded: a fit is reproducible
-    try:
-        q = min(c, k + 20)
-        basis, _, _ = torch.svd_lowrank(cov, q=q, niter=8)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    # Rayleigh-Ritz on the found subspace gives the eigenvectors within it and their eigenvalues.
-    small = basis.T @ cov @ basis
-    evals, evecs = torch.linalg.eigh(small)
-    vecs = (basis @ evecs.flip(1)[:, :k]).T.contiguous()
-    return vecs, evals.flip(0)[:k]
-
-
 @register_method
 class PCA(Method):
     name = "pca"
@@ -134,6 +108,22 @@ class PCA(Method):
     signed_dictionary = True
     requires_nonnegative_input = False
     config_class = PCAConfig
+    tensor_shapes = {"W": ("k c", "m k c"), "mean": ("c", "m c")}
+    signed_codes = True
+
+    def needs_class(self, d: ConceptDictionary) -> bool:
+        return d.tensors["W"].ndim == 3 or d.tensors["mean"].ndim == 2
+
+    def _mean(self, d: ConceptDictionary, y: int | None) -> torch.Tensor:
+        mean = d.tensors["mean"]
+        return mean[y] if mean.ndim == 2 else mean
+
+    def encode(self, d: ConceptDictionary, A: torch.Tensor, y: int | None, *, iters: int) -> torch.Tensor:
+        """Signed projections (A - mean) W^T (orthonormal rows: the least-squares codes)."""
+        return (A - self._mean(d, y)) @ self.basis(d, y).T
+
+    def decode(self, d: ConceptDictionary, U: torch.Tensor, y: int | None) -> torch.Tensor:
+        return U @ self.basis(d, y) + self._mean(d, y)
 
     def fit(self, source: RowSource, config: PCAConfig, *, device: torch.device,
             progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,
@@ -158,7 +148,6 @@ class PCA(Method):
         meta = {
             "method": self.name,
             "config": config.to_dict(),
-            "codes": "projection",
             "shared": config.shared,
             "classes": list(source.classes),
             "source": source_summary(source),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._factorization import FactorizationConfig, FactorizationMethod
-from .base import register_method
+from .base import option, register_method
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class SemiNMFConfig(FactorizationConfig):
         shared: one dictionary for all classes instead of one per class.
     """
 
-    shared: bool = False
+    shared: bool = option(False, flag="--shared/--per-class", help="One dictionary for all classes, or one per class.")
 
 
 @register_method

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
+from ..methods.solvers.kmeans import kmeans_pp
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,6 @@ class KMeansResult:
 
 def _sq_dist(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return ((X * X).sum(1, keepdim=True) - 2 * X @ C.T + (C * C).sum(1)[None]).clamp_min(0)
-
-
-def _kmeans_pp(X: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
-    n = X.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=gen))]
-    d = _sq_dist(X, X[idx]).squeeze(1)
-    for _ in range(1, K):
-        total = d.sum()
-        if total <= 0:
-            i = int(torch.randint(n, (1,), generator=gen))
-        else:
-            i = int(torch.multinomial((d / total).cpu(), 1, generator=gen))
-        idx.append(i)
-        d = torch.minimum(d, _sq_dist(X, X[i : i + 1]).squeeze(1))
-    return X[idx].clone()
 
 
 def kmeans(
@@ -60,7 +46,7 @@ def kmeans(
     gen = torch.Generator().manual_seed(seed)
     best: KMeansResult | None = None
     for _ in range(max(1, n_init)):
-        C = _kmeans_pp(X, K, gen)
+        C = kmeans_pp(X, K, gen)
         for _ in range(max_iter):
             D = _sq_dist(X, C)
             labels = D.argmin(1)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
+from ..methods import encode, needs_class
 from .explain import read_image
 from ..render.figures import (
     atlas_concept_figure,
@@ -130,7 +131,7 @@ def find_regions(
         if config.class_name not in store.classes:
             raise UsageError(f"--class {config.class_name!r} is not in the store; it has: {', '.join(store.classes)}")
         classes = [store.classes.index(config.class_name)]
-    needs_y = dictionary.per_class or dictionary.has_gates
+    needs_y = needs_class(dictionary)
     k = dictionary.n_concepts
     best: list[list[Region]] = [[] for _ in range(k)]
     gh, gw = store.grid
@@ -150,7 +151,7 @@ def find_regions(
         if store.layout == "tokens":
             a = a[:, store.num_prefix_tokens:]
         rows = a.reshape(n * gh * gw, -1)
-        U = np.asarray(dictionary.encode(rows, dy, iters=config.encode_iters)).reshape(n, gh * gw, k)
+        U = np.asarray(encode(dictionary, rows, dy, iters=config.encode_iters)).reshape(n, gh * gw, k)
         found = top_positions(U, config.top, config.one_per_image)
         new = [[Region(j, v, y, i, (p // gw, p % gw)) for v, i, p in found[j]] for j in range(k)]
         best = _merge(best, new, config.top)

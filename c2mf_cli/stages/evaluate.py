@@ -49,6 +49,7 @@ from ..metrics import (
     pairwise_mcnemar,
 )
 from ..metrics.reconstruction import per_class_accuracy_from_predictions
+from ..methods import class_free, decode, encode, needs_class
 from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-evaluation"
@@ -78,7 +79,8 @@ class StoreLike(Protocol):
 
 
 class DictionaryLike(Protocol):
-    """What evaluate needs of a dictionary (c2mf_cli.artifacts.dictionary.ConceptDictionary satisfies it)."""
+    """What evaluate needs of a dictionary (c2mf_cli.artifacts.dictionary.ConceptDictionary satisfies it); codes
+    come from `c2mf_cli.methods.encode / decode`, which dispatch on `method`."""
 
     meta: dict
     tensors: dict[str, torch.Tensor]
@@ -94,9 +96,6 @@ class DictionaryLike(Protocol):
     @property
     def n_features(self) -> int: ...
     def to(self, device: str | torch.device) -> "DictionaryLike": ...
-    def basis(self, y: int | None = None) -> torch.Tensor: ...
-    def encode(self, A: Any, y: int | None = None) -> Any: ...
-    def decode(self, U: Any, y: int | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ def _unique_labels(labels: list[str]) -> list[str]:
 
 def _class_map(d: DictionaryLike, store: StoreLike, label: str) -> list[int | None]:
     """For each store class, the class index y to give the dictionary (None where it takes no class)."""
-    needs_y = d.per_class or "gates" in d.tensors or d.tensors.get("mean", torch.zeros(1)).ndim == 2
+    needs_y = _needs_class(d)
     names = d.classes
     out: list[int | None] = []
     for name in store.classes:
@@ -305,42 +304,36 @@ def _make_head(tail: _Tail, d: DictionaryLike, y: int | None, sp: _Split) -> Cal
     c = sp.rows.shape[-1]
     grid_shape = sp.shape if sp.prefix is None else (sp.shape[0] - sp.prefix.shape[1], c)
 
-    def decode(U: torch.Tensor) -> torch.Tensor:
+    def rows_of(U: torch.Tensor) -> torch.Tensor:
         m, P, k = U.shape
         return _decode(d, U.reshape(m * P, k), y).reshape(m, P, c)
 
     if sp.prefix is None:
-        return lambda U: tail(decode(U).reshape(U.shape[0], *grid_shape))
-    return lambda U, prefix: tail(torch.cat([prefix, decode(U)], dim=1))
+        return lambda U: tail(rows_of(U).reshape(U.shape[0], *grid_shape))
+    return lambda U, prefix: tail(torch.cat([prefix, rows_of(U)], dim=1))
 
 
 def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None) -> torch.Tensor:
     n, P, c = rows.shape
-    return torch.as_tensor(d.encode(rows.reshape(n * P, c), y)).reshape(n, P, -1).float()
+    return torch.as_tensor(encode(d, rows.reshape(n * P, c), y)).reshape(n, P, -1).float()  # type: ignore[arg-type]
 
 
 def _decode(d: DictionaryLike, U: torch.Tensor, y: int | None) -> torch.Tensor:
-    return torch.as_tensor(d.decode(U, y))
+    return torch.as_tensor(decode(d, U, y))  # type: ignore[arg-type]
 
 
 def _needs_class(d: DictionaryLike) -> bool:
-    """Whether encoding needs a class index: per-class dictionaries or means, and c2mf's gates."""
-    mean = d.tensors.get("mean")
-    return bool(d.per_class or "gates" in d.tensors or (mean is not None and mean.ndim == 2))
+    """Whether encoding needs a class index: the method of the dictionary decides (c2mf_cli.methods)."""
+    return needs_class(d)  # type: ignore[arg-type]
 
 
 def _class_free(d: DictionaryLike) -> tuple[DictionaryLike | None, str]:
     """The dictionary `--encode-class none` uses (all concepts ungated, one shared basis), or None and why not."""
-    if not _needs_class(d):
-        return d, ""
-    mean = d.tensors.get("mean")
-    if d.per_class or (mean is not None and mean.ndim == 2):
+    free = class_free(d)  # type: ignore[arg-type]
+    if free is None:
         return None, ("a per-class dictionary has no class-free basis: fit a shared one (e.g. --shared) to "
                       "encode without a class")
-    from ..artifacts.dictionary import ConceptDictionary
-
-    tensors = {k: v for k, v in d.tensors.items() if k != "gates"}
-    return ConceptDictionary(tensors, dict(d.meta)), ""
+    return free, ""
 
 
 def _rows_to_head(tail: _Tail, sp: _Split, rows_hat: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -761,8 +754,9 @@ def _clustered_dictionary(d: DictionaryLike, K: int, seed: int) -> DictionaryLik
     tensors = {"W": cl.W}
     if "shift" in d.tensors:
         tensors["shift"] = d.tensors["shift"].detach().cpu()
-    meta = {"method": f"{d.method}-clustered", "classes": d.classes, "codes": "nnls",
-            "clustered_from": [list(s) for s in cl.source]}
+    # kept rows of non-negative dictionaries, coded by NNLS (after the sources' shift): an NMF dictionary
+    meta = {"method": "nmf", "classes": d.classes, "clustered_from": {"method": d.method,
+                                                                       "rows": [list(s) for s in cl.source]}}
     return ConceptDictionary(tensors, meta).to(d.tensors["W"].device)
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from ..devices import resolve_device
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
+from ..methods import decode, encode, gates, needs_class
 from ..metrics.importance import gradcam, integrated_gradients
 from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
 from ..render.figures import ConceptPanel, InputGeometry, explanation_figure, geometry_from_preprocess, open_image, save_figure
@@ -237,7 +238,7 @@ class Explainer:
 
         def f(U: torch.Tensor) -> torch.Tensor:
             m, P, k = U.shape
-            A = d.decode(U.reshape(m * P, k), y).reshape(m, P, -1)
+            A = decode(d, U.reshape(m * P, k), y).reshape(m, P, -1)
             if split.layout == "nchw":
                 return split.h(split.from_store(A.reshape(m, gh, gw, -1)))
             side = prefix.unsqueeze(0).expand(m, *prefix.shape) if prefix is not None else A[:, :0]
@@ -263,7 +264,7 @@ class Explainer:
 
     def dictionary_class(self, target: int, probs: np.ndarray) -> tuple[int | None, str]:
         """The dictionary class whose codes (gates / per-class dictionary) explain output `target`."""
-        needs_y = self.dictionary.per_class or self.dictionary.has_gates
+        needs_y = needs_class(self.dictionary)
         if target in self.dict_class_of_output:
             return self.dict_class_of_output[target], "explained class"
         if not needs_y:
@@ -289,7 +290,7 @@ class Explainer:
         probs = torch.softmax(logits, dim=0).cpu().numpy()
         t = self.resolve_target(target if target is not None else cfg.target, probs)
         y, why = self.dictionary_class(t, probs)
-        U = self.dictionary.encode(rows, y, iters=cfg.encode_iters)  # (P, k)
+        U = encode(self.dictionary, rows, y, iters=cfg.encode_iters)  # (P, k)
         U = U.detach().float()
         head = self.head(y, prefix)
         targets = torch.tensor([t], device=self.device)
@@ -310,7 +311,8 @@ class Explainer:
         gh, gw = self.split.grid
         codes = U.cpu().numpy().reshape(gh, gw, -1)
         top_cls = np.argsort(-probs, kind="stable")[: cfg.top_classes]
-        gates = self.dictionary.gates(y).cpu().numpy() if self.dictionary.has_gates else None
+        g = gates(self.dictionary, y) if y is not None else None
+        gate_values = g.cpu().numpy() if g is not None else None
         record: dict[str, Any] = {
             "image": {"width": image.width, "height": image.height},
             "geometry": geometry.to_dict(),
@@ -327,7 +329,7 @@ class Explainer:
                           "probability": float(probs[t])},
             "reconstruction": {"logit": float(rec_logits[t]), "probability": float(rec_probs[t]),
                                "prediction": int(np.argmax(rec_probs)),
-                               "relative_error": float(torch.linalg.norm(rows - self.dictionary.decode(U, y))
+                               "relative_error": float(torch.linalg.norm(rows - decode(self.dictionary, U, y))
                                                        / torch.linalg.norm(rows).clamp_min(1e-12))},
             "importance_method": cfg.importance,
             "importance": [float(v) for v in imp_np],
@@ -336,14 +338,14 @@ class Explainer:
                 {"concept": j, "importance": float(imp_np[j]), "mean_code": float(codes[..., j].mean()),
                  "max_code": float(codes[..., j].max()),
                  "peak_cell": [int(v) for v in np.unravel_index(np.argmax(codes[..., j]), (gh, gw))],
-                 **({"gate": float(gates[j])} if gates is not None else {})}
+                 **({"gate": float(gate_values[j])} if gate_values is not None else {})}
                 for j in top
             ],
             **extra,
             "warnings": list(self.warnings),
         }
-        if gates is not None:
-            record["gates"] = [float(g) for g in gates]
+        if gate_values is not None:
+            record["gates"] = [float(v) for v in gate_values]
         record["_arrays"] = {"codes": codes, "geometry": geometry}
         return record
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import C2MFError
+from ...errors import C2MFError
 
 Solver = Literal["hals", "fista"]
 SOLVERS: tuple[str, ...] = ("hals", "fista")

@@ -10,9 +10,11 @@ from ..errors import C2MFError
 
 def describe_dictionary(path: str | Path) -> dict[str, Any]:
     """What the dictionary is, how it was made, and what each class uses."""
-    from .dictionary import ConceptDictionary
+    from ..artifacts.dictionary import ConceptDictionary
+    from ..methods import concepts_used, gates, method_of
 
     d = ConceptDictionary.load(path)
+    gated = method_of(d).gated
     meta = d.meta
     source = meta.get("source", {})
     info = source.get("info", {})
@@ -21,10 +23,11 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
     rel = [r["relative_error"] for r in last if "relative_error" in r]
     per_class = []
     for y, name in enumerate(d.classes):
-        used = d.concepts_used(y)
+        used = concepts_used(d, y)
         row: dict[str, Any] = {"name": name, "concepts_used": len(used), "concepts": used}
-        if d.has_gates:
-            row["gates"] = [round(float(g), 4) for g in d.gates(y)]
+        g = gates(d, y)
+        if g is not None:
+            row["gates"] = [round(float(v), 4) for v in g]
         per_class.append(row)
     counts = [r["concepts_used"] for r in per_class]
     model = info.get("model")
@@ -35,7 +38,7 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
         "concepts": d.n_concepts,
         "channels": d.n_features,
         "dictionary": "per class" if d.per_class else "shared",
-        "gated": d.has_gates,
+        "gated": gated,
         "classes": len(d.classes),
         "concepts_used_per_class": (f"{min(counts)}-{max(counts)} (mean {sum(counts) / len(counts):.1f})"
                                     if counts else "-"),
@@ -49,7 +52,7 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
         "store_mode": source.get("mode"),
         "store_fingerprint": info.get("fingerprint"),
         "config": meta.get("config", {}),
-        "alpha": (meta.get("alpha") or {}).get("alpha", meta.get("config", {}).get("alpha")) if d.has_gates else None,
+        "alpha": (meta.get("alpha") or {}).get("alpha", meta.get("config", {}).get("alpha")) if gated else None,
         "c2mf_version": meta.get("c2mf_version"),
         "encoding": f"{meta.get('encoding-type')} v{meta.get('encoding-version')}",
         "per_class_concepts": per_class,
@@ -58,7 +61,7 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
 
 def describe_store(path: str | Path, per_class: bool = False) -> dict[str, Any]:
     """Classes, counts, shapes, disk size, model, layer, mode, and the images that could not be read."""
-    from .store import ActivationStore
+    from ..artifacts.store import ActivationStore
 
     store = ActivationStore.open(path, require_complete=False)
     summary = store.summary()
