@@ -39,7 +39,7 @@ def _source(method: str, arrays: list[np.ndarray] | None = None) -> ArraySource:
 
 def _options(method: str, **extra) -> dict:
     fields = {f.name for f in dataclasses.fields(get_method(method).config_class)}
-    opts = {"concepts": 4, "iterations": 12, "batch_size": 100, "seed": 3}
+    opts = {"concepts": 4, "iterations": 12, "batch_size": 100, "seed": 3, "lr": 1e-2}  # lr: the sae's, for 96 steps
     opts.update(extra)
     return {k: v for k, v in opts.items() if k in fields}
 

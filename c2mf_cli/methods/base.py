@@ -55,6 +55,7 @@ class Method(ABC):
     gated: ClassVar[bool] = False  # per-class gates decide which concepts a class uses
     supports_overcomplete: ClassVar[bool] = False  # may learn more concepts than the layer has channels
     batch_invariant: ClassVar[bool] = True  # the fit does not depend on how rows are batched (streaming == full)
+    supports_distributed: ClassVar[bool] = True  # fits under torch.distributed give the one-process dictionary
 
     @abstractmethod
     def fit(
@@ -110,13 +111,16 @@ class Method(ABC):
 
 
 # ----- options: a config field with help is a `c2mf factorize` option -----
-def option(default: Any, *, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
+def option(default: Any, *, help: str, flag: str | None = None, metavar: str | None = None,
+           shown: str | None = None) -> Any:
     """A config field that `c2mf factorize` offers as an option (`--field-name` unless `flag` says otherwise).
 
-    A bool field becomes `--name/--no-name` (or the `flag` given, e.g. "--shared/--per-class"). Fields declared
+    A bool field becomes `--name/--no-name` (or the `flag` given, e.g. "--shared/--per-class"). `shown` is the
+    default as --help says it, where the value itself would not tell (e.g. None meaning "from k"). Fields declared
     without `option` are settings for the library only.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar,
+                                                        "shown": shown})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +135,7 @@ class MethodOption:
             (bool,) for a flag.
         metavar: what the value looks like in --help.
         defaults: method name -> that method's default.
+        shown: method name -> how --help shows that default, where the value would not tell.
     """
 
     name: str
@@ -139,6 +144,7 @@ class MethodOption:
     value_types: tuple[type, ...]
     metavar: str | None
     defaults: dict[str, Any]
+    shown: dict[str, str]  # method name -> its default as --help says it, where given
 
     @property
     def is_flag(self) -> bool:
@@ -148,8 +154,7 @@ class MethodOption:
         """The defaults per method, for --help: "0.1" or "100 (c2mf), 200 (craft, nmf)"."""
         by_value: dict[str, list[str]] = {}
         for method, value in self.defaults.items():
-            by_value.setdefault("full batch" if value is None and self.name == "batch_size" else str(value),
-                                []).append(method)
+            by_value.setdefault(self.shown.get(method) or str(value), []).append(method)
         if len(by_value) == 1:
             return next(iter(by_value))
         return ", ".join(f"{v} ({', '.join(ms)})" for v, ms in by_value.items())
@@ -201,14 +206,16 @@ def method_options() -> list[MethodOption]:
                 flag = f"{flag}/--no-{flag[2:]}"
             default = None if f.default is dataclasses.MISSING else f.default
             seen = found.get(f.name)
+            shown = {name: f.metadata["shown"]} if f.metadata.get("shown") else {}
             if seen is None:
                 found[f.name] = MethodOption(f.name, flag, f.metadata["help"], kinds, f.metadata.get("metavar"),
-                                             {name: default})
+                                             {name: default}, shown)
             elif (seen.flag, seen.value_types) != (flag, kinds):
                 raise ValueError(f"option {f.name!r}: method {name!r} declares {flag} {kinds}, another "
                                  f"{seen.flag} {seen.value_types}: one flag must keep one meaning")
             else:
                 seen.defaults[name] = default
+                seen.shown.update(shown)
     return list(found.values())
 
 

@@ -44,7 +44,9 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
                                     if counts else "-"),
         "relative_error": round(sum(rel) / len(rel), 5) if rel else None,
         "passes": sum(h.get("passes", 0) for h in history),
-        "converged": all(h.get("converged", False) for h in history) if history else None,
+        # None where a method has no stopping tolerance (it runs its passes): nothing to say about convergence
+        "converged": (None if not history or any(h.get("converged") is None for h in history)
+                      else all(h["converged"] for h in history)),
         "fit_seconds": round(float(meta["fit_seconds"]), 2) if "fit_seconds" in meta else None,
         "device": meta.get("device"),
         "model": model.get("name") if isinstance(model, dict) else model,
