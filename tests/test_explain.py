@@ -19,7 +19,7 @@ from c2mf_cli.stages.explain import ExplainConfig, Explainer, explain_images
 from c2mf_cli.metrics.importance import gradcam
 from c2mf_cli.methods import decode, encode, get_method
 from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
-from c2mf_cli.render.figures import geometry_from_preprocess, heatmap_to_original, input_geometry
+from c2mf_cli.render.geometry import InputGeometry, geometry_for, heatmap_to_original
 from c2mf_cli.report.page import build_report, referenced_files
 from c2mf_cli.artifacts.sources import ArraySource
 
@@ -147,7 +147,7 @@ def test_top_concept_heatmap_lands_on_the_pattern(world):
         values, _ = heatmap_to_original(codes, rec["_arrays"]["geometry"])
         mask = world["masks"][str(p)]
         ious.append(_iou(values > 0.5 * values.max(), mask))
-        squash = input_geometry((H_IMG, W_IMG), 32, crop_mode="squash")
+        squash = InputGeometry((H_IMG, W_IMG), (32, 32), (0, 0), (32, 32))  # the grid stretched over the image
         v2, _ = heatmap_to_original(codes, squash)
         naive.append(_iou(v2 > 0.5 * v2.max(), mask))
     assert min(ious) > 0.6, ious
@@ -174,7 +174,7 @@ def test_json_numbers_match_library(world):
     np.testing.assert_allclose(rec["importance"], imp, rtol=1e-5, atol=1e-7)
     assert rec["top_classes"][0]["probability"] == pytest.approx(float(probs.max()), rel=1e-5)
     assert rec["ranking"][0] == rec["top_concepts"][0]["concept"] == int(np.argmax(imp))
-    geo = geometry_from_preprocess(lm.preprocess, (H_IMG, W_IMG))
+    geo = geometry_for(lm.preprocess, (H_IMG, W_IMG))
     assert rec["geometry"] == geo.to_dict()
 
 

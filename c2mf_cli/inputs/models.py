@@ -128,6 +128,16 @@ class Preprocess:
             return (new_short, new_long) if width <= height else (new_long, new_short)
         return math.floor(tw / self.crop_pct), math.floor(th / self.crop_pct)
 
+    def crop_offset(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centre crop in the resized image; negative where the crop pads a too-small image.
+
+        The one place that says where the model input sits: `input_image` crops there and the heatmaps of
+        `c2mf_cli.render.geometry` are placed from it.
+        """
+        rw, rh = self.resized_size(width, height)
+        th, tw = self.size
+        return int(round((rw - tw) / 2.0)), int(round((rh - th) / 2.0))
+
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The box (left, top, right, bottom) of the ORIGINAL image that the model input shows.
 
@@ -135,18 +145,18 @@ class Preprocess:
         """
         rw, rh = self.resized_size(width, height)
         th, tw = self.size
-        left, top = int(round((rw - tw) / 2.0)), int(round((rh - th) / 2.0))
+        left, top = self.crop_offset(width, height)
         sx, sy = width / rw, height / rh
         return left * sx, top * sy, (left + tw) * sx, (top + th) * sy
 
     def input_image(self, img: Image.Image) -> Image.Image:
         """The model-input-sized PIL image (resize + centre crop), before normalisation."""
         img = img.convert("RGB" if self.input_size[0] == 3 else "L")
+        left, top = self.crop_offset(*img.size)
         rw, rh = self.resized_size(*img.size)
         if (rw, rh) != img.size:
             img = img.resize((rw, rh), _INTERPOLATIONS[self.interpolation])
         th, tw = self.size
-        left, top = int(round((rw - tw) / 2.0)), int(round((rh - th) / 2.0))
         if left < 0 or top < 0:  # the short side is smaller than the input (crop_pct > 1 is refused, but rounding)
             canvas = Image.new(img.mode, (max(rw, tw), max(rh, th)))
             canvas.paste(img, (max(-left, 0), max(-top, 0)))

@@ -1,17 +1,8 @@
-"""Pictures of concepts: the preprocessing geometry, heatmaps on the original image, and figures.
-
-A model sees a resized, centre-cropped copy of an image; its activation grid (CNN feature map or ViT patch
-tokens) covers that crop. Everything drawn here is drawn on the ORIGINAL image, so this module first says
-exactly where each pixel of the model input came from (`InputGeometry`), then maps grid heatmaps back through
-that geometry (`heatmap_to_original`), and finally draws figures:
+"""Figures of concepts, drawn on the original image through `render.geometry`.
 
 - `explanation_figure`: the image, the model's top classes, and one overlaid heatmap per top concept with its
   id and importance in the panel title.
 - `atlas_concept_figure` / `atlas_overview_figure`: the crops that activate a concept most.
-
-Coordinates are continuous pixel coordinates: pixel i covers [i, i + 1), its centre is i + 0.5. Points are
-(y, x) pairs; boxes are (left, top, right, bottom) like PIL. Grid cell (i, j) covers the input pixels
-[i·h/gh, (i+1)·h/gh) x [j·w/gw, (j+1)·w/gw), which is how convolution stages and ViT patches tile the input.
 """
 
 from __future__ import annotations
@@ -19,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,232 +26,13 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from ..errors import C2MFError  # noqa: E402
-
-Box = tuple[int, int, int, int]
+from .geometry import InputGeometry, heatmap_to_original  # noqa: E402
 
 #: One colormap for every heatmap c2mf draws (non-negative codes), and one for signed codes (PCA).
 HEATMAP_CMAP = "inferno"
 SIGNED_CMAP = "RdBu_r"
 #: A panel's colour scale is at least this fraction of the strongest concept's in the same figure.
 PANEL_FLOOR = 0.1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Geometry of the preprocessing
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputGeometry:
-    """Where the model input came from in the original image: resize to `resized`, then crop `crop_offset`.
-
-    Attributes:
-        original: (H, W) of the original image.
-        resized: (Hr, Wr) after the resize step.
-        crop_offset: (top, left) of the crop in the resized image; negative where the crop was padded.
-        input_size: (h, w) of the model input.
-    """
-
-    original: tuple[int, int]
-    resized: tuple[int, int]
-    crop_offset: tuple[int, int]
-    input_size: tuple[int, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in asdict(self).items()}
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Original pixels per resized pixel, (sy, sx)."""
-        return self.original[0] / self.resized[0], self.original[1] / self.resized[1]
-
-    def input_to_original(self, points: np.ndarray) -> np.ndarray:
-        """Map (y, x) points in model-input pixel coordinates to original-image pixel coordinates."""
-        p = np.asarray(points, dtype=np.float64)
-        sy, sx = self.scale
-        out = np.empty_like(p)
-        out[..., 0] = (p[..., 0] + self.crop_offset[0]) * sy
-        out[..., 1] = (p[..., 1] + self.crop_offset[1]) * sx
-        return out
-
-    def original_to_input(self, points: np.ndarray) -> np.ndarray:
-        """Inverse of `input_to_original`."""
-        p = np.asarray(points, dtype=np.float64)
-        sy, sx = self.scale
-        out = np.empty_like(p)
-        out[..., 0] = p[..., 0] / sy - self.crop_offset[0]
-        out[..., 1] = p[..., 1] / sx - self.crop_offset[1]
-        return out
-
-    def crop_box(self) -> tuple[float, float, float, float]:
-        """The part of the original image the model saw, (left, top, right, bottom), clipped to the image."""
-        (t, l), (b, r) = self.input_to_original(np.array([[0.0, 0.0], list(map(float, self.input_size))]))
-        H, W = self.original
-        return max(l, 0.0), max(t, 0.0), min(r, float(W)), min(b, float(H))
-
-    def cell_box(self, cell: tuple[int, int], grid: tuple[int, int], window: float = 2.0) -> Box:
-        """A box of the original image around grid cell (i, j): `window` cells wide, kept inside the image.
-
-        The box is centred on the cell centre where it fits; near an edge it is shifted (not shrunk) so that
-        every crop of an atlas shows the same amount of context.
-        """
-        gh, gw = grid
-        h, w = self.input_size
-        ch, cw = h / gh, w / gw
-        cy, cx = (cell[0] + 0.5) * ch, (cell[1] + 0.5) * cw
-        half = np.array([window * ch / 2, window * cw / 2])
-        (t, l), (b, r) = self.input_to_original(np.array([[cy, cx] - half, [cy, cx] + half]))
-        H, W = self.original
-        (x0, x1), (y0, y1) = _fit_box(l, r, W), _fit_box(t, b, H)
-        return x0, y0, x1, y1
-
-
-def _fit_box(lo: float, hi: float, size: int) -> tuple[int, int]:
-    """Round [lo, hi) to integers and shift it inside [0, size) without changing its length where possible."""
-    length = max(1, min(size, int(round(hi - lo))))
-    start = int(round(lo))
-    start = min(max(start, 0), size - length)
-    return start, start + length
-
-
-def _timm_center_offset(resized: int, crop: int) -> int:
-    """torchvision CenterCrop: pad symmetrically when the crop is larger, else round((resized - crop) / 2)."""
-    if crop > resized:
-        return -((crop - resized) // 2)
-    return int(round((resized - crop) / 2.0))
-
-
-def input_geometry(
-    original: tuple[int, int],
-    input_size: tuple[int, int] | int,
-    crop_pct: float = 1.0,
-    resize: int | tuple[int, int] | None = None,
-    crop_mode: str = "center",
-) -> InputGeometry:
-    """The geometry of timm's eval transform (resize, then centre crop) for an image of size `original` (H, W).
-
-    Args:
-        original: (H, W) of the image.
-        input_size: (h, w) of the model input (or one int for a square input).
-        crop_pct: the fraction of the resized image kept by the centre crop; the resize target is
-            floor(input / crop_pct), as in timm's `create_transform`.
-        resize: the resize target, overriding crop_pct: an int resizes the SHORT side to it (torchvision's
-            `Resize(int)`); (h, w) keeps the aspect ratio and covers that size (timm's `ResizeKeepRatio`).
-        crop_mode: "center" (timm's default) or "squash" (resize to the input size, no crop).
-    """
-    H, W = int(original[0]), int(original[1])
-    if H < 1 or W < 1:
-        raise C2MFError(f"image size {original} is empty: nothing to explain")
-    h, w = (int(input_size), int(input_size)) if isinstance(input_size, int) else tuple(map(int, input_size))
-    if crop_mode == "squash":
-        return InputGeometry((H, W), (h, w), (0, 0), (h, w))
-    if crop_mode != "center":
-        raise C2MFError(f"crop mode {crop_mode!r} is not supported for heatmaps: use 'center' or 'squash'")
-    if resize is None:
-        if crop_pct <= 0:
-            raise C2MFError(f"crop_pct must be positive, got {crop_pct}")
-        sh, sw = math.floor(h / crop_pct), math.floor(w / crop_pct)
-        resize = sh if sh == sw else (sh, sw)
-    if isinstance(resize, int):  # torchvision Resize(int): short side -> resize, long side truncated
-        if W <= H:
-            rw, rh = resize, int(resize * H / W)
-        else:
-            rh, rw = resize, int(resize * W / H)
-    else:  # timm ResizeKeepRatio(longest=0): scale so that the image covers the target
-        ratio = min(H / resize[0], W / resize[1])
-        rh, rw = round(H / ratio), round(W / ratio)
-    return InputGeometry((H, W), (rh, rw), (_timm_center_offset(rh, h), _timm_center_offset(rw, w)), (h, w))
-
-
-def geometry_from_preprocess(preprocess: Any, original: tuple[int, int]) -> InputGeometry:
-    """The geometry of a preprocessing description for an image of size `original` (H, W).
-
-    For c2mf's own `models.Preprocess` this asks the object itself (`resized_size`) and uses its centre-crop
-    rounding, so the heatmaps follow exactly the pixels the model was fed; for a timm `pretrained_cfg`-like
-    dict or object it reads input_size, crop_pct, crop_mode and an optional resize.
-    """
-
-    def get(name: str, default: Any = None) -> Any:
-        if isinstance(preprocess, dict):
-            return preprocess.get(name, default)
-        return getattr(preprocess, name, default)
-
-    size = get("input_size")
-    if size is None:
-        raise C2MFError("the preprocessing has no input_size: cannot place heatmaps on the image")
-    size = tuple(int(s) for s in (size if not isinstance(size, int) else (size, size)))
-    if len(size) == 3:
-        size = size[1:]
-    H, W = int(original[0]), int(original[1])
-    resized_size = getattr(preprocess, "resized_size", None)
-    if callable(resized_size):
-        rw, rh = resized_size(W, H)
-        th, tw = size
-        return InputGeometry((H, W), (int(rh), int(rw)), (int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0))),
-                             (th, tw))
-    resize = get("resize", None)
-    if resize is None:
-        resize = get("resize_size", None)
-    if isinstance(resize, (list, tuple)):
-        resize = int(resize[0]) if len(resize) == 1 else (int(resize[0]), int(resize[1]))
-    return input_geometry(
-        original,
-        size,
-        crop_pct=float(get("crop_pct", 1.0) or 1.0),
-        resize=resize,
-        crop_mode=str(get("crop_mode", "center") or "center"),
-    )
-
-
-def _interp_matrix(n_out: int, n_grid: int, grid_extent: float, to_input: np.ndarray) -> np.ndarray:
-    """(n_out, n_grid) linear-interpolation weights from grid cells to output pixels.
-
-    `to_input` gives, for each output pixel centre, its coordinate in the model input along this axis; the
-    grid cell centres sit at (k + 0.5) · grid_extent / n_grid (align_corners=False), clamped at the edges.
-    """
-    g = to_input * n_grid / grid_extent - 0.5
-    g = np.clip(g, 0.0, n_grid - 1.0)
-    lo = np.floor(g).astype(int)
-    hi = np.minimum(lo + 1, n_grid - 1)
-    frac = g - lo
-    m = np.zeros((n_out, n_grid))
-    m[np.arange(n_out), lo] += 1.0 - frac
-    m[np.arange(n_out), hi] += frac
-    return m
-
-
-def heatmap_to_original(
-    heatmap: np.ndarray, geometry: InputGeometry, out_size: tuple[int, int] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Upsample a grid heatmap (gh, gw) onto the original image through the preprocessing geometry.
-
-    Bilinear between grid-cell centres (the convention of `F.interpolate(align_corners=False)`), so a cell's
-    value sits at the centre of the image region it covers.
-
-    Args:
-        heatmap: values on the model's spatial grid.
-        geometry: how the original image became the model input.
-        out_size: (H', W') to render at (a downscaled copy of the original for figures); default the original.
-
-    Returns:
-        (values, seen): float32 (H', W') heatmap and a bool mask of the pixels inside the model's crop; pixels
-        outside it were never seen by the model and carry the nearest edge value.
-    """
-    hm = np.asarray(heatmap, dtype=np.float64)
-    if hm.ndim != 2:
-        raise C2MFError(f"a heatmap must be a 2-D grid, got shape {hm.shape}")
-    H, W = geometry.original
-    oh, ow = out_size or (H, W)
-    sy, sx = geometry.scale
-    # centre of each output pixel, in original pixels, then in model-input pixels
-    ys = (np.arange(oh) + 0.5) * H / oh / sy - geometry.crop_offset[0]
-    xs = (np.arange(ow) + 0.5) * W / ow / sx - geometry.crop_offset[1]
-    h, w = geometry.input_size
-    ry = _interp_matrix(oh, hm.shape[0], h, ys)
-    rx = _interp_matrix(ow, hm.shape[1], w, xs)
-    values = (ry @ hm @ rx.T).astype(np.float32)
-    seen = ((ys >= 0) & (ys < h))[:, None] & ((xs >= 0) & (xs < w))[None, :]
-    return values, seen
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from .explain import read_image
 from ..render.figures import (
     atlas_concept_figure,
     atlas_overview_figure,
-    geometry_from_preprocess,
     open_image,
     save_figure,
 )
+from ..render.geometry import geometry_for
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def build_atlas(
                     missing[key] = str(e)
                     continue
             im = images[key]
-            geo = geometry_from_preprocess(preprocess, (im.height, im.width))
+            geo = geometry_for(preprocess, (im.height, im.width))
             box = geo.cell_box(r.cell, store.grid, window=config.window)
             crops.append(np.asarray(im.crop(box)))
             values.append(r.value)

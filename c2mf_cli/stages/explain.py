@@ -27,7 +27,8 @@ from ..errors import C2MFError, UsageError
 from ..methods import decode, encode, gates, needs_class
 from ..metrics.importance import gradcam, integrated_gradients
 from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
-from ..render.figures import ConceptPanel, InputGeometry, explanation_figure, geometry_from_preprocess, open_image, save_figure
+from ..render.figures import ConceptPanel, explanation_figure, open_image, save_figure
+from ..render.geometry import InputGeometry, geometry_for
 
 ImportanceMethod = Literal["gradcam", "ig"]
 IMPORTANCE_LABELS = {"gradcam": "Grad-CAM", "ig": "IG"}
@@ -221,7 +222,7 @@ class Explainer:
         x = self.preprocess(image).unsqueeze(0).to(self.device)
         with torch.no_grad():
             a = self.split.g(x)
-        return a, geometry_from_preprocess(self.preprocess, (image.height, image.width))
+        return a, geometry_for(self.preprocess, (image.height, image.width))
 
     def _grid_rows(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(P, c) rows on the grid and the prefix tokens (ViT CLS...) the head also needs."""
