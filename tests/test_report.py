@@ -1,5 +1,5 @@
-"""The report page: paper-style tables (methods as rows), the demo's ground-truth recovery section, robustness to
-missing fields, well-formed self-contained HTML."""
+"""The report page: paper-style tables (methods as rows), the demo's ground-truth recovery section (passed in as an
+extension), robustness to missing fields, well-formed self-contained HTML with its sort / filter script."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from c2mf_cli.report.page import Col, build_report, fmt, recovery_section, referenced_files, table
+from c2mf_cli.demo.report import demo_extension, recovery_section
+from c2mf_cli.report.page import build_report, referenced_files, table
+from c2mf_cli.report.tables import Col, fmt
 
 _VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
 
@@ -141,7 +143,7 @@ def test_table_methods_as_rows_best_in_bold_missing_is_dash():
 
 def test_report_with_recovery(tmp_path):
     ev = write_run(tmp_path, recovery_record())
-    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    page = build_report(tmp_path, evaluate_dir=ev, extension=demo_extension(ev)).read_text()
     p = well_formed(page)
     assert {"summary", "recovery", "metrics", "details"} <= set(p.ids)
     assert page.index("id='summary'") < page.index("id='recovery'") < page.index("id='metrics'")
@@ -172,7 +174,7 @@ def test_recovery_missing_fields_do_not_break_the_page(tmp_path):
         "brand_new_check": {"score": 0.42},
     }
     ev = write_run(tmp_path, partial)
-    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    page = build_report(tmp_path, evaluate_dir=ev, extension=demo_extension(ev)).read_text()
     well_formed(page)
     assert "brand_new_check" in page and "0.420" in page  # unknown parts still show
     assert "gates of every class" not in page
@@ -201,7 +203,7 @@ def test_linked_report_references_only_existing_files(tmp_path):
                       "regions": [{"value": 3.5, "class": "a"}, {"value": 3.0, "class": "a"}]},
                      {"concept": 1, "png": "gone.png"}]}))
     out = tmp_path / "elsewhere"
-    page = build_report(out, evaluate_dir=ev, atlas_dir=at, embed=False).read_text()
+    page = build_report(out, evaluate_dir=ev, atlas_dir=at, embed=False, extension=demo_extension(ev)).read_text()
     well_formed(page)
     refs = list(referenced_files(page))
     assert len(refs) == 3 and all((out / r).is_file() for r in refs)
@@ -212,7 +214,50 @@ def test_demo_summary_beside_the_evaluation_adds_the_model_accuracy(tmp_path):
     ev = write_run(tmp_path, recovery_record())
     (tmp_path / "demo.json").write_text(json.dumps({"evaluation": str(ev / "evaluation.json"),
                                                     "model": {"test_accuracy": 0.975}}))
-    assert "test accuracy 97.500 %" in build_report(tmp_path, evaluate_dir=ev).read_text()
+    assert "test accuracy 97.500 %" in build_report(tmp_path, evaluate_dir=ev, extension=demo_extension(ev)).read_text()
     (tmp_path / "demo.json").write_text(json.dumps({"evaluation": "/some/other/evaluation.json",
                                                     "model": {"test_accuracy": 0.5}}))
-    assert "test accuracy" not in build_report(tmp_path, evaluate_dir=ev).read_text()
+    assert "test accuracy" not in build_report(tmp_path, evaluate_dir=ev, extension=demo_extension(ev)).read_text()
+
+
+def test_report_without_the_demo_extension_knows_no_recovery(tmp_path):
+    """The generic report renders a demo's evaluation without knowing its schema: the recovery entry is not
+    drawn as a section of its own, it lands with the other unknown results."""
+    ev = write_run(tmp_path, recovery_record())
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    p = well_formed(page)
+    assert "recovery" not in p.ids and "Other results" in page
+    assert "heatmap IoU" not in page[page.index("id='summary'"):page.index("id='metrics'")]
+
+
+def test_report_says_what_it_measured_and_what_the_numbers_say(tmp_path):
+    ev = write_run(tmp_path, None)
+    record = json.loads((ev / "evaluation.json").read_text())
+    record["inputs"]["train"].update(model="resnet18", data="/data/birds/train")
+    record["methods"][1]["reconstruction"]["agreement"]["mean"] = 0.2  # craft no longer behaves like the model
+    (ev / "evaluation.json").write_text(json.dumps(record))
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    head = page[: page.index("<nav>")]
+    for fact in ("resnet18", "layer3", "/data/birds/train", "40 train / 20 test images", "2 classes"):
+        assert fact in head, fact
+    says = page[page.index("id='says'"): page.index("id='summary'")]
+    assert "<b>c2mf k=4</b> keeps the most" in says and "chance is 0.500" in says
+    assert "<b>craft k=2/class</b>: its reconstruction agrees with the model on only 0.200" in says
+    assert "<b>pca k=2/class</b> has the most distinct concepts" in says
+
+
+def test_report_tables_sort_and_filter_in_one_file(tmp_path):
+    """The page's own script sorts tables and filters classes: inline, no external file, no server."""
+    ev = write_run(tmp_path, None)
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    well_formed(page)
+    assert page.count("<script>") == 1 and "<script src" not in page and list(referenced_files(page)) == []
+    assert "table.sortable" in page and "input.filter" in page
+    assert page.count("class='sortable'") >= 4
+    # per-class tables: classes as rows, exact values for sorting, a filter box bound to the table
+    i = page.index("id='per-class-accuracy'")
+    assert "data-table='per-class-accuracy'" in page
+    body = page[page.index("<tbody>", i): page.index("</tbody>", i)]
+    assert re.findall(r"<td class='k'>([^<]*)</td>", body) == ["a", "b"]
+    assert "data-v='0.95'" in body
+

@@ -25,7 +25,8 @@ def report(
 
     Example: c2mf report run/   (reads run/evaluate, run/atlas, run/explain; writes run/report.html)
     """
-    from ..report.page import build_report, find_parts
+    from ..demo.report import demo_extension
+    from ..report.page import Extension, build_report, find_parts
 
     if run_dir.is_file():
         raise UsageError(f"{str(run_dir)!r} is a file: give the folder of a run (holding evaluate/, atlas/, "
@@ -33,7 +34,9 @@ def report(
     if out_dir is not None:
         check_output_dir(out_dir)
     parts = find_parts(run_dir, evaluate_dir=evaluate_dir, atlas_dir=atlas_dir, explain_dir=explain_dir)
-    path = build_report(out_dir or run_dir, **parts)
+    # a demo run's evaluation carries its ground truth: the demo renders that part, the report the rest
+    ext = demo_extension(parts["evaluate_dir"]) if parts["evaluate_dir"] else Extension()
+    path = build_report(out_dir or run_dir, **parts, extension=ext)
     if json_out:
         print_json({"report": str(path), **{k: str(v) if v else None for k, v in parts.items()}})
     else:

@@ -521,6 +521,7 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
     from ..stages.atlas import AtlasConfig, build_atlas
     from ..stages.explain import ExplainConfig, Explainer, explain_images
     from ..report.page import build_report
+    from .report import demo_extension
 
     made: dict[str, Any] = {}
     shared = recovery["c2mf_concept_of_primitive"]
@@ -547,6 +548,7 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
     made["atlas"] = str(out / "atlas")
     made["report"] = str(build_report(out, evaluate_dir=out / "evaluation", atlas_dir=out / "atlas",
                                       explain_dir=out / "explain" if "explain" in made else None,
-                                      title="c2mf demo: concepts planted in a synthetic world"))
+                                      title="c2mf demo: concepts planted in a synthetic world",
+                                      extension=demo_extension(out / "evaluation")))
     return made
 

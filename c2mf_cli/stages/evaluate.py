@@ -777,9 +777,12 @@ def _ood(test: StoreLike, crops: StoreLike, cfg: EvaluateConfig, progress: Progr
 
 
 def _store_identity(s: StoreLike) -> dict:
+    cfg = s.info.get("config") if isinstance(s.info.get("config"), dict) else {}
     return {
         "path": str(getattr(s, "path", "")) or None,
         "fingerprint": s.fingerprint,
+        "model": (cfg.get("model") or {}).get("name"),  # named at the top of the report
+        "data": (cfg.get("data") or {}).get("root"),
         "mode": s.mode,
         "layer": s.layer,
         "classes": len(s.classes),
