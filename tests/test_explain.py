@@ -21,6 +21,7 @@ from c2mf_cli.methods import decode, encode, get_method
 from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
 from c2mf_cli.render.geometry import InputGeometry, geometry_for, heatmap_to_original
 from c2mf_cli.report.page import build_report, referenced_files
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.artifacts.sources import ArraySource
 
 # A hand-set CNN: channel 0 fires on saturated red, the others on other colours; class 1 = "red is present".
@@ -291,3 +292,86 @@ def test_report_self_contained_and_linked(world, tmp_path):
         from c2mf_cli.report.page import find_parts
 
         find_parts(tmp_path / "elsewhere2" if (tmp_path / "elsewhere2").mkdir() is None else tmp_path)
+
+
+def test_select_concepts_keeps_meaningful_ones_and_splits_by_sign():
+    from c2mf_cli.stages.explain import select_concepts
+
+    imp = np.array([0.5, -0.02, 1.0, -0.4, 0.05, 0.2, -0.3])
+    assert select_concepts(imp, top=5, min_share=0.1) == ([2, 0, 5], [3, 6])  # 0.05 and -0.02 are noise
+    assert select_concepts(imp, top=1, min_share=0.1) == ([2], [3])
+    assert select_concepts(imp, top=5, min_share=0.0) == ([2, 0, 5, 4], [3, 6, 1])
+    assert select_concepts(np.zeros(4), top=5, min_share=0.1) == ([], [])
+
+
+@pytest.fixture(scope="module")
+def gated(world):
+    """A c2mf dictionary (gated) fitted on the world's activations."""
+    store = world["store"]
+    info = ConceptDictionary.load(world["dict_path"]).meta["source"]["info"]
+    source = ArraySource([a.reshape(-1, a.shape[-1]) for a in store._acts], store.classes, "full", info)
+    method = get_method("c2mf")
+    d = method.fit(source, method.make_config(concepts=3, iterations=60), device=torch.device("cpu"))
+    return d.save(world["root"] / "c2mf.safetensors")
+
+
+def test_figure_says_whose_gates_it_used(world, gated):
+    """Explaining 'plain' on a red image uses the gates of 'plain', and the figure's lines say so."""
+    from c2mf_cli.stages.explain import describe
+
+    ex = Explainer.create(gated, ExplainConfig(top=3), device="cpu")
+    rec = ex.explain(Image.open(world["paths"][1][0]).convert("RGB"), target="plain")
+    assert rec["dictionary"]["class"] == "plain" and rec["prediction"]["label"] == "red"
+    lines = describe(rec)
+    assert lines[0].startswith("explained: plain (p = ") and "the model predicts red" in lines[0]
+    assert "codes use the gates of class 'plain'" in lines[1]
+    assert all("gate" in c for c in rec["top_concepts"])
+
+
+def test_class_with_no_open_gate_is_said_in_words(world, gated, tmp_path):
+    d = ConceptDictionary.load(gated)
+    d.tensors["gates"][d.class_index("red")] = -8.0  # every gate of 'red' closed
+    ex = Explainer.create(d, ExplainConfig(top=3), device="cpu")
+    s = explain_images([world["paths"][1][0]], ex, tmp_path / "out")
+    rec = json.loads((tmp_path / "out" / "00.json").read_text())
+    assert rec["dictionary"]["open_gates"] == [] and rec["top_concepts"] == []
+    assert "class 'red' has no open gate" in rec["notes"][0]
+    assert s["explained"][0]["notes"] == rec["notes"]
+
+
+def test_image_named_explain_does_not_overwrite_the_summary(world, tmp_path):
+    img = tmp_path / "explain.png"
+    Image.open(world["paths"][1][0]).save(img)
+    ex = Explainer.create(world["dict_path"], ExplainConfig(top=2), device="cpu")
+    s = explain_images([img], ex, tmp_path / "out")
+    assert s["explained"][0]["json"] == "explain-1.json" and s["explained"][0]["png"] == "explain-1.png"
+    summary = json.loads((tmp_path / "out" / "explain.json").read_text())
+    assert summary["explained"][0]["image"] == str(img)
+
+
+def test_atlas_crops_beside_the_heatmaps(world, tmp_path):
+    from c2mf_cli.stages.explain import AtlasCrops
+
+    d = ConceptDictionary.load(world["dict_path"])
+    build_atlas(world["store"], d, tmp_path / "atlas", AtlasConfig(top=4))
+    crops = AtlasCrops.load(tmp_path / "atlas", d, per_concept=3)
+    assert all(len(crops.get(j)[1]) == 3 for j in range(d.n_concepts))
+    ex = Explainer.create(d, ExplainConfig(top=3), device="cpu")
+    img = [world["paths"][1][0]]
+    explain_images(img, ex, tmp_path / "plain")
+    explain_images(img, ex, tmp_path / "with", atlas=crops)
+    with Image.open(tmp_path / "plain" / "00.png") as a, Image.open(tmp_path / "with" / "00.png") as b:
+        assert b.size[1] > a.size[1]  # one row per concept: heatmap and crops side by side
+    other = get_method("nmf").fit(
+        ArraySource([a.reshape(-1, a.shape[-1]) for a in world["store"]._acts], world["store"].classes, "full",
+                    d.meta["source"]["info"]),
+        get_method("nmf").make_config(concepts=2, shared=True, iterations=20), device=torch.device("cpu"))
+    with pytest.raises(UsageError, match="make the atlas with the same dictionary"):
+        AtlasCrops.load(tmp_path / "atlas", other)
+    with pytest.raises(UsageError, match="has no atlas.json"):
+        AtlasCrops.load(tmp_path, d)
+    r = CliRunner().invoke(app, ["explain", str(img[0]), "--dict", str(world["dict_path"]), "--atlas",
+                                 str(tmp_path / "atlas"), "--out", str(tmp_path / "cli"), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "cli" / "00.png") as c, Image.open(tmp_path / "with" / "00.png") as b:
+        assert c.size == b.size

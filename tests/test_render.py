@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +17,7 @@ from c2mf_cli.render.figures import (
     explanation_figure,
     open_image,
     save_figure,
+    save_png,
 )
 from c2mf_cli.render.geometry import geometry_for, heatmap_to_original
 
@@ -168,19 +171,35 @@ def _panels(n: int, signed: bool = False) -> list[ConceptPanel]:
 
 
 @pytest.mark.parametrize("n,signed", [(5, False), (3, True), (8, False)])
-def test_explanation_figure_panels_and_size(tmp_path, n, signed):
-    img = np.random.default_rng(0).integers(0, 255, (180, 260, 3), dtype=np.uint8)
+def test_explanation_figure_draws_panels_and_atlas_crops(tmp_path, n, signed):
+    img = np.random.default_rng(0).integers(0, 200, (180, 260, 3), dtype=np.uint8)
     geo = input_geometry((180, 260), 224, crop_pct=0.875)
-    fig = explanation_figure(img, geo, [("cat", 0.7), ("dog", 0.2)], _panels(n, signed), title="x.jpg",
-                             explained="cat", importance_label="Grad-CAM")
-    titles = [ax.get_title() for ax in fig.axes]
-    concept_titles = [t for t in titles if t.startswith("#")]
-    assert len(concept_titles) == n
-    assert "concept 0" in concept_titles[0] and "Grad-CAM 1" in concept_titles[0]
-    path = save_figure(fig, tmp_path / "fig.png")
+    args = (img, geo, [("cat", 0.7), ("dog", 0.2)])
+    plain = explanation_figure(*args, _panels(n, signed), title="x.jpg", lines=["explained: cat"],
+                               importance_label="Grad-CAM")
+    assert isinstance(plain, Image.Image)
+    assert 900 <= plain.width <= 1400 and 500 < plain.height < 2000
+    # with atlas crops, each concept gets a row: its heatmap (where) beside its crops (what)
+    green = np.zeros((20, 30, 3), dtype=np.uint8)
+    green[..., 1] = 255
+    panels = [replace(p, crops=(green,) * 3) for p in _panels(n, signed)]
+    atlas = np.asarray(explanation_figure(*args, panels, title="x.jpg", importance_label="Grad-CAM"))
+    is_green = (atlas == (0, 255, 0)).all(axis=-1)
+    assert is_green.sum() > n * 3 * 20 * 30 * 0.8
+    assert not (np.asarray(plain) == (0, 255, 0)).all(axis=-1).any()
+    assert atlas.shape[0] > np.asarray(plain).shape[0]  # one row per concept
+    path = save_png(Image.fromarray(atlas), tmp_path / "fig.png")
     with Image.open(path) as im:
-        w, h = im.size
-    assert 600 < w < 2200 and 400 < h < 2400
+        assert im.size == (atlas.shape[1], atlas.shape[0])
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_explanation_figure_draws_a_small_image_at_panel_size():
+    """A 32 px CIFAR image is drawn up to the panel size, not as a stamp."""
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    geo = input_geometry((32, 32), 32)
+    fig = explanation_figure(img, geo, [("cat", 0.7)], _panels(2), panel_px=200)
+    assert fig.height > 2 * 200
 
 
 def test_atlas_figures(tmp_path):

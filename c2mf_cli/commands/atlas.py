@@ -50,8 +50,11 @@ def atlas(
     check_output_dir(out_dir)
     from ..artifacts.dictionary import ConceptDictionary
     from ..artifacts.store import ActivationStore
-    from ..stages.atlas import AtlasConfig, build_atlas, clip_names
+    from ..stages.atlas import AtlasConfig, build_atlas, check_clip, clip_names
     from ..stages.explain import read_labels
+
+    if clip_checkpoint is not None:
+        check_clip(clip_checkpoint)  # before the atlas is written, not after
 
     config = AtlasConfig(top=top, class_name=class_name, window=window)
     opened = ActivationStore.open(store)

@@ -19,11 +19,17 @@ def explain(
                                    "the prediction)."),
     importance: Optional[str] = option("importance", default=None, show_default="gradcam"),
     method_old: Optional[str] = deprecated("--method", "gradcam|ig"),
-    top: int = option("top", default=5, help="Concepts drawn per image (the most important)."),
+    top: int = option("top", default=5, help="Concepts drawn per image on each side (evidence for, against)."),
     ig_steps: int = option("ig_steps"),
     labels: Optional[Path] = option("labels"),
     model: Optional[str] = option("model", help="Override the model recorded in the dictionary."),
     checkpoint: Optional[Path] = option("checkpoint", help="Override the weights file recorded in the dictionary."),
+    atlas_dir: Optional[Path] = typer.Option(
+        None, "--atlas", metavar="DIR", help="A `c2mf atlas` folder of this dictionary: each concept's crops (what "
+        "it is) are drawn beside its heatmap (where it is)."),
+    min_share: float = typer.Option(
+        0.1, "--min-share", metavar="F", help="Draw a concept only when its |importance| is at least this fraction "
+        "of the largest."),
     out_dir: Path = option("out", default=Path("explain"), help="Folder for one PNG + one JSON per image."),
     device: str = option("device"),
     quiet: bool = option("quiet"),
@@ -32,7 +38,8 @@ def explain(
     """Show which concepts the model used for each image and where they are.
 
     The model, checkpoint, layer and preprocessing come from the dictionary. Writes OUT/<image>.png (the
-    image, top-5 classes, concept importances and the top concepts' heatmaps), OUT/<image>.json (every
+    image, top-5 classes, concept importances, and the heatmaps of the concepts that matter: evidence for the
+    class, then evidence against it; with --atlas, each beside its atlas crops), OUT/<image>.json (every
     number) and OUT/explain.json (the batch). An image that cannot be read is reported on stderr (and in
     explain.json) and skipped; the exit code is 0 when at least one image was explained, 1 (and nothing
     written) when none was.
@@ -45,19 +52,22 @@ def explain(
     check_input(dict_path, "--dict", kind="file")
     check_input(labels, "--labels", kind="file")
     check_input(checkpoint, "--checkpoint", kind="file")
+    check_input(atlas_dir, "--atlas")
     check_output_dir(out_dir)
-    from ..stages.explain import ExplainConfig, Explainer, explain_images
+    from ..stages.explain import AtlasCrops, ExplainConfig, Explainer, explain_images
 
-    config = ExplainConfig(importance=how.lower(), top=top, target=class_, ig_steps=ig_steps)  # type: ignore[arg-type]
+    config = ExplainConfig(importance=how.lower(), top=top, target=class_, ig_steps=ig_steps,  # type: ignore[arg-type]
+                           min_share=min_share)
     rep = Reporter(quiet=quiet or json_out)
     rep.log(f"loading the model of {dict_path}")
     explainer = Explainer.create(dict_path, config, model=model, checkpoint=str(checkpoint) if checkpoint else None,
                                  labels=labels, device=device)
     for w in explainer.warnings:
         err.print(f"Warning: {w}", markup=False)
+    atlas = AtlasCrops.load(atlas_dir, explainer.dictionary) if atlas_dir is not None else None
     with rep.session():
         advance = rep.task("explaining", len(images))
-        summary = explain_images(images, explainer, out_dir, target=class_, on_done=advance)
+        summary = explain_images(images, explainer, out_dir, target=class_, atlas=atlas, on_done=advance)
     failed = summary["failed"]
     if not summary["explained"]:
         if len(failed) == 1:

@@ -25,7 +25,6 @@ from .explain import read_image
 from ..render.figures import (
     atlas_concept_figure,
     atlas_overview_figure,
-    open_image,
     save_figure,
 )
 from ..render.geometry import geometry_for
@@ -238,6 +237,19 @@ def build_atlas(
     return record
 
 
+def check_clip(checkpoint: str | os.PathLike[str]) -> Any:
+    """open_clip, once the checkpoint file and the package are known to be there (call it before any atlas is
+    written: a naming step that fails after the atlas would leave a finished-looking folder and exit 1)."""
+    if not Path(checkpoint).is_file():
+        raise C2MFError(f"CLIP checkpoint {str(checkpoint)!r} does not exist: give a local weights file")
+    try:
+        import open_clip  # type: ignore[import-not-found]
+    except ImportError:
+        raise C2MFError("naming concepts with CLIP needs open_clip (pip install open_clip_torch) and local "
+                        "CLIP weights; run the atlas without --clip-checkpoint otherwise") from None
+    return open_clip
+
+
 def clip_names(
     atlas_record: dict[str, Any],
     vocabulary: Sequence[str],
@@ -247,15 +259,9 @@ def clip_names(
 ) -> dict[int, str]:
     """Name each concept with the CLIP text (from `vocabulary`) closest to the mean image embedding of its
     crops (paper App. E). Needs open_clip and a LOCAL checkpoint; never downloads anything."""
-    try:
-        import open_clip  # type: ignore[import-not-found]
-    except ImportError:
-        raise C2MFError("naming concepts with CLIP needs open_clip (pip install open_clip_torch) and local "
-                        "CLIP weights; run the atlas without --clip-checkpoint otherwise") from None
+    open_clip = check_clip(checkpoint)
     import torch
 
-    if not Path(checkpoint).is_file():
-        raise C2MFError(f"CLIP checkpoint {checkpoint!r} does not exist: give a local weights file")
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint)
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
@@ -266,7 +272,7 @@ def clip_names(
         for c in atlas_record["concepts"]:
             ims = []
             for r in c["regions"]:
-                im = open_image(r["image"]).crop(tuple(r["box"]))
+                im = read_image(r["image"]).crop(tuple(r["box"]))
                 ims.append(preprocess(im))
             if not ims:
                 continue

@@ -27,8 +27,8 @@ from ..errors import C2MFError, UsageError
 from ..methods import decode, encode, gates, needs_class
 from ..metrics.importance import gradcam, integrated_gradients
 from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
-from ..render.figures import ConceptPanel, explanation_figure, open_image, save_figure
-from ..render.geometry import InputGeometry, geometry_for
+from ..render.figures import ConceptPanel, explanation_figure, open_image, save_png
+from ..render.geometry import geometry_for
 
 ImportanceMethod = Literal["gradcam", "ig"]
 IMPORTANCE_LABELS = {"gradcam": "Grad-CAM", "ig": "IG"}
@@ -40,7 +40,9 @@ class ExplainConfig:
 
     Attributes:
         importance: "gradcam" or "ig" (Integrated Gradients from U = 0, `ig_steps` Gauss-Legendre points).
-        top: concepts drawn (the most important ones).
+        top: at most this many concepts drawn on each side (evidence for, evidence against the class).
+        min_share: a concept is drawn only when its |importance| is at least this fraction of the largest one:
+            the rest would be noise drawn at full colour.
         target: the class to explain: a model output index, a class name, or None for the prediction.
         top_classes: classes listed with their probabilities.
         ig_steps: points of the IG path integral.
@@ -49,6 +51,7 @@ class ExplainConfig:
 
     importance: ImportanceMethod = "gradcam"
     top: int = 5
+    min_share: float = 0.1
     target: int | str | None = None
     top_classes: int = 5
     ig_steps: int = 32
@@ -59,6 +62,9 @@ class ExplainConfig:
             raise UsageError(f"unknown importance method {self.importance!r}: use gradcam or ig")
         if self.top < 1:
             raise UsageError(f"--top must be at least 1, got {self.top}")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise UsageError(f"the share of the top importance a drawn concept needs must be in [0, 1], "
+                             f"got {self.min_share}")
         if self.ig_steps < 2:
             raise UsageError(f"IG needs at least 2 steps, got {self.ig_steps}")
 
@@ -100,6 +106,65 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
     if not labels:
         raise C2MFError(f"labels file {str(p)!r} is empty: it needs one label per line, in model output order")
     return labels
+
+
+@dataclass(frozen=True)
+class AtlasCrops:
+    """The strongest regions of each concept from a `c2mf atlas` folder: what each concept looks like.
+
+    Build with `AtlasCrops.load`; `get(j)` gives (name or None, crops) of concept j.
+    """
+
+    names: dict[int, str]
+    crops: dict[int, tuple[np.ndarray, ...]]
+
+    @classmethod
+    def load(cls, atlas_dir: str | os.PathLike[str], dictionary: ConceptDictionary, per_concept: int = 4
+             ) -> "AtlasCrops":
+        """Read atlas.json and cut the first `per_concept` regions of each concept from their images.
+
+        The atlas must be of this dictionary (same method and number of concepts): another's crops would show
+        other concepts under the same ids.
+        """
+        folder = Path(atlas_dir)
+        path = folder / "atlas.json"
+        if not path.is_file():
+            raise UsageError(f"--atlas {str(folder)!r} has no atlas.json: give the output folder of `c2mf atlas`")
+        try:
+            rec = json.loads(path.read_text())
+            d = rec["dictionary"]
+            concepts = list(rec["concepts"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise C2MFError(f"{str(path)!r} is not an atlas record ({type(e).__name__}: {e}): rerun `c2mf atlas`"
+                            ) from None
+        if d.get("method") != dictionary.method or d.get("concepts") != dictionary.n_concepts:
+            raise UsageError(f"the atlas {str(folder)!r} is of a {d.get('method')} dictionary with "
+                             f"{d.get('concepts')} concepts, not of this {dictionary.method} dictionary with "
+                             f"{dictionary.n_concepts}: make the atlas with the same dictionary")
+        images: dict[str, Image.Image | None] = {}
+        names, crops = {}, {}
+        for c in concepts:
+            j = int(c["concept"])
+            if c.get("name"):
+                names[j] = str(c["name"])
+            got = []
+            for r in c.get("regions") or []:
+                if len(got) >= per_concept:
+                    break
+                key = str(r["image"])
+                if key not in images:
+                    try:
+                        images[key] = read_image(key)
+                    except C2MFError:
+                        images[key] = None  # moved since the atlas was made: that crop is left out
+                im = images[key]
+                if im is not None:
+                    got.append(np.asarray(im.crop(tuple(int(v) for v in r["box"]))))
+            crops[j] = tuple(got)
+        return cls(names, crops)
+
+    def get(self, concept: int) -> tuple[str | None, tuple[np.ndarray, ...]]:
+        return self.names.get(concept), self.crops.get(concept, ())
 
 
 @dataclass
@@ -217,32 +282,20 @@ class Explainer:
     def label(self, index: int) -> str:
         return self.labels.get(int(index), f"output {int(index)}")
 
-    def activations(self, image: Image.Image) -> tuple[torch.Tensor, InputGeometry]:
-        """The layer output of one image (model layout, batch of 1) and its preprocessing geometry."""
-        x = self.preprocess(image).unsqueeze(0).to(self.device)
-        with torch.no_grad():
-            a = self.split.g(x)
-        return a, geometry_for(self.preprocess, (image.height, image.width))
+    def head(self, y: int | None) -> Callable[..., torch.Tensor]:
+        """head(U[, prefix]) = h(decode(U)) for codes (m, P, k): the rest of the network on the reconstruction.
 
-    def _grid_rows(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(P, c) rows on the grid and the prefix tokens (ViT CLS...) the head also needs."""
-        s = self.split.to_store(a)[0]
-        if self.split.layout == "nchw":
-            return s.reshape(-1, s.shape[-1]), None
-        p = self.split.num_prefix_tokens
-        return s[p:], s[:p]
-
-    def head(self, y: int | None, prefix: torch.Tensor | None) -> Callable[..., torch.Tensor]:
-        """head(U) = h(decode(U)) for codes (m, P, k): the rest of the network on the reconstruction."""
+        For token layouts the stored prefix tokens (ViT CLS ...) are the per-image side input h also needs.
+        """
         gh, gw = self.split.grid
         d, split = self.dictionary, self.split
 
-        def f(U: torch.Tensor) -> torch.Tensor:
+        def f(U: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
             m, P, k = U.shape
             A = decode(d, U.reshape(m * P, k), y).reshape(m, P, -1)
             if split.layout == "nchw":
                 return split.h(split.from_store(A.reshape(m, gh, gw, -1)))
-            side = prefix.unsqueeze(0).expand(m, *prefix.shape) if prefix is not None else A[:, :0]
+            side = prefix if prefix is not None else A[:, :0]
             return split.h(torch.cat([side, A], dim=1))
 
         return f
@@ -264,12 +317,11 @@ class Explainer:
         return t
 
     def dictionary_class(self, target: int, probs: np.ndarray) -> tuple[int | None, str]:
-        """The dictionary class whose codes (gates / per-class dictionary) explain output `target`."""
-        needs_y = needs_class(self.dictionary)
+        """The dictionary class whose codes (gates / per-class dictionary or mean) explain output `target`."""
+        if not needs_class(self.dictionary):
+            return None, "shared dictionary"
         if target in self.dict_class_of_output:
             return self.dict_class_of_output[target], "explained class"
-        if not needs_y:
-            return None, "shared dictionary"
         if not self.dict_class_of_output:
             if len(self.dictionary.classes) == 1:
                 return 0, "the dictionary's only class"
@@ -283,37 +335,93 @@ class Explainer:
     # -- the whole explanation
     def explain(self, image: Image.Image, *, target: int | str | None = None) -> dict[str, Any]:
         """Every number of one explanation (JSON-able) plus the arrays the figure needs under "_arrays"."""
+        return self.explain_batch([image], target=target)[0]
+
+    def explain_batch(self, images: Sequence[Image.Image], *, target: int | str | None = None) -> list[dict[str, Any]]:
+        """`explain` for several images with one model pass for all and one importance pass per dictionary class."""
         cfg = self.config
-        a, geometry = self.activations(image)
-        rows, prefix = self._grid_rows(a)
+        if not images:
+            return []
+        x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
         with torch.no_grad():
-            logits = self.split.h(a)[0].float()
-        probs = torch.softmax(logits, dim=0).cpu().numpy()
-        t = self.resolve_target(target if target is not None else cfg.target, probs)
-        y, why = self.dictionary_class(t, probs)
-        U = encode(self.dictionary, rows, y, iters=cfg.encode_iters)  # (P, k)
-        U = U.detach().float()
-        head = self.head(y, prefix)
-        targets = torch.tensor([t], device=self.device)
-        extra: dict[str, Any] = {}
-        if cfg.importance == "gradcam":
-            imp = gradcam(U[None], head, targets)[0]
-        else:
-            res = integrated_gradients(U[None], head, targets, steps=cfg.ig_steps)
-            imp = res.attributions[0]
-            extra = {"ig_logit": float(res.logit[0]), "ig_baseline_logit": float(res.baseline_logit[0]),
-                     "ig_completeness_error": float(res.completeness_error[0])}
-        with torch.no_grad():
-            rec_logits = head(U[None])[0].float()
-        rec_probs = torch.softmax(rec_logits, dim=0).cpu().numpy()
-        imp_np = imp.detach().cpu().numpy().astype(np.float64)
-        order = np.argsort(-imp_np, kind="stable")
-        top = [int(j) for j in order[: min(cfg.top, imp_np.shape[0])]]
+            a = self.split.g(x)
+            logits = self.split.h(a).float()
+        probs = torch.softmax(logits, dim=1).cpu().numpy()
+        stored = self.split.to_store(a)  # (n, [prefix +] P, c)
+        p0 = self.split.num_prefix_tokens if self.split.layout != "nchw" else 0
+        rows_all = stored.reshape(len(images), -1, stored.shape[-1])[:, p0:]
+        prefix_all = stored[:, :p0] if p0 else None
+        targets = [self.resolve_target(target if target is not None else cfg.target, pr) for pr in probs]
+        classes = [self.dictionary_class(t, pr) for t, pr in zip(targets, probs)]
+        records: list[dict[str, Any] | None] = [None] * len(images)
+        for y in dict.fromkeys(c[0] for c in classes):  # one importance pass per dictionary class
+            idx = [i for i, c in enumerate(classes) if c[0] == y]
+            rows = rows_all[idx]
+            m, P, c = rows.shape
+            U = encode(self.dictionary, rows.reshape(m * P, c), y, iters=cfg.encode_iters)
+            U = U.detach().float().reshape(m, P, -1)
+            head = self.head(y)
+            side = prefix_all[idx] if prefix_all is not None else None
+            t = torch.tensor([targets[i] for i in idx], device=self.device)
+            extra: list[dict[str, Any]] = [{} for _ in idx]
+            if cfg.importance == "gradcam":
+                imp = gradcam(U, head, t, side=side)
+            else:
+                res = integrated_gradients(U, head, t, steps=cfg.ig_steps, side=side)
+                imp = res.attributions
+                extra = [{"ig_logit": float(res.logit[j]), "ig_baseline_logit": float(res.baseline_logit[j]),
+                          "ig_completeness_error": float(res.completeness_error[j])} for j in range(m)]
+            with torch.no_grad():
+                rec_logits = (head(U) if side is None else head(U, side)).float()
+                rec_A = decode(self.dictionary, U.reshape(m * P, -1), y).reshape(m, P, -1)
+            rec_probs = torch.softmax(rec_logits, dim=1).cpu().numpy()
+            rel = (torch.linalg.norm((rows - rec_A).reshape(m, -1), dim=1)
+                   / torch.linalg.norm(rows.reshape(m, -1), dim=1).clamp_min(1e-12)).cpu().numpy()
+            imp_np = imp.detach().cpu().numpy().astype(np.float64)
+            codes = U.cpu().numpy()
+            for j, i in enumerate(idx):
+                records[i] = self._record(images[i], probs[i], logits[i], targets[i], classes[i], imp_np[j],
+                                          codes[j], rec_logits[j], rec_probs[j], float(rel[j]), extra[j])
+        return [r for r in records if r is not None]
+
+    def _record(self, image: Image.Image, probs: np.ndarray, logits: torch.Tensor, t: int,
+                dict_class: tuple[int | None, str], imp_np: np.ndarray, codes_flat: np.ndarray,
+                rec_logits: torch.Tensor, rec_probs: np.ndarray, rel_error: float,
+                extra: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        y, why = dict_class
+        geometry = geometry_for(self.preprocess, (image.height, image.width))
         gh, gw = self.split.grid
-        codes = U.cpu().numpy().reshape(gh, gw, -1)
-        top_cls = np.argsort(-probs, kind="stable")[: cfg.top_classes]
+        codes = codes_flat.reshape(gh, gw, -1)
+        order = np.argsort(-imp_np, kind="stable")
         g = gates(self.dictionary, y) if y is not None else None
         gate_values = g.cpu().numpy() if g is not None else None
+        open_gates = [int(j) for j in np.flatnonzero(gate_values > GATE_OPEN)] if gate_values is not None else None
+        peak = float(np.max(np.abs(imp_np))) if imp_np.size else 0.0
+        notes: list[str] = []
+        cname = None if y is None else self.dictionary.classes[y]
+        if open_gates == []:
+            # closed gates shrink every code to ~0: the importances would be drawn as noise, so say it instead
+            notes.append(f"class {cname!r} has no open gate (every gate \u03c3(\u03bb) \u2264 {GATE_OPEN}): the "
+                         "dictionary keeps no concept for it, so its concepts cannot explain this class")
+            drawn_for: list[int] = []
+            drawn_against: list[int] = []
+        elif peak <= 0.0:
+            notes.append("no concept carries any importance for this class (all importances are 0)")
+            drawn_for, drawn_against = [], []
+        else:
+            drawn_for, drawn_against = select_concepts(imp_np, cfg.top, cfg.min_share)
+        notes += [w for w in self.warnings]
+        pred = int(np.argmax(probs))
+        top_cls = np.argsort(-probs, kind="stable")[: cfg.top_classes]
+
+        def concept(j: int) -> dict[str, Any]:
+            return {"concept": j, "importance": float(imp_np[j]),
+                    "evidence": "for" if imp_np[j] > 0 else "against",
+                    "mean_code": float(codes[..., j].mean()), "max_code": float(codes[..., j].max()),
+                    "peak_cell": [int(v) for v in np.unravel_index(np.argmax(codes[..., j]), (gh, gw))],
+                    **({"gate": float(gate_values[j])} if gate_values is not None else {})}
+
         record: dict[str, Any] = {
             "image": {"width": image.width, "height": image.height},
             "geometry": geometry.to_dict(),
@@ -321,27 +429,21 @@ class Explainer:
                       "weights_sha256": self.loaded.weights_sha256, "layer": self.split.layer,
                       "layout": self.split.layout, "grid": [gh, gw]},
             "dictionary": {"method": self.dictionary.method, "concepts": self.dictionary.n_concepts,
-                           "class": None if y is None else self.dictionary.classes[y], "class_reason": why},
+                           "class": cname, "class_reason": why,
+                           **({"open_gates": open_gates} if open_gates is not None else {})},
             "config": cfg.to_dict(),
             "top_classes": [{"index": int(i), "label": self.label(int(i)), "probability": float(probs[i])}
                             for i in top_cls],
-            "prediction": {"index": int(np.argmax(probs)), "label": self.label(int(np.argmax(probs)))},
+            "prediction": {"index": pred, "label": self.label(pred)},
             "explained": {"index": t, "label": self.label(t), "logit": float(logits[t]),
                           "probability": float(probs[t])},
             "reconstruction": {"logit": float(rec_logits[t]), "probability": float(rec_probs[t]),
-                               "prediction": int(np.argmax(rec_probs)),
-                               "relative_error": float(torch.linalg.norm(rows - decode(self.dictionary, U, y))
-                                                       / torch.linalg.norm(rows).clamp_min(1e-12))},
+                               "prediction": int(np.argmax(rec_probs)), "relative_error": rel_error},
             "importance_method": cfg.importance,
             "importance": [float(v) for v in imp_np],
             "ranking": [int(j) for j in order],
-            "top_concepts": [
-                {"concept": j, "importance": float(imp_np[j]), "mean_code": float(codes[..., j].mean()),
-                 "max_code": float(codes[..., j].max()),
-                 "peak_cell": [int(v) for v in np.unravel_index(np.argmax(codes[..., j]), (gh, gw))],
-                 **({"gate": float(gate_values[j])} if gate_values is not None else {})}
-                for j in top
-            ],
+            "top_concepts": [concept(j) for j in drawn_for + drawn_against],
+            "notes": notes,
             **extra,
             "warnings": list(self.warnings),
         }
@@ -350,20 +452,78 @@ class Explainer:
         record["_arrays"] = {"codes": codes, "geometry": geometry}
         return record
 
-    def figure(self, image: Image.Image, record: dict[str, Any], title: str | None = None):
-        """The explanation figure of a record made by `explain`."""
+    def figure(self, image: Image.Image, record: dict[str, Any], title: str | None = None,
+               atlas: AtlasCrops | None = None) -> Image.Image:
+        """The explanation figure of a record made by `explain` (a PIL image), with the atlas crops of each
+        drawn concept beside its heatmap when an atlas is given."""
         codes = record["_arrays"]["codes"]
-        panels = [ConceptPanel(c["concept"], c["importance"], codes[..., c["concept"]]) for c in record["top_concepts"]]
+        panels = []
+        for c in record["top_concepts"]:
+            j = c["concept"]
+            name, crops = atlas.get(j) if atlas is not None else (None, ())
+            panels.append(ConceptPanel(j, c["importance"], codes[..., j], name=name, gate=c.get("gate"),
+                                       crops=tuple(crops)))
         return explanation_figure(
             image,
             record["_arrays"]["geometry"],
             [(c["label"], c["probability"]) for c in record["top_classes"]],
             panels,
             importances=list(enumerate(record["importance"])),
-            title=title,
-            explained=f"{record['explained']['label']} (p={record['explained']['probability']:.3f})",
+            title=title or "",
+            lines=describe(record),
+            notes=record.get("notes", []),
             importance_label=IMPORTANCE_LABELS[record["importance_method"]],
         )
+
+    def save_figure(self, image: Image.Image, record: dict[str, Any], path: str | os.PathLike[str],
+                    title: str | None = None, atlas: AtlasCrops | None = None) -> Path:
+        """Draw `figure` and write it as PNG (atomically)."""
+        return save_png(self.figure(image, record, title, atlas), path)
+
+
+#: A c2mf gate sigma(lambda) above this keeps its concept for the class (the demo's gate check uses the same).
+GATE_OPEN = 0.5
+
+
+def select_concepts(importance: np.ndarray, top: int, min_share: float) -> tuple[list[int], list[int]]:
+    """The concepts worth drawing: (evidence for, evidence against) the class.
+
+    A concept qualifies when |importance| >= min_share x the largest |importance|; at most `top` on each side,
+    the strongest first (most positive for, most negative against).
+    """
+    imp = np.asarray(importance, dtype=np.float64)
+    peak = float(np.max(np.abs(imp))) if imp.size else 0.0
+    if peak <= 0.0:
+        return [], []
+    keep = np.abs(imp) >= min_share * peak
+    order = np.argsort(-imp, kind="stable")
+    drawn_for = [int(j) for j in order if keep[j] and imp[j] > 0][:top]
+    drawn_against = [int(j) for j in order[::-1] if keep[j] and imp[j] < 0][:top]
+    return drawn_for, drawn_against
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """The lines under a figure's title: what was explained, what the model predicted, whose codes were used."""
+    e, p = record["explained"], record["prediction"]
+    lines = [f"explained: {e['label']} (p = {e['probability']:.3f})"
+             + (", the model's prediction" if e["index"] == p["index"] else
+                f"; the model predicts {p['label']} (p = {record['top_classes'][0]['probability']:.3f})")]
+    d = record["dictionary"]
+    how = f"{IMPORTANCE_LABELS[record['importance_method']]} importance"
+    if d.get("class") is None:
+        lines.append(f"dictionary: {d['method']}, {d['concepts']} concepts shared by every class; {how}")
+    else:
+        whose = "gates" if "open_gates" in d else "dictionary"
+        line = f"dictionary: {d['method']}, {d['concepts']} concepts; codes use the {whose} of class {d['class']!r}"
+        if d.get("class_reason") not in (None, "explained class"):
+            line += f" ({d['class_reason']})"
+        if "open_gates" in d:
+            line += f", {len(d['open_gates'])} open"
+        lines.append(line + f"; {how}")
+    share = record.get("config", {}).get("min_share")
+    if record["top_concepts"] and share:
+        lines.append(f"drawn: concepts whose |importance| is at least {share:.0%} of the largest")
+    return lines
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -383,8 +543,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _out_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems for the outputs, unique even when two images share a name."""
-    seen: dict[str, int] = {}
+    """File stems for the outputs, unique even when two images share a name, and never the batch summary's
+    (an image named explain.jpg must not overwrite explain.json)."""
+    seen: dict[str, int] = {"explain": 1}
     stems = []
     for p in paths:
         s = p.stem or "image"
@@ -394,15 +555,23 @@ def _out_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
+#: Images per model pass: large enough to amortise the passes, small enough to keep memory flat on big batches.
+BATCH = 16
+
+
 def explain_images(
     images: Sequence[str | os.PathLike[str]],
     explainer: Explainer,
     out_dir: str | os.PathLike[str],
     *,
     target: int | str | None = None,
+    atlas: AtlasCrops | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Explain each image into out_dir/<stem>.png and out_dir/<stem>.json; go on past images that fail.
+
+    Images are read and explained in batches of `BATCH` (one model pass each). With `atlas` (from
+    `stages.atlas.AtlasCrops.load`), each drawn concept shows its atlas crops beside its heatmap.
 
     Returns a summary: {"explained": [{"image", "png", "json", "prediction", "explained", "top_concepts"}],
     "failed": [{"image", "error"}]}; the summary is also written to out_dir/explain.json when at least one image
@@ -415,32 +584,40 @@ def explain_images(
     done, failed = [], []
     if target is not None:  # a bad --class is one error for the whole batch, not one per image
         explainer.resolve_target(target, np.zeros(explainer.n_outputs))
-    for path, stem in zip(paths, _out_stems(paths)):
-        try:
-            if path.is_dir():
-                raise C2MFError(f"{str(path)!r} is a folder, not an image: give image files (e.g. {path}/*.jpg)")
-            image = read_image(path)
-            record = explainer.explain(image, target=target)
-        except UsageError:
-            raise
-        except C2MFError as e:
-            failed.append({"image": str(path), "error": str(e)})
+    jobs = list(zip(paths, _out_stems(paths)))
+    for s in range(0, len(jobs), BATCH):
+        ready = []
+        for path, stem in jobs[s: s + BATCH]:
+            try:
+                if path.is_dir():
+                    raise C2MFError(f"{str(path)!r} is a folder, not an image: give image files (e.g. {path}/*.jpg)")
+                ready.append((path, stem, read_image(path)))
+            except C2MFError as e:
+                failed.append({"image": str(path), "error": str(e)})
+                if on_done:
+                    on_done(1)
+        records = explainer.explain_batch([im for _, _, im in ready], target=target)
+        for (path, stem, image), record in zip(ready, records):
+            record = {"image_path": str(path), **record}
+            arrays = record.pop("_arrays")
+            record["codes"] = np.round(arrays["codes"], 6).tolist()
+            out.mkdir(parents=True, exist_ok=True)  # only once an image succeeded: a batch that all fails writes nothing
+            png = explainer.save_figure(image, {**record, "_arrays": arrays}, out / f"{stem}.png",
+                                        title=_title(path), atlas=atlas)
+            _write_json(out / f"{stem}.json", record)
+            done.append({"image": str(path), "png": png.name, "json": f"{stem}.json",
+                         "prediction": record["prediction"], "explained": record["explained"],
+                         "dictionary_class": record["dictionary"]["class"], "notes": record["notes"],
+                         "top_concepts": [c["concept"] for c in record["top_concepts"]]})
             if on_done:
                 on_done(1)
-            continue
-        record = {"image_path": str(path), **record}
-        arrays = record.pop("_arrays")
-        record["codes"] = np.round(arrays["codes"], 6).tolist()
-        out.mkdir(parents=True, exist_ok=True)  # only once an image succeeded: a batch that all fails writes nothing
-        png = save_figure(explainer.figure(image, {**record, "_arrays": arrays}, title=path.name), out / f"{stem}.png")
-        _write_json(out / f"{stem}.json", record)
-        done.append({"image": str(path), "png": png.name, "json": f"{stem}.json",
-                     "prediction": record["prediction"], "explained": record["explained"],
-                     "top_concepts": [c["concept"] for c in record["top_concepts"]]})
-        if on_done:
-            on_done(1)
     summary = {"out_dir": str(out), "explained": done, "failed": failed,
                "dictionary": explainer.dictionary.meta.get("method"), "config": explainer.config.to_dict()}
     if done:
         _write_json(out / "explain.json", summary)
     return summary
+
+
+def _title(path: Path) -> str:
+    """The image's file name, with its folder when that is all that tells two images apart (class/000.png)."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
