@@ -47,16 +47,25 @@ def insertion_deletion_curves(
     for ax, mode in zip(axes, ("insertion", "deletion")):
         for label, modes in curves.items():
             c = modes[mode]
-            ax.plot(c["x"], c[quantity], marker=".", label=f"{label} (AUC {float(c[f'{quantity}_auc']):.3f})")
+            ax.plot(c["x"], c[quantity], marker=".", label=f"{label}  (AUC {float(c[f'{quantity}_auc']):.3f})")
         ax.set_title(f"{mode} ({'higher' if mode == 'insertion' else 'lower'} AUC is better)")
         ax.set_xlabel(f"fraction of concepts {'inserted' if mode == 'insertion' else 'deleted'}")
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, len(curves))
     axes[0].set_ylabel("probability of the class" if quantity == "prob" else "accuracy")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def _legend(ax: plt.Axes, n: int) -> None:
+    """A legend that stays readable: inside the axes for a few lines, below them (in columns) for many, so it
+    never hides the curves."""
+    if n <= 4:
+        ax.legend(fontsize=9, framealpha=0.9)
+    else:
+        ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
 
 
 def accuracy_vs_k(
@@ -75,7 +84,7 @@ def accuracy_vs_k(
     ax.set_xlabel("number of concepts k")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, len(series))
     if title:
         ax.set_title(title)
     return _save(fig, path)
