@@ -235,6 +235,8 @@ def test_report_says_what_it_measured_and_what_the_numbers_say(tmp_path):
     record = json.loads((ev / "evaluation.json").read_text())
     record["inputs"]["train"].update(model="resnet18", data="/data/birds/train")
     record["methods"][1]["reconstruction"]["agreement"]["mean"] = 0.2  # craft no longer behaves like the model
+    record["methods"][1]["insertion_deletion"]["gradcam"]["insertion"]["prob_auc"] = 0.99  # best, but meaningless
+    record["methods"][2]["insertion_deletion"]["gradcam"]["insertion"]["prob_auc"] = 0.8
     (ev / "evaluation.json").write_text(json.dumps(record))
     page = build_report(tmp_path, evaluate_dir=ev).read_text()
     head = page[: page.index("<nav>")]
@@ -244,6 +246,10 @@ def test_report_says_what_it_measured_and_what_the_numbers_say(tmp_path):
     assert "<b>c2mf k=4</b> keeps the most" in says and "chance is 0.500" in says
     assert "<b>craft k=2/class</b>: its reconstruction agrees with the model on only 0.200" in says
     assert "<b>pca k=2/class</b> has the most distinct concepts" in says
+    # its insertion AUC is the highest, but it is flagged and never bold: the best is among the others
+    assert "<td class='best'>0.990" not in page and "0.990 <span class='bad'" in page
+    assert "<td class='best' data-v='0.8'>0.800</td>" in page
+    assert "Among methods that preserve the decision, <b>pca k=2/class</b>" in says
 
 
 def test_report_tables_sort_and_filter_in_one_file(tmp_path):

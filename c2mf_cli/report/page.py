@@ -40,6 +40,7 @@ from .tables import (
     fmt,
     get,
     is_num,
+    keeps_decision,
     method_label,
     method_tables,
     summarise_list,
@@ -170,9 +171,10 @@ def table(
     grid = [[c.value(r) for c in cols] for _, r in rows]
     text_col = [all(isinstance(row[j], str) or row[j] is None for row in grid)
                 and any(isinstance(row[j], str) for row in grid) for j in range(len(cols))]
+    decided = [keeps_decision(r) for _, r in rows]
     bold: list[set[int]] = []
     for j, c in enumerate(cols):
-        idx = [i for i in range(len(rows)) if compare[i]]
+        idx = [i for i in range(len(rows)) if compare[i] and (decided[i] or not c.needs_decision)]
         best = best_rows([grid[i][j] for i in idx], c.better)
         bold.append({idx[b] for b in best})
     head = ""
@@ -199,6 +201,8 @@ def table(
             sd = c.spread(rec)
             if is_num(v) and is_num(sd):
                 text += f" <span class='muted'>&plusmn; {_esc(fmt(sd))}</span>"
+            if c.needs_decision and not decided[i] and is_num(v):
+                text += " <span class='bad' title='h(UW) disagrees with the model: not the model&#39;s reasons'>(!)</span>"
             cls = "best" if i in bold[j] else ("t" if isinstance(v, str) else "")
             data = f" data-v='{float(v)!r}'" if sortable and is_num(v) else ""
             cells.append(f"<td class='{cls}'{data}>{text}</td>" if cls else f"<td{data}>{text}</td>")
@@ -530,11 +534,6 @@ def _facts(ev: dict, extension: Extension) -> str:
     return "<dl class='facts'>" + "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts) + "</dl>"
 
 
-# Below this agreement with the model's own prediction, h(UW) is not the model any more: its insertion /
-# deletion curves measure the reconstruction's behaviour, not the model's reasons.
-AGREEMENT_FLOOR = 0.5
-
-
 def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension) -> str:
     """"What this says": a few sentences computed from the numbers (best method per question, warnings)."""
     out: list[str] = []
@@ -555,16 +554,12 @@ def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension
         s = f"<b>{_esc(b[0])}</b> keeps the most of the model's accuracy when the activations are replaced by " \
             f"their reconstruction (class accuracy {fmt(b[1])}"
         out.append(s + (f"; chance is {fmt(chance)})." if chance is not None else ")."))
-    low = [(lab, get(m, "reconstruction.agreement.mean")) for lab, m in zip(labels, methods)
-           if is_num(get(m, "reconstruction.agreement.mean"))
-           and get(m, "reconstruction.agreement.mean") < AGREEMENT_FLOOR]
+    low = [(lab, get(m, "reconstruction.agreement.mean")) for lab, m in zip(labels, methods) if not keeps_decision(m)]
     for lab, a in low:
         out.append(f"<span class='bad'><b>{_esc(lab)}</b>: its reconstruction agrees with the model on only "
                    f"{fmt(float(a))} of the test images, so its insertion / deletion numbers describe another "
-                   "model than yours; do not read them as the model's reasons.</span>")
-    ok = [i for i, m in enumerate(methods)
-          if not (is_num(get(m, "reconstruction.agreement.mean"))
-                  and get(m, "reconstruction.agreement.mean") < AGREEMENT_FLOOR)]
+                   "model than yours (marked (!), never bold); do not read them as the model's reasons.</span>")
+    ok = [i for i, m in enumerate(methods) if keeps_decision(m)]
     ins = [(labels[i], get(methods[i], "insertion_deletion.gradcam.insertion.prob_auc")) for i in ok]
     ins = [(lab, float(v)) for lab, v in ins if is_num(v)]
     if len(ins) >= 2:
@@ -624,7 +619,7 @@ def _metrics_sections(ev: dict, ev_dir: Path, embed: bool, out: Path, extension:
             spec, [(f"K = {c.get('K', '?')}", c) for c in clusters], first="K"))
     ood = ev.get("ood") if isinstance(ev.get("ood"), dict) else None
     if ood:
-        body.append(f"<h3>{_esc(OOD.title)}</h3>" + spec_table(OOD, [("whole images vs crops", ood)]))
+        body.append(f"<h3>{_esc(OOD.title)}</h3>" + spec_table(OOD, [("whole images vs crops", ood)], first=""))
     plots = sorted(_pngs(ev_dir), key=_plot_order)
     if plots:
         body.append("<h3>Plots</h3><div class='plots'>" + "".join(

@@ -77,6 +77,8 @@ class Col:
         better: "high", "low", "abs_low" (closest to 0) or None (not a contest).
         tip: a longer explanation (HTML tooltip).
         arrow: show the direction arrow in the header.
+        needs_decision: the measure only means something when the reconstruction keeps the model's decision
+            (insertion / deletion): a method whose h(UW) disagrees with the model is kept out of its contest.
     """
 
     title: str
@@ -86,6 +88,7 @@ class Col:
     tip: str = ""
     group: str = ""
     arrow: bool = True
+    needs_decision: bool = False
 
     def value(self, rec: Any) -> Any:
         return self.path(rec) if callable(self.path) else get(rec, self.path)
@@ -133,6 +136,17 @@ class TableSpec:
     def present(self, records: Sequence[Any]) -> list[Col]:
         """The columns at least one record has a value for."""
         return [c for c in self.cols if any(c.value(r) is not None for r in records)]
+
+
+# Below this agreement with the model's own prediction, h(UW) is not the model any more: its insertion /
+# deletion curves measure the reconstruction's behaviour, not the model's reasons.
+AGREEMENT_FLOOR = 0.5
+
+
+def keeps_decision(rec: Any) -> bool:
+    """False when the record's reconstruction agrees with the model below AGREEMENT_FLOOR (unknown: True)."""
+    a = get(rec, "reconstruction.agreement.mean")
+    return not (is_num(a) and a < AGREEMENT_FLOOR)
 
 
 def method_label(r: dict, i: int) -> str:
@@ -212,8 +226,8 @@ def insertion(methods: Sequence[dict]) -> TableSpec:
         base, name = f"insertion_deletion.{r}", RANKING_NAMES.get(r, r)
         for what, title in (("prob", "probability"), ("accuracy", "accuracy")):
             g = f"{name}: {title}"
-            cols += [Col("insertion", f"{base}.insertion.{what}_auc", "high", group=g),
-                     Col("deletion", f"{base}.deletion.{what}_auc", "low", group=g)]
+            cols += [Col("insertion", f"{base}.insertion.{what}_auc", "high", group=g, needs_decision=True),
+                     Col("deletion", f"{base}.deletion.{what}_auc", "low", group=g, needs_decision=True)]
     if rankings:
         cols.append(Col("images", f"insertion_deletion.{rankings[0]}.insertion.n_images", group=" "))
     return TableSpec("insertion", "Insertion / deletion", tuple(cols),
@@ -228,9 +242,9 @@ SUMMARY = TableSpec("summary", "At a glance", (
     Col("train \u2212 test MSE", "consistency.difference", "abs_low"),
     Col("test rel. error", "fit.test.relative_error", "low"),
     Col("insertion AUC", "insertion_deletion.gradcam.insertion.prob_auc", "high",
-        tip="probability of the class, concepts ranked by Grad-CAM"),
+        tip="probability of the class, concepts ranked by Grad-CAM", needs_decision=True),
     Col("deletion AUC", "insertion_deletion.gradcam.deletion.prob_auc", "low",
-        tip="probability of the class, concepts ranked by Grad-CAM"),
+        tip="probability of the class, concepts ranked by Grad-CAM", needs_decision=True),
 ), "One row per method; \u2191 higher is better, \u2193 lower, |\u2193| closest to 0; the best of each column in "
    "bold. Accuracy and agreement: h(UW) on the test images, mean over classes (\u00b1 std). Insertion / deletion: "
    "area under the probability curve, concepts ranked by Grad-CAM.")
