@@ -336,8 +336,10 @@ def test_explain_an_image_above_pils_pixel_limit_is_skipped_not_a_crash(chain, t
     # PIL refuses images over 2 x MAX_IMAGE_PIXELS (~179 MP) with an exception that is not an OSError: it ended
     # the whole batch with a traceback. A small limit stands in for a huge file here.
     good = _image(tmp_path / "small.png", size=(20, 20))
-    huge = _image(tmp_path / "huge.png", size=(200, 200))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # refused above 10,000 px; the 64 px input is 4,096
+    huge = _image(tmp_path / "huge.png", size=(300, 300))
+    # refused above 40,000 px; the 64 px input is 4,096 and the figure's widest text line about 25,000 (PIL checks
+    # the masks it draws text into against the same limit)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)
     r = _explain(huge, good, "--dict", chain["dict"], "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert "Failed: " in r.output and "safety limit" in r.output and "downscale" in r.output
