@@ -305,7 +305,7 @@ def test_atlas_bad_inputs(chain, tiny_crop_store, tmp_path):
     assert r.exit_code == 2 and "missing --clip-checkpoint, --vocabulary" in _error_line(r)
     # a missing CLIP checkpoint fails before the atlas is written (it used to write the whole atlas, then exit 1)
     (tmp_path / "words.txt").write_text("red\ngreen\n")
-    r = _run("atlas", chain["train"], chain["dict"], "--clip-model", "ViT-B-32", "--clip-checkpoint",
+    r = _run("atlas", "-s", chain["train"], "--dict", chain["dict"], "--clip-model", "ViT-B-32", "--clip-checkpoint",
              tmp_path / "gone.bin", "--vocabulary", tmp_path / "words.txt", "-q", "--out", tmp_path / "a")
     assert r.exit_code == 1 and "CLIP checkpoint" in _error_line(r) and "does not exist" in _error_line(r)
     (tmp_path / "f").write_text("x")

@@ -539,7 +539,8 @@ def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension
     out: list[str] = []
     inputs = ev.get("inputs") if isinstance(ev.get("inputs"), dict) else {}
     n_classes = get(inputs, "train.classes")
-    chance = 1.0 / n_classes if is_num(n_classes) and n_classes > 0 else None
+    chance = ev.get("chance") if is_num(ev.get("chance")) else (
+        1.0 / n_classes if is_num(n_classes) and n_classes > 0 else None)
 
     def best(path: str, better: str) -> tuple[str, float] | None:
         vals = [get(m, path) for m in methods]
@@ -556,8 +557,10 @@ def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension
         out.append(s + (f"; chance is {fmt(chance)})." if chance is not None else ")."))
     low = [(lab, get(m, "reconstruction.agreement.mean")) for lab, m in zip(labels, methods) if not keeps_decision(m)]
     for lab, a in low:
-        out.append(f"<span class='bad'><b>{_esc(lab)}</b>: its reconstruction agrees with the model on only "
-                   f"{fmt(float(a))} of the test images, so its insertion / deletion numbers describe another "
+        agrees = f"agrees with the model on only {fmt(float(a))} of the test images" if is_num(a) else \
+            "does not keep the model's decision"
+        out.append(f"<span class='bad'><b>{_esc(lab)}</b>: its reconstruction {agrees}, so its insertion / "
+                   "deletion numbers describe another "
                    "model than yours (marked (!), never bold); do not read them as the model's reasons.</span>")
     ok = [i for i, m in enumerate(methods) if keeps_decision(m)]
     ins = [(labels[i], get(methods[i], "insertion_deletion.gradcam.insertion.prob_auc")) for i in ok]

@@ -144,7 +144,10 @@ AGREEMENT_FLOOR = 0.5
 
 
 def keeps_decision(rec: Any) -> bool:
-    """False when the record's reconstruction agrees with the model below AGREEMENT_FLOOR (unknown: True)."""
+    """False when the method's reconstruction does not keep the model's decision: evaluate's own verdict
+    (`preserves_decision`) when recorded, else agreement below AGREEMENT_FLOOR; unknown: True."""
+    if isinstance(rec, dict) and isinstance(rec.get("preserves_decision"), bool):
+        return rec["preserves_decision"]
     a = get(rec, "reconstruction.agreement.mean")
     return not (is_num(a) and a < AGREEMENT_FLOOR)
 
