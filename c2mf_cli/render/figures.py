@@ -182,17 +182,19 @@ def _bars(rows: Sequence[tuple[str, float, tuple[int, int, int]]], width: int, t
     lo = min([0.0, *vals]) if lo is None else lo
     hi = max([0.0, *vals]) if hi is None else hi
     span = max(hi - lo, 1e-12)
-    plot_w = width - label_w - 54
+    left = 48 if lo < 0 else 0  # room for the values of negative bars, left of them
+    plot_w = width - label_w - left - 54
     im = Image.new("RGB", (width, 22 + row_h * max(len(rows), 1) + 4), "white")
     d = ImageDraw.Draw(im)
     d.text((0, 0), title, font=fb, fill=_INK)
+    label_w += left
     x0 = label_w + int(plot_w * (0.0 - lo) / span)
     for i, (label, v, color) in enumerate(rows):
         y = 22 + i * row_h
         shown = label
-        while f.getlength(shown) > label_w - 6 and len(shown) > 4:
-            shown = shown[:-2] + "…" if not shown.endswith("…") else shown[:-2] + "…"
-        d.text((label_w - 6 - f.getlength(shown), y + 2), shown, font=f, fill=_INK)
+        while f.getlength(shown) > label_w - left - 6 and len(shown) > 4:
+            shown = shown[:-2] + "…"
+        d.text((label_w - left - 6 - f.getlength(shown), y + 2), shown, font=f, fill=_INK)
         x1 = label_w + int(plot_w * (v - lo) / span)
         d.rectangle([min(x0, x1), y + 3, max(x0, x1), y + row_h - 4], fill=color)
         txt = _fmt(v)
@@ -284,7 +286,7 @@ def explanation_figure(
         sx, sy = dw / W, dh / H
         _dashed_box(ImageDraw.Draw(thumb), (l * sx, t * sy, r * sx - 1, b * sy - 1))
     imp = list(importances) if importances is not None else [(p.concept, p.importance) for p in panels]
-    imp = sorted(imp, key=lambda cv: -abs(cv[1]))[:10]
+    imp = sorted(sorted(imp, key=lambda cv: -abs(cv[1]))[:10], key=lambda cv: -cv[1])  # 10 strongest, by sign
     drawn = {p.concept for p in panels}
     col_w = (width - dw - 48) // 2
     classes = _bars([(lbl, float(pr), _NEG) for lbl, pr in top_classes], col_w,
