@@ -456,8 +456,12 @@ def _explain_section(ex: Path, embed: bool, out: Path) -> str:
             cap += f" &middot; explained {_esc(expl['label'])}"
             if is_num(expl.get("probability")):
                 cap += f" (p = {fmt(float(expl['probability']))})"
+        if e.get("dictionary_class") is not None:  # whose gates / dictionary the codes used
+            cap += f" &middot; codes of class {_esc(e['dictionary_class'])}"
         if isinstance(e.get("top_concepts"), list):
-            cap += " &middot; top concepts " + _esc(", ".join(map(str, e["top_concepts"])))
+            cap += " &middot; concepts drawn " + _esc(", ".join(map(str, e["top_concepts"])) or "none")
+        for note in e.get("notes") or []:
+            cap += f"<br><span class='bad'>{_esc(note)}</span>"
         body.append(f"<figure>{_img(png, png.stem, embed, out)}<figcaption>{cap}</figcaption></figure>")
     for f in summary.get("failed") or []:
         body.append(f"<p class='muted'>failed: {_esc(f.get('image'))}: {_esc(f.get('error'))}</p>")
