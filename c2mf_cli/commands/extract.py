@@ -107,7 +107,8 @@ def extract(
     if max_images is not None and max_images < 1:
         raise UsageError(f"--max-images-per-class must be at least 1, got {max_images}")
     check_input(data, "--data")
-    check_input(class_index, "--class-index", kind="file")
+    if str(class_index) != "identity":
+        check_input(class_index, "--class-index", kind="file")
     check_input(checkpoint, "--checkpoint", kind="file")
     check_output_dir(out_path)
     overrides = {

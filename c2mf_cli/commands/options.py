@@ -49,7 +49,9 @@ SPECS: dict[str, OptionSpec] = {
                        "path,label.", "PATH"),
     "class_index": OptionSpec(("--class-index",), "JSON file mapping class folders to model outputs, in one of "
                               "three shapes: {\"folder\": 3}, {\"folder\": {\"model_index\": 3}} (also under a "
-                              "\"classes\" key), or Keras' {\"3\": [\"folder\", \"label\"]}; see docs/extract.md.",
+                              "\"classes\" key), or Keras' {\"3\": [\"folder\", \"label\"]}; see docs/extract.md. "
+                              "'identity': folder i (in name order) is output i, on purpose (without a class index, "
+                              "extract stops when the model's outputs or predictions show otherwise).",
                               "FILE"),
     "max_images_per_class": OptionSpec(("--max-images-per-class",), "Use at most N images per class.", "N"),
     "store": OptionSpec(("--store", "-s"), "Activation store written by `c2mf extract`.", "STORE"),

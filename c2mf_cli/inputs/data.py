@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import C2MFError, UsageError
+from .class_check import IDENTITY
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 Split = Literal["train", "test", "all"]
@@ -218,7 +219,7 @@ def resolve_dataset(
         raise UsageError(f"unknown dataset kind {kind!r}: use auto, folder, cub or csv")
 
     classes = sorted({c for _, c in pairs})
-    if spec.class_index:
+    if spec.class_index and spec.class_index != IDENTITY:  # identity: folder i is output i, on purpose
         index = load_class_index(spec.class_index)
         unknown = [c for c in classes if c not in index]
         if unknown:
@@ -232,7 +233,8 @@ def resolve_dataset(
     if num_outputs is not None:
         bad = [c for c, i in label_of.items() if not 0 <= i < num_outputs]
         if bad:
-            hint = "" if spec.class_index else " Map class folders to model outputs with --class-index FILE."
+            hint = "" if spec.class_index and spec.class_index != IDENTITY else \
+                " Map class folders to model outputs with --class-index FILE."
             raise C2MFError(
                 f"{len(bad)} class(es) map to output indices outside the model's {num_outputs} outputs "
                 f"(e.g. {bad[0]!r} -> {label_of[bad[0]]}).{hint}"

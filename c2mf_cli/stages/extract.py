@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from ..inputs.class_check import IDENTITY, check_class_count, check_label_agreement
 from ..inputs.data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, read_image, resolve_dataset
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
@@ -225,6 +226,29 @@ def _collate(batch):
     return list(slots), list(paths), torch.cat(xs, 0), list(errors), [x.shape[0] for x in xs]
 
 
+def _check_class_index(cfg: ExtractConfig, lm: LoadedModel, split: Split, items: list[Item], n_outputs: int,
+                       device: torch.device, per_class: int = 4, max_classes: int = 16) -> None:
+    """Stop early when folders are silently taken as outputs 0..n-1 and that is wrong (inputs/class_check.py).
+
+    Runs only without --class-index and for a model with trained weights; the evidence is the model's own
+    prediction on the first few images of the first classes (one small batch, before anything is written).
+    """
+    if cfg.data.class_index or (cfg.model.checkpoint is None and not cfg.model.pretrained):
+        return
+    classes = list(dict.fromkeys(it.class_name for it in items))
+    check_class_count(len(classes), n_outputs)
+    sample = [it for c in classes[:max_classes] for it in [i for i in items if i.class_name == c][:per_class]]
+    readable = [(it, x) for it, (_, _, x, error) in ((it, _Images([(0, it.path)], lm.preprocess, None)[0])
+                                                     for it in sample) if not error]
+    if not readable:
+        return
+    with torch.no_grad():
+        x = torch.cat([x for _, x in readable]).to(device)
+        logits = split.h.to(device)(split.g.to(device)(x)).float().cpu().numpy()
+    check_label_agreement(np.array([it.label for it, _ in readable]), logits,
+                          label_names={it.label: it.class_name for it, _ in readable})
+
+
 def _files_digest(items: list[Item]) -> str:
     h = hashlib.sha256()
     for it in items:
@@ -235,7 +259,7 @@ def _files_digest(items: list[Item]) -> str:
 def _store_config(cfg: ExtractConfig, lm: LoadedModel, split: Split, items: list[Item], n_outputs: int) -> dict:
     data = cfg.data.to_dict()
     data["root"] = str(Path(cfg.data.root).expanduser().resolve())
-    if data.get("class_index"):
+    if data.get("class_index") and data["class_index"] != IDENTITY:
         data["class_index"] = str(Path(data["class_index"]).expanduser().resolve())
     model = lm.spec.to_dict()
     if model.get("checkpoint"):
@@ -327,6 +351,7 @@ def extract(
     with torch.no_grad():
         n_outputs = int(split.h(split.g(torch.zeros(1, *lm.preprocess.input_size))).shape[-1])
     items = resolve_dataset(cfg.data, num_outputs=n_outputs, log=log)
+    _check_class_index(cfg, lm, split, items, n_outputs, device)
 
     h, w = lm.preprocess.size
     crops = cfg.crops if cfg.mode == "crops" else None
