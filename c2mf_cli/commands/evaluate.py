@@ -205,6 +205,10 @@ def evaluate(
         help="Which class picks gates, per-class dictionaries and means when codes are solved, comma-separated: "
         "predicted (the model's prediction, as explain does: the headline), true (the label: the paper's "
         "protocol, which hands the answer to the reconstruction), none (all concepts ungated)."),
+    attribution: bool = typer.Option(
+        True, "--attribution/--no-attribution",
+        help="Compute concept importance and insertion/deletion (the slow part); --no-attribution for a quick "
+        "reconstruction and fidelity check."),
     min_agreement: float = typer.Option(
         0.5, "--min-agreement", metavar="FRACTION",
         help="Below this agreement with the model, a method's reconstruction is flagged as not keeping the "
@@ -227,7 +231,7 @@ def evaluate(
 
     config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed,
                             encode_class=tuple(e.strip() for e in encode_class.split(",") if e.strip()),
-                            min_agreement=min_agreement)
+                            min_agreement=min_agreement, attribution=attribution)
     train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
     crops_s = ActivationStore.open(crops) if crops is not None else None
     loaded = []

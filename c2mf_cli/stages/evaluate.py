@@ -108,6 +108,7 @@ class EvaluateConfig:
     encode_class: the encodings computed (true, predicted, none); the headline one (predicted when listed, else
     the first) gets every metric, the others the reconstruction. min_agreement: below this agreement with the
     model (mean over classes, headline encoding) a method's reconstruction is said not to preserve the decision.
+    attribution: compute importance and insertion/deletion (the costly part; off for a quick fidelity check).
     """
 
     max_images_per_class: int | None = None
@@ -119,6 +120,7 @@ class EvaluateConfig:
     seed: int = 0
     encode_class: tuple[str, ...] = ("predicted", "true")
     min_agreement: float = 0.5
+    attribution: bool = True
 
     def __post_init__(self) -> None:
         if self.ig_steps < 2:
@@ -493,7 +495,7 @@ def evaluate(
     if n_test == 0:
         raise C2MFError("the test store has no images")
 
-    rows = [_make_row(lab, d, cmap, config, n_test, attribute=True, extra={"capacity": _capacity(d)})
+    rows = [_make_row(lab, d, cmap, config, n_test, attribute=config.attribution, extra={"capacity": _capacity(d)})
             for lab, d, cmap in zip(labels, dicts, class_maps)]
     # clustering ablation: per-class non-negative (CRAFT-style) dictionaries are the sources, K from the shared ones;
     # each clustered dictionary is a shared one of K concepts, so it joins the same-capacity comparison

@@ -1,0 +1,173 @@
+"""Measure evaluate's references and predicted- vs true-class numbers on the real models, and write the table of
+docs/metrics.md ("Measured: references and the class used to encode").
+
+    python examples/measure_references.py WORKDIR [--data ../shared/data] [--concepts 10] [--write-docs]
+
+CIFAR-10 ResNet-20 `layer3` (seeded 80/20 split of the 1,000 JPEGs) and the CUB bird model `head_conv` (seeded
+80/20 split per species, at most 8 train and 3 test images per species: small stores). Each fits, at k concepts:
+c2mf, PCA and semi-NMF shared (k directions), CRAFT on train crops, clustered to K = k by evaluate, and per-class
+PCA (k x classes directions); then `evaluate` with codes under the predicted and the true class, without
+attribution (importance is not what is measured here). Stores and dictionaries are kept in WORKDIR, so a rerun
+reuses them. Every number in the docs table comes from the evaluation.json files this script writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+BEGIN, END = "<!-- measure_references: begin -->", "<!-- measure_references: end -->"
+
+
+def _setups(data: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "CIFAR-10 ResNet-20 layer3": {
+            "model": f"{data / 'models.py'}:cifar_resnet20", "checkpoint": data / "cifar10" / "resnet20-12fca82f.th",
+            "layer": "layer3", "images": data / "cifar10" / "images", "class_index": None,
+            "train_cap": None, "test_cap": None,
+        },
+        "CUB bird model head_conv": {
+            "model": f"{data / 'models.py'}:mobilenet_v2_inat_birds",
+            "checkpoint": data / "cub" / "mobilenet_v2_inat_birds.pt", "layer": "head_conv",
+            "images": data / "cub" / "images", "class_index": data / "cub" / "class_index.json",
+            "train_cap": 8, "test_cap": 3,
+        },
+    }
+
+
+def _store(work: Path, name: str, setup: dict, split: str, mode: str = "full") -> Path:
+    from c2mf_cli.inputs.data import CropSpec, DatasetSpec
+    from c2mf_cli.inputs.models import ModelSpec
+    from c2mf_cli.stages.extract import ExtractConfig, extract
+
+    out = work / f"{name}-{split}-{mode}.zarr"
+    cap = setup["train_cap"] if split == "train" else setup["test_cap"]
+    cfg = ExtractConfig(
+        model=ModelSpec(setup["model"], checkpoint=str(setup["checkpoint"])), layer=setup["layer"],
+        data=DatasetSpec(str(setup["images"]), split=split, class_index=str(setup["class_index"] or "") or None,
+                         max_per_class=cap),
+        out=str(out), mode=mode, crops=CropSpec(kind="grid", size=0.5, stride=0.5), dtype="float32", workers=0,
+        device="cpu",
+    )
+    extract(cfg)
+    return out
+
+
+def _dictionaries(work: Path, name: str, train: Path, crops: Path, k: int) -> dict[str, Path]:
+    from c2mf_cli.artifacts.store import ActivationStore
+    from c2mf_cli.stages.factorize import factorize
+
+    fits = {
+        "c2mf": (train, "c2mf", {}),
+        "pca --shared": (train, "pca", {"shared": True}),
+        "semi-nmf --shared": (train, "semi_nmf", {"shared": True}),
+        "craft (train crops)": (crops, "craft", {}),
+        "pca (per class)": (train, "pca", {}),
+    }
+    out = {}
+    for label, (store, method, opts) in fits.items():
+        path = work / f"{name}-{re.sub(r'[^a-z0-9]+', '_', label)}-k{k}.safetensors"
+        if not path.is_file():
+            t = time.perf_counter()
+            d = factorize(ActivationStore.open(store).row_source(), method, concepts=k, device="cpu", **opts)
+            d.save(path)
+            print(f"  {label}: fitted in {time.perf_counter() - t:.0f} s", flush=True)
+        out[label] = path
+    return out
+
+
+def measure(work: Path, data: Path, k: int) -> dict[str, Any]:
+    from c2mf_cli.artifacts.dictionary import ConceptDictionary
+    from c2mf_cli.artifacts.store import ActivationStore
+    from c2mf_cli.stages.evaluate import EvaluateConfig, evaluate
+
+    results = {}
+    for title, setup in _setups(data).items():
+        name = re.sub(r"[^a-z0-9]+", "_", title.lower())
+        print(title, flush=True)
+        train, test = _store(work, name, setup, "train"), _store(work, name, setup, "test")
+        crops = _store(work, name, setup, "train", mode="crops")
+        paths = _dictionaries(work, name, train, crops, k)
+        t = time.perf_counter()
+        res = evaluate(ActivationStore.open(train), ActivationStore.open(test),
+                       [ConceptDictionary.load(p) for p in paths.values()],
+                       config=EvaluateConfig(attribution=False), names=list(paths), device="cpu",
+                       out_dir=work / f"{name}-evaluation")
+        print(f"  evaluated in {time.perf_counter() - t:.0f} s", flush=True)
+        results[title] = res
+    return results
+
+
+def _f(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def table(results: dict[str, Any], k: int) -> str:
+    titles = list(results)
+    lines = [f"| row (k = {k}) | directions | " + " | ".join(
+        f"{t}: agreement, predicted class | {t}: accuracy, predicted | {t}: accuracy, true class (paper)"
+        for t in titles) + " |", "|---|---|" + "---|---|---|" * len(titles)]
+
+    def cells(entry: dict | None, true_entry: dict | None) -> list[str]:
+        agr = (entry or {}).get("agreement", {}).get("mean")
+        acc = (entry or {}).get("accuracy", {}).get("mean")
+        acc_true = (true_entry or {}).get("accuracy", {}).get("mean")
+        return [_f(agr), _f(acc), _f(acc_true)]
+
+    refs = [("model", "the model itself"), ("class_mean_true", "true class's train mean alone (k = 0)"),
+            ("class_mean_predicted", "predicted class's train mean alone (k = 0)"),
+            ("global_mean", "global train mean alone"), ("chance", "chance (1 / classes)")]
+    for key, label in refs:
+        row = [f"reference: {label}", "0" if "mean" in key else "–"]
+        for t in titles:
+            ref = results[t]["references"][key]
+            acc = ref.get("accuracy", {}).get("mean")
+            agr = ref.get("agreement", {}).get("mean")
+            # references take no encoding: the same numbers in both accuracy columns
+            row += [_f(agr), _f(acc), _f(acc)]
+        lines.append("| " + " | ".join(row) + " |")
+    names = [m["name"] for m in results[titles[0]]["methods"]]
+    for n in names:
+        row = None
+        for t in titles:
+            m = next((m for m in results[t]["methods"] if m["name"] == n), None)
+            if row is None:
+                row = [n, f"{m['directions']}" if m else "–"]
+            by = (m or {}).get("by_encoding", {})
+            row += cells((by.get("predicted") or {}).get("reconstruction"), (by.get("true") or {}).get("reconstruction"))
+        lines.append("| " + " | ".join(row or []) + " |")
+    n_test = ", ".join(f"{t}: {results[t]['n_test_images']} test images" for t in titles)
+    return "\n".join(lines) + f"\n\n({n_test}; accuracy and agreement are means over classes.)\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--concepts", type=int, default=10)
+    ap.add_argument("--write-docs", action="store_true", help=f"replace the measured table in {DOCS}")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = measure(args.work, args.data, args.concepts)
+    text = table(results, args.concepts)
+    (args.work / "references.md").write_text(text)
+    (args.work / "references.json").write_text(json.dumps(
+        {t: {"references": r["references"], "methods": [{k: m[k] for k in ("name", "directions", "by_encoding")}
+                                                          for m in r["methods"]],
+             "significance": r["significance"]} for t, r in results.items()}, indent=1))
+    print(text)
+    if args.write_docs:
+        doc = DOCS.read_text()
+        if BEGIN not in doc or END not in doc:
+            raise SystemExit(f"{DOCS} has no {BEGIN} ... {END} section to replace")
+        head, rest = doc.split(BEGIN, 1)
+        DOCS.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
