@@ -66,7 +66,7 @@ def _folders(root: Path, names: dict[str, str]) -> Path:
 @pytest.mark.skipif(not (CIFAR / "resnet20-12fca82f.th").is_file(), reason=f"real data not found at {SHARED_DATA}")
 def test_extract_stops_on_folders_in_another_order_and_identity_overrides(tmp_path):
     common = ["extract", "-m", f"{SHARED_DATA / 'models.py'}:cifar_resnet20", "-c", str(CIFAR / "resnet20-12fca82f.th"),
-              "-l", "layer3", "--device", "cpu", "--workers", "0", "-q", "--max-per-class", "4", "--split", "all"]
+              "-l", "layer3", "--device", "cpu", "--workers", "0", "-q", "--max-images-per-class", "4", "--split", "all"]
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     # the same ten classes, renamed so that name order puts truck first: every label is off by one
     wrong = _folders(tmp_path / "wrong", {f"{chr(98 + i)}_{c}": c for i, c in enumerate(classes[:-1])} |

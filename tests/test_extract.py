@@ -114,7 +114,7 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path, image_folder, monke
 def test_two_shards_in_parallel_equal_one_process(tmp_path, image_folder):
     one = build_store(tmp_path / "one.zarr", image_folder)
     cmd = [sys.executable, "-m", "c2mf_cli.cli", "extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d",
-           str(image_folder), "-o", str(tmp_path / "sharded.zarr"), "--input-size", TINY_INPUT,
+           str(image_folder), "-o", str(tmp_path / "sharded.zarr"), "--input-size", TINY_INPUT, "--split", "all",
            "--chunk-images", "4", "--workers", "0", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], env=env, stderr=subprocess.PIPE, text=True)
@@ -151,7 +151,8 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
     bad = data / "class_1" / "001.png"
     bad.write_bytes(b"not an image at all")
     result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data), "-o",
-                                 str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "--quiet"])
+                                 str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "--quiet",
+                                 "--split", "all"])
     assert result.exit_code == 0, result.output
     assert "1 unreadable image(s) skipped" in result.output
     store = ActivationStore.open(tmp_path / "s.zarr")
@@ -161,7 +162,7 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
     assert json.loads(info.stdout)["failed_images"][0]["path"] == str(bad)
     strict = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data), "-o",
                                  str(tmp_path / "t.zarr"), "--input-size", TINY_INPUT, "--workers", "0",
-                                 "--strict", "--quiet"])
+                                 "--strict", "--quiet", "--split", "all"])
     assert strict.exit_code == 1
     assert "Error: cannot read image" in strict.output and "001.png" in strict.output
 
@@ -257,7 +258,8 @@ def test_seeded_split_is_deterministic_and_disjoint(image_folder):
 def test_real_cifar_store_reproduces_the_measured_accuracy(tmp_path):
     args = ["extract", "-m", f"{SHARED_DATA}/models.py:cifar_resnet20", "-c",
             str(SHARED_DATA / "cifar10/resnet20-12fca82f.th"), "-l", "layer3", "-d",
-            str(SHARED_DATA / "cifar10/images"), "-o", str(tmp_path / "c.zarr"), "--workers", "1", "--quiet"]
+            str(SHARED_DATA / "cifar10/images"), "-o", str(tmp_path / "c.zarr"), "--workers", "1", "--quiet",
+            "--split", "all"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     store = ActivationStore.open(tmp_path / "c.zarr")

@@ -60,8 +60,10 @@ def extract(
     out_path: Path = option("out", default=REQUIRED, help="Store directory to create or resume."),
     checkpoint: Optional[Path] = option("checkpoint"),
     pretrained: Optional[bool] = option("pretrained"),
-    split: SplitChoice = typer.Option(SplitChoice.all, help="Which images: the dataset's own split (CUB) or a "
-                                      "seeded fraction per class."),
+    split: SplitChoice = typer.Option(SplitChoice.train, help="Which images: the dataset's own split (CUB) or a "
+                                      "seeded fraction per class. train by default, so that a store made without "
+                                      "thinking never holds test images; all overlaps both (evaluate refuses it "
+                                      "as a training store next to a test store)."),
     test_fraction: float = typer.Option(0.2, metavar="F", help="Share of each class held out as test (datasets "
                                         "without their own split)."),
     class_index: Optional[Path] = option("class_index"),
