@@ -321,7 +321,8 @@ def test_bad_files_are_listed_not_lost(tmp_path):
     (data / "class_1" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     (data / "class_1" / "link.png").symlink_to(data / "class_1" / "000.png")
     result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data),
-                                 "-o", str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "-q"])
+                                 "-o", str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "-q",
+                                 "--split", "all"])
     assert result.exit_code == 0, result.output
     store = ActivationStore.open(tmp_path / "s.zarr")
     failed = {Path(f["path"]).name for f in store.failures}
@@ -339,7 +340,7 @@ def test_folder_names_with_spaces_brackets_and_non_ascii(tmp_path):
     (data / "cat [domestic]" / "000 ü.png").write_bytes(b"broken")  # its warning names a path with brackets
     out = tmp_path / "[run 1]" / "s.zarr"
     result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data),
-                                 "-o", str(out), "--input-size", TINY_INPUT, "--workers", "0"])
+                                 "-o", str(out), "--input-size", TINY_INPUT, "--workers", "0", "--split", "all"])
     assert result.exit_code == 0, result.output
     # printed as is, not eaten as rich markup, and not wrapped
     assert f"skipped: cannot read image '{data / 'cat [domestic]' / '000 ü.png'}'" in result.output
@@ -383,7 +384,8 @@ def test_cli_error_before_any_work_is_one_line(tmp_path, image_folder):
 
 def test_cli_interrupt_then_shards_of_another_count_finish_the_store(tmp_path, image_folder, monkeypatch):
     args = ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(image_folder), "-o",
-            str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "--chunk-images", "2", "-q"]
+            str(tmp_path / "s.zarr"), "--input-size", TINY_INPUT, "--workers", "0", "--chunk-images", "2",
+            "--split", "all", "-q"]
     original = StoreWriter.write_unit
     calls = {"n": 0}
 
@@ -455,7 +457,8 @@ def test_cli_vit_store_keeps_prefix_tokens_and_rows_skip_them(tmp_path):
     data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2)
     out = tmp_path / "vit.zarr"
     result = runner.invoke(app, ["extract", "-m", "test_vit2", "--no-pretrained", "-l", "blocks.3", "-d", str(data),
-                                 "-o", str(out), "--input-size", "32,32", "--workers", "0", "-q", "--json"])
+                                 "-o", str(out), "--input-size", "32,32", "--workers", "0", "-q", "--json",
+                                 "--split", "all"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["summary"]["row_shape"] == [5, 64]  # 1 register token + 2x2 patches
     store = ActivationStore.open(out)
