@@ -288,7 +288,7 @@ def _extract_args(data: Path, out: Path) -> list[str]:
     from .conftest import TINY_INPUT, TINY_LAYER, TINY_MODEL
 
     return ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data), "-o", str(out),
-            "--input-size", TINY_INPUT, "--workers", "0", "--chunk-images", "4", "-q"]
+            "--input-size", TINY_INPUT, "--workers", "0", "--split", "all", "--chunk-images", "4", "-q"]
 
 
 def _chunks(store: Path) -> dict[str, bytes]:
