@@ -16,8 +16,6 @@ then os.replace). No pickle anywhere.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .._io import atomic_path, dumps
 from .. import __version__
 from ..errors import C2MFError
 
@@ -118,16 +117,10 @@ class ConceptDictionary:
         """Write one .safetensors file atomically (temporary file in the same folder, then os.replace)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {_META_KEY: json.dumps(self.meta, default=_json_default)}
+        header = {_META_KEY: dumps(self.meta)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
         return path
 
     @classmethod
@@ -202,13 +195,3 @@ def mismatch_message(d: "ConceptDictionary", label: str, store_info: Mapping[str
             "store of the same model weights and layer (or extract a store with the dictionary's model and layer)")
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (Path, torch.device)):
-        return str(obj)
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} into dictionary metadata")

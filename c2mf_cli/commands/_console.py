@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .._io import dumps
 from ..errors import C2MFError, UsageError
 from ..progress import Advance, no_progress
 
@@ -167,8 +167,8 @@ def _interval_from_env() -> float:
 
 
 def print_json(obj: Any) -> None:
-    """Machine-readable result on stdout (plain print: rich would wrap long lines)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Machine-readable result on stdout, strict JSON (plain print: rich would wrap long lines)."""
+    sys.stdout.write(dumps(obj, indent=2) + "\n")
     sys.stdout.flush()
 
 

@@ -227,7 +227,7 @@ def evaluate(
     check_output_dir(out_dir)
     from ..artifacts.dictionary import ConceptDictionary
     from ..artifacts.store import ActivationStore
-    from ..stages.evaluate import EvaluateConfig, evaluate as run_evaluate, json_safe
+    from ..stages.evaluate import EvaluateConfig, evaluate as run_evaluate
 
     config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed,
                             encode_class=tuple(e.strip() for e in encode_class.split(",") if e.strip()),
@@ -252,4 +252,4 @@ def evaluate(
             console.print(f"note: {note}", markup=False)
         console.print(f"results in {out_dir} ({result['time_s']:.1f} s)", markup=False)
     if json_out:
-        print_json(json_safe(result))  # strict JSON: a NaN metric (e.g. one concept) is null, as in the file
+        print_json(result)  # strict JSON: a NaN metric (e.g. one concept) is null, as in the file

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import write_json
 from .. import __version__
 from ..errors import C2MFError
 from ..progress import ProgressFn, no_progress
@@ -349,9 +350,7 @@ def _train_or_reuse(world: World, config: DemoConfig, out: Path, progress: Progr
     mcfg = ModelConfig(num_classes=len(world.classes), image_size=world.config.image_size)
     factory, ckpt = save_model(model, mcfg, mdir)
     meta = {"made_from": wanted, "model": mcfg.to_dict(), "result": result.to_dict()}
-    tmp = meta_path.with_name("train.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta)
     return factory, ckpt, result.to_dict()
 
 
@@ -502,9 +501,7 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
         "pictures": extras,
         "timings_s": timings,
     }
-    tmp = out / "demo.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "demo.json")
+    write_json(out / "demo.json", summary)
     report = Path(extras["report"]) if extras.get("report") else None
     return DemoResult(out=out, summary=summary, report=report)
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from .._io import atomic_path, write_json
 from ..errors import C2MFError
 
 ENCODING_TYPE = "c2mf-synthetic-world"
@@ -353,15 +354,13 @@ def render_image(
 
 def _write_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Like np.savez_compressed, but with fixed zip timestamps so equal arrays give equal bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for key, arr in arrays.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, buf.getvalue())
-    os.replace(tmp, path)
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -425,7 +424,5 @@ def generate(
             for r in records
         ],
     }
-    tmp = meta_path.with_name("world.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)  # world.json last: its presence marks the world complete
+    write_json(meta_path, meta, indent=1)  # world.json last: its presence marks the world complete
     return World.load(out)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_path, write_text
 from ..errors import C2MFError
 from .synthetic import World
 
@@ -208,15 +209,12 @@ def save_model(model: torch.nn.Module, config: ModelConfig, out_dir: str | os.Pa
     factory = out / "model.py"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"c2mf-demo-model": json.dumps(config.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, ckpt)
+    with atomic_path(ckpt) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     cfg = config.to_dict()
     cfg["channels"] = tuple(cfg["channels"])
     text = _FACTORY_TEMPLATE.format(file=factory.name, ckpt=ckpt.name, config=cfg)
-    tmp_py = factory.with_name(factory.name + ".tmp")
-    tmp_py.write_text(text)
-    os.replace(tmp_py, factory)
+    write_text(factory, text)
     return factory, ckpt
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from .._io import atomic_path, dumps
 from ..distributed import all_reduce_min, all_reduce_sum, broadcast, is_writer, share
 from ..errors import C2MFError
 from ..progress import ProgressFn
@@ -204,15 +203,8 @@ def _save_checkpoint(path: Path, done: list[GroupResult], current: GroupResult, 
                        "subsample": res.subsample})
     meta = {"encoding-type": CHECKPOINT_TYPE, "config": st.config, "source": fingerprint,
             "groups": groups, "passes": passes, "alpha": st.alpha}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"c2mf": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"c2mf": dumps(meta)})
 
 
 def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
 
+from .._io import atomic_path
 from ..errors import C2MFError  # noqa: E402
 from .geometry import InputGeometry, heatmap_to_original  # noqa: E402
 
@@ -365,15 +365,8 @@ def _concept_row(p: ConceptPanel, tile: Image.Image, peak: float, label: str, wi
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write a PIL image as PNG atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", compress_level=3)  # level 3: a fifth of level 6's time, ~10 % larger
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -466,14 +459,9 @@ def atlas_overview_figure(
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int | None = None) -> Path:
     """Write a figure as PNG atomically (temporary file, then rename) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

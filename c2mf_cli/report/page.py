@@ -21,11 +21,11 @@ import base64
 import html
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .._io import write_text
 from ..errors import C2MFError
 from .tables import (
     DASH,
@@ -761,12 +761,7 @@ def build_report(
         + "".join(f"<section id='{s.anchor}'><h2>{_esc(s.title)}</h2>{s.html}</section>" for s in sections)
         + f"<script>{_SCRIPT}</script></body></html>\n"
     )
-    path = out / "report.html"
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
+    return write_text(out / "report.html", page)
 
 
 def referenced_files(html_text: str) -> Iterable[str]:

@@ -9,15 +9,14 @@ by looking at these crops.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .._io import write_json
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
 from ..methods import encode, needs_class
@@ -230,10 +229,7 @@ def build_atlas(
         "concepts": concepts,
         "missing": [{"image": k, "error": v} for k, v in missing.items()],
     }
-    fd, tmp = tempfile.mkstemp(prefix=".atlas.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, out / "atlas.json")
+    write_json(out / "atlas.json", record)
     return record
 
 

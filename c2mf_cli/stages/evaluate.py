@@ -24,8 +24,6 @@ settings. The importance target c is the model's own prediction on the original 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
+from .._io import write_json
 from .. import __version__
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
@@ -806,28 +805,6 @@ def _dict_identity(d: DictionaryLike, label: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- output
 
 
-def json_safe(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return json_safe(obj.item())
-    return obj
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write evaluation.json and the PNG plots into out_dir (atomically); returns {what: path}."""
     from ..render import plots
@@ -862,7 +839,7 @@ def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
             plots.confidence_histograms(result["ood"]["histograms"], out / "confidence_histograms.png"))
     payload = dict(result, files={k: os.path.basename(v) for k, v in files.items()})
     path = out / "evaluation.json"
-    _atomic_write_text(path, json.dumps(json_safe(payload), indent=2))
+    write_json(path, payload)
     files["json"] = str(path)
     # a reused folder: drop plots of an earlier run that this one did not draw (e.g. no --crops this time), so the
     # folder (and `c2mf report`, which shows its PNGs) describes this run only

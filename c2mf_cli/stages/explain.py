@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._io import write_json
 from ..devices import resolve_device
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
@@ -534,13 +534,6 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         raise C2MFError(f"cannot read image {str(path)!r}: {e} (PIL's safety limit): downscale it first") from None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
 
 def _out_stems(paths: Sequence[Path]) -> list[str]:
     """File stems for the outputs, unique even when two images share a name, and never the batch summary's
@@ -604,7 +597,7 @@ def explain_images(
             out.mkdir(parents=True, exist_ok=True)  # only once an image succeeded: a batch that all fails writes nothing
             png = explainer.save_figure(image, {**record, "_arrays": arrays}, out / f"{stem}.png",
                                         title=_title(path), atlas=atlas)
-            _write_json(out / f"{stem}.json", record)
+            write_json(out / f"{stem}.json", record)
             done.append({"image": str(path), "png": png.name, "json": f"{stem}.json",
                          "prediction": record["prediction"], "explained": record["explained"],
                          "dictionary_class": record["dictionary"]["class"], "notes": record["notes"],
@@ -614,7 +607,7 @@ def explain_images(
     summary = {"out_dir": str(out), "explained": done, "failed": failed,
                "dictionary": explainer.dictionary.meta.get("method"), "config": explainer.config.to_dict()}
     if done:
-        _write_json(out / "explain.json", summary)
+        write_json(out / "explain.json", summary)
     return summary
 
 

@@ -1,0 +1,115 @@
+"""Atomic file writes and strict JSON: the one way c2mf publishes a file.
+
+A file is written under a temporary name in its own folder, flushed to disk (fsync), renamed over the target
+(os.replace: atomic on POSIX) and the folder is flushed too, so that the rename survives a power loss. A reader sees
+the old file or the new one, never half of one; a failure while writing leaves the old file and no temporary file.
+New files get the mode the umask allows (0644 under umask 022), like any other tool's output on a shared cluster
+(tempfile.mkstemp alone would make them 0600).
+
+JSON is strict: NaN and infinities become null (strict JSON has no NaN, and browsers' JSON.parse refuses it),
+numpy scalars become numbers, tuples lists, paths strings; anything else is refused rather than written as a repr.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import stat
+from contextlib import contextmanager
+from pathlib import Path, PurePath
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary path next to `path`; when the block ends without error, publish it as `path`.
+
+    For writers that want a file name (safetensors, matplotlib, zipfile). The temporary file exists (empty) when the
+    block starts; it is removed whatever happens.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 lets the kernel apply the umask, as open() does for any other file; the mode it got is
+    # set again after the writer, as some writers (safetensors) replace the file with one of mode 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically; returns the path."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
+    """Write `obj` as strict JSON (see `dumps`) to `path` atomically; returns the path."""
+    return write_text(path, dumps(obj, indent=indent) + "\n")
+
+
+def dumps(obj: Any, indent: int | None = None, sort_keys: bool = False) -> str:
+    """Strict JSON text of `obj`: NaN/inf are null, numpy scalars numbers; an unknown type raises TypeError."""
+    return json.dumps(jsonable(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def jsonable(obj: Any) -> Any:
+    """A copy of `obj` made of JSON types only: NaN/inf -> None, numpy scalars -> numbers, tuples -> lists,
+    sets -> sorted lists, paths -> str, dict keys -> str."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [jsonable(v) for v in sorted(obj)]
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise TypeError(f"cannot write a {type(obj).__name__} as JSON: {obj!r}")
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries, so that a rename in it is on disk. Not possible on Windows."""
+    if os.name != "posix":
+        return
+    try:
+        _fsync(folder, os.O_RDONLY)
+    except OSError as e:
+        # some network file systems do not support fsync on a folder; the rename itself is still atomic there
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
