@@ -212,7 +212,9 @@ def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any]
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("c2mf", "{}"))
-        tensors = load_file(str(path), device=str(device))
+        # copies: the loaded tensors sit at unaligned offsets of the file's buffer, where SIMD kernels take
+        # other paths and change the last bits; a resumed fit must follow the uninterrupted one exactly
+        tensors = {k: t.clone() for k, t in load_file(str(path), device=str(device)).items()}
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise C2MFError(f"cannot read checkpoint {path} ({e}): delete it and fit again without --resume") from None
     if meta.get("encoding-type") != CHECKPOINT_TYPE:
@@ -245,6 +247,8 @@ def _run_passes(source: RowSource, classes: list[int], res: GroupResult, st: Eng
             all_reduce_sum(stats.S, stats.R, stats.a2, stats.n)
         alpha = st.alpha_at(p)
         update(res.state, stats, class_weights(stats, st.weighting), alpha)
+        # the layout a checkpoint restores (a solver may return column-major W, whose products round differently)
+        res.state.update({name: t.contiguous() for name, t in res.state.items()})
         if not local:
             broadcast(res.state)  # ranks agree bit for bit, whatever their float rounding
         rec = objective(res.state, stats, st, alpha)
