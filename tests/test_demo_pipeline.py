@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from c2mf_cli.demo.pipeline import DemoConfig, gate_recovery, heatmap_recovery, planted_activations, run_demo
 from c2mf_cli.demo.synthetic import World, WorldConfig, generate
-from c2mf_cli.demo.train import TrainConfig
+from c2mf_cli.demo.train import TrainConfig, load_images, load_trained, normalize
 from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
 TINY_WORLD = WorldConfig(n_classes=3, n_primitives=4, images_per_class=6, test_per_class=4, seed=1)
@@ -93,7 +93,12 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert "ground-truth concept recovery" in result.output and "c2mf" in result.output
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert [r["method"] for r in summary["table"]] == ["c2mf", "craft", "pca"]
-    assert 0.0 <= summary["model"]["test_accuracy"] <= 1.0
+    # the reported accuracy is the saved model's, counted by hand on the world's test images
+    world = World.load(tmp_path / "demo" / "world")
+    with torch.no_grad():
+        pred = load_trained(summary["model"]["checkpoint"])(normalize(load_images(world.paths("test")))).argmax(1)
+    hits = int((pred == torch.as_tensor(world.labels("test"))).sum())
+    assert summary["model"]["test_accuracy"] == hits / len(world.paths("test"))
     evaluation = json.loads((tmp_path / "demo" / "evaluation" / "evaluation.json").read_text())
     rec = evaluation["recovery"]
     assert set(rec["heatmaps"]) == {"c2mf", "craft", "pca"}
@@ -102,9 +107,16 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert rec["planted_dictionary"]["nonnegative"][name]["mean"] is not None
         assert rec["planted_dictionary"]["signed"][name]["mean"] is not None
     assert "accuracy" in rec["gates"]["c2mf"]
-    # a re-run reuses the world, the model and the stores
-    again = run_demo(tmp_path / "demo", _tiny_config())
-    assert again.summary["model"]["checkpoint"] == summary["model"]["checkpoint"]
+    # a re-run reuses the world, the model and the stores: their files are not written again
+    kept = [tmp_path / "demo" / "world" / "world.json", Path(summary["model"]["checkpoint"]),
+            *sorted((tmp_path / "demo").glob("stores/*/zarr.json"))]
+    assert len(kept) > 2
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}
+    logged: list[str] = []
+    again = run_demo(tmp_path / "demo", _tiny_config(), log=logged.append)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == before
+    assert any("reusing the trained model" in m for m in logged)
+    assert again.summary["model"]["test_accuracy"] == summary["model"]["test_accuracy"]
 
 
 def test_demo_bad_device_is_one_clear_error(tmp_path: Path) -> None:

@@ -777,9 +777,6 @@ class ActivationStore:
         """Valid rows of class y (images in full mode, crops in crop mode)."""
         return int(self._valid(y).sum())
 
-    def class_attrs(self, y: int) -> dict[str, Any]:
-        return dict(self._group(y).attrs)
-
     def activations(self, y: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """float32 (n, *positions, c) of the valid rows of class y (optionally a subset of those)."""
         a = self._read(y, "activations")[self._valid(y)]

@@ -10,7 +10,7 @@ Everything goes under one output folder:
     OUT/explain/, OUT/atlas/   figures, when those library modules are present
     OUT/demo.json              the summary: accuracy, timings, recovery table, gate selection
 
-Ground-truth recovery (METHOD.md section 4 item 8), for each method:
+Ground-truth recovery (docs/metrics.md, "Planted recovery"; docs/demo.md), for each method:
 - heatmap IoU: codes of the test images upsampled to the image (bilinear; the demo model sees the 64 px image
   whole: crop_pct 1.0), thresholded at 50 % of each map's maximum (`metrics.recovery.binarize`), IoU with each
   primitive's mask. `per_class`: for every class that contains the primitive, the best concept of the

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -415,9 +414,3 @@ def in_memory(source: RowSource, classes: list[int], st: EngineSettings, device:
 def history_of(results: list[GroupResult], source: RowSource) -> list[dict[str, Any]]:
     return [{"classes": [source.classes[y] for y in r.classes], "passes": len(r.history),
              "converged": r.converged, "subsample": r.subsample, "loss": r.history} for r in results]
-
-
-def settings_dict(obj: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {k: (v if not isinstance(v, np.generic) else v.item()) for k, v in asdict(obj).items()}

@@ -1,6 +1,6 @@
 """C2MF: one signed dictionary W* shared by all classes, per-class gates sigma(lambda_y), codes U >= 0.
 
-Objective (METHOD.md section 2, with the scale fixed; docs/methods.md explains the choice):
+Objective (docs/methods.md, "C2MF and its scale degeneracy", which explains how the scale is fixed):
 
     min_{U>=0, ||W*_j||=1, g in (0,1)}  sum_y (1 / (n_y m)) (||A_y - U_y diag(g_y) W*||^2 + beta ||U_y||^2)
                                         + alpha sum_y ||g_y||_1

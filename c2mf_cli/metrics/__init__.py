@@ -1,4 +1,4 @@
-"""Metric families for concept dictionaries, one module each (METHOD.md section 4).
+"""Metric families for concept dictionaries, one module each (docs/metrics.md gives each formula).
 
 importance (Grad-CAM, Integrated Gradients on codes), insertion (concept insertion/deletion curves),
 similarity (|Pearson|, |cosine| between concepts), reconstruction (per-class accuracy, MSE, R^2),

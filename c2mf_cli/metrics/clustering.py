@@ -1,4 +1,4 @@
-"""The multi-class clustering ablation (METHOD.md section 4.6).
+"""The multi-class clustering ablation (docs/metrics.md, "Clustering ablation").
 
 CRAFT learns k concepts per class. To compare it with one dictionary shared by all classes, pool every class's
 concepts, cluster them into K groups with k-means, and keep, for each cluster, the concept nearest its centroid:

@@ -1,4 +1,4 @@
-"""Concept importance on the code map: Grad-CAM and Integrated Gradients (METHOD.md section 4.1).
+"""Concept importance on the code map: Grad-CAM and Integrated Gradients (docs/metrics.md, "Grad-CAM" and "Integrated Gradients").
 
 Notation: U (n, P, k) are the non-negative (or, for PCA, signed) codes of n images at P positions on k
 concepts; `head(U) -> logits (n, n_outputs)` is the rest of the network applied to the reconstruction

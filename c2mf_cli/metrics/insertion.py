@@ -1,4 +1,4 @@
-"""Concept-level insertion and deletion curves (Petsiuk et al. 2018, on concepts; METHOD.md section 4.2).
+"""Concept-level insertion and deletion curves (Petsiuk et al. 2018, on concepts; docs/metrics.md, "Insertion / deletion").
 
 Notation: U (n, P, k) codes, `head(U) -> logits`, c the target class of each image. Given a ranking of the k
 concepts per image (most important first), deletion sets the codes of the top-t concepts to zero for

@@ -1,4 +1,4 @@
-"""The OOD view of crops (METHOD.md section 4.7): are crops out of distribution for the model?
+"""The OOD view of crops (docs/metrics.md, "OOD view of crops"): are crops out of distribution for the model?
 
 Scores are max-softmax confidences; whole images are the in-distribution (positive) set, crops resized to the
 input size are the out-of-distribution set. A high AUROC says the model tells crops from whole images by its

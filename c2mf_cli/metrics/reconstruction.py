@@ -1,4 +1,5 @@
-"""Reconstruction metrics (METHOD.md sections 4.4, 4.5 and 4.8).
+"""Reconstruction metrics (docs/metrics.md: "Per-class reconstruction accuracy", "Consistency / fit",
+"Planted recovery").
 
 Notation: A (rows, c) activations, A_hat = U W their reconstruction. Per-class reconstruction accuracy feeds
 h(U W) and compares its prediction with the labels and with the model's own prediction on A. Consistency is

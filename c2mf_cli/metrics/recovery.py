@@ -1,4 +1,4 @@
-"""Concept recovery on planted ground truth (METHOD.md section 4.8; used by the demo).
+"""Concept recovery on planted ground truth (docs/metrics.md, "Planted recovery"; used by the demo).
 
 Three questions about a dictionary learned on data built from known concepts ("planted primitives"):
 1. Does it find the planted directions? Match learned rows to planted rows one to one (Hungarian algorithm on

@@ -1,4 +1,4 @@
-"""Concept similarity between dictionary rows (the paper's "sparsity"; METHOD.md section 4.3).
+"""Concept similarity between dictionary rows (the paper's "sparsity"; docs/metrics.md, "Similarity").
 
 Notation: W (k, c) is a dictionary, one concept per row. For every pair of concepts i < j we take
 |Pearson r| (cosine of the rows after removing each row's mean over channels) and |cosine|. Lower means more

@@ -1,4 +1,4 @@
-"""Evaluate concept dictionaries side by side with every metric of METHOD.md section 4.
+"""Evaluate concept dictionaries side by side with every metric of docs/metrics.md.
 
 Data flow: a train store and a held-out test store of the same model and layer (whole images), optionally a crop
 store, and one or more `ConceptDictionary` files. The model's tail h comes from splitting the store's model at its
@@ -14,7 +14,7 @@ alone (k = 0), the global train mean, and chance. Methods are compared image by 
 and shared dictionaries (k directions) are kept apart from per-class ones (k x classes directions).
 
 ViT stores: the rows are the patch tokens; the prefix (CLS) tokens are kept as stored and fed to h unchanged, so
-only the patch tokens are explained and reconstructed (METHOD.md: heatmaps use the patch tokens on their grid).
+only the patch tokens are explained and reconstructed (heatmaps use the patch tokens on their grid).
 
 Every metric is computed class by class (one read of each class per store) and pooled. The result is one dict
 (written as JSON by `write_results`, with PNG plots) holding every number, the inputs' fingerprints and the
@@ -458,7 +458,7 @@ def evaluate(
     tail: Callable[[torch.Tensor], torch.Tensor] | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Every metric of METHOD.md section 4 for each dictionary, side by side, with references; returns a dict.
+    """Every metric of docs/metrics.md for each dictionary, side by side, with references; returns a dict.
 
     names: one row label per dictionary (default "<method> k=<k>"). tail: h in the store layout (activations
     (m, *positions, c) -> logits), built from the store's model spec when not given (tests pass their own).

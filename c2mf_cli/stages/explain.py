@@ -1,4 +1,4 @@
-"""Explain one image with a concept dictionary (METHOD.md section 5).
+"""Explain one image with a concept dictionary (docs/explain.md).
 
 For an image x: A = g(x) at the dictionary's layer, codes U = encode(A) on the spatial grid (for c2mf with
 the gate of the explained class), the importance of every concept for the explained class c by Grad-CAM or
