@@ -230,7 +230,8 @@ def evaluate(
     """
     from .artifacts.dictionary import ConceptDictionary
     from .artifacts.store import ActivationStore
-    from .stages.evaluate import EvaluateConfig, evaluate as run, json_safe
+    from ._io import jsonable
+    from .stages.evaluate import EvaluateConfig, evaluate as run
 
     def store(s: Any) -> Any:
         return ActivationStore.open(s) if isinstance(s, (str, Path)) else s
@@ -246,4 +247,4 @@ def evaluate(
     result = run(store(train), store(test), dicts, store(crops) if crops is not None else None,
                  EvaluateConfig(**settings), progress, names=list(names) if names else None, device=device,
                  out_dir=Path(out_dir) if out_dir is not None else None)
-    return json_safe(result)
+    return jsonable(result)
