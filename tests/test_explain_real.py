@@ -21,7 +21,7 @@ def test_cub_bird_explained(tmp_path):
     from c2mf_cli.stages.explain import ExplainConfig, Explainer, explain_images
     from c2mf_cli.methods import get_method
     from c2mf_cli.inputs.models import ModelSpec, load_model, split_model
-    from c2mf_cli.render.figures import open_image
+    from c2mf_cli.inputs.images import read_image
     from c2mf_cli.artifacts.sources import ArraySource
 
     index = json.loads((DATA / "cub" / "class_index.json").read_text())["classes"]
@@ -35,7 +35,7 @@ def test_cub_bird_explained(tmp_path):
     for n in names:
         ps = sorted((DATA / "cub" / "images" / n).glob("*.jpg"))[:6]
         paths.append(ps)
-        x = torch.stack([lm.preprocess(open_image(p)) for p in ps])
+        x = torch.stack([lm.preprocess(read_image(p)) for p in ps])
         with torch.no_grad():
             a = split.to_store(split.g(x)).numpy()
         arrays.append(a.reshape(-1, a.shape[-1]))

@@ -283,33 +283,6 @@ def test_real_cub_store_with_class_index(tmp_path):
     assert (np.concatenate([store.activations(y) for y in range(78)]) < 0).any()  # the signed layer
 
 
-def test_read_image_handles_every_pil_mode(tmp_path):
-    from c2mf_cli.inputs.data import read_image
-
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    grey16 = rng.integers(0, 65536, (12, 16)).astype(np.uint16)
-    cases = {
-        "grey.png": Image.fromarray(rgb).convert("L"),
-        "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
-        "palette.png": Image.fromarray(rgb).convert("P"),
-        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
-        "bilevel.png": Image.fromarray(rgb).convert("1"),
-        "grey16.png": Image.fromarray(grey16),
-        "float.tif": Image.fromarray((grey16 / 65535.0).astype(np.float32)),
-        "one_pixel.png": Image.fromarray(rgb[:1, :1]),
-    }
-    for name, im in cases.items():
-        im.save(tmp_path / name)
-        out = read_image(str(tmp_path / name))
-        assert out.mode == "RGB" and out.size == im.size, name
-    # 16-bit and float data keep their brightness (PIL alone clips them to white and black)
-    expected = grey16 / 257.0
-    for name in ("grey16.png", "float.tif"):
-        got = np.asarray(read_image(str(tmp_path / name)))[..., 0].astype(float)
-        assert np.abs(got - expected).max() <= 1.0, name
-
-
 def test_bad_files_are_listed_not_lost(tmp_path):
     """Empty files, non-images with an image suffix, truncated JPEGs and broken symlinks are skipped and listed."""
     data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2)
@@ -478,7 +451,8 @@ def test_nhwc_model_crop_store_pools_over_positions(tmp_path):
     assert store.row_shape == (32,) and store.info["config"]["split_info"]["model_format"] == "NHWC"
     lm = load_model(ModelSpec("test_mambaout"), preprocess_overrides={"input_size": (3, 64, 64)})
     split = split_model(lm.model, "stages.1", (3, 64, 64))
-    from c2mf_cli.inputs.data import make_crops, read_image
+    from c2mf_cli.inputs.data import make_crops
+    from c2mf_cli.inputs.images import read_image
 
     x = lm.preprocess(read_image(store.paths(0)[0]))
     crops = make_crops(x, CropSpec(size=0.5, stride=1.0).boxes(64, 64))

@@ -211,3 +211,22 @@ def test_user_model_preprocessing_comes_from_its_pretrained_cfg():
     assert lm.preprocess.crop_pct == 0.875
     assert lm.preprocess.mean == (0.5, 0.5, 0.5)
     sys.modules.pop("models", None)
+
+
+def test_reopen_checks_the_weights_and_splits(tmp_path):
+    from c2mf_cli.inputs.models import WeightsMismatch, reopen
+
+    name = _user_model_file(tmp_path)
+    ckpt = tmp_path / "w.pth"
+    torch.save(load_model(ModelSpec(name), seed=3).model.state_dict(), ckpt)
+    spec = ModelSpec(name, checkpoint=str(ckpt))
+    recorded = load_model(spec).weights_sha256
+    opened = reopen(spec, "features", recorded)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(opened.split.h(opened.split.g(x)), opened.loaded.model(x))
+    assert opened.warnings == []
+    with pytest.raises(WeightsMismatch, match=r"not those the store was made with \(0000000000"):
+        reopen(spec, "features", "0" * 64)
+    chosen = reopen(spec, "features", "0" * 64, allow_other_weights=True)
+    assert chosen.warnings and "not those the store was made with" in chosen.warnings[0]

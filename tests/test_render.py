@@ -15,7 +15,6 @@ from c2mf_cli.render.figures import (
     atlas_concept_figure,
     atlas_overview_figure,
     explanation_figure,
-    open_image,
     save_figure,
     save_png,
 )
@@ -150,17 +149,6 @@ def test_cell_box_is_inside_and_constant_size():
     l, t, r, b = geo.cell_box((3, 3), (7, 7), window=1.0)
     cy, cx = geo.input_to_original(np.array([3.5 * 32, 3.5 * 32]))
     assert abs((l + r) / 2 - cx) <= 1 and abs((t + b) / 2 - cy) <= 1
-
-
-def test_open_image_errors(tmp_path):
-    with pytest.raises(C2MFError, match="does not exist"):
-        open_image(tmp_path / "nope.jpg")
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"not an image")
-    with pytest.raises(C2MFError, match="cannot read image"):
-        open_image(bad)
-    Image.new("L", (5, 7)).save(tmp_path / "g.png")
-    assert open_image(tmp_path / "g.png").mode == "RGB"
 
 
 def _panels(n: int, signed: bool = False) -> list[ConceptPanel]:

@@ -45,7 +45,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import C2MFError
-from ..inputs.models import ModelSpec, Preprocess
+from ..inputs.models.spec import ModelSpec, Preprocess
 from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-activations"

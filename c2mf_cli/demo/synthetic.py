@@ -33,6 +33,7 @@ from PIL import Image
 
 from .._io import atomic_path, write_json
 from ..errors import C2MFError
+from ..inputs.images import read_image
 
 ENCODING_TYPE = "c2mf-synthetic-world"
 ENCODING_VERSION = 1
@@ -177,8 +178,7 @@ class World:
 
     def image_array(self, split: str, i: int) -> np.ndarray:
         """uint8 (H, W, 3) of the i-th image of a split."""
-        with Image.open(self.paths(split)[i]) as im:
-            return np.asarray(im.convert("RGB"))
+        return np.asarray(read_image(self.paths(split)[i]))
 
     def class_matrix(self) -> np.ndarray:
         """bool (n_classes, n_primitives): which primitives define each class."""

@@ -22,11 +22,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .._io import atomic_path, write_text
 from ..errors import C2MFError
+from ..inputs.images import read_image
 from .synthetic import World
 
 ARCH = "resnet10t"
@@ -108,8 +108,7 @@ def load_images(paths: list[Path]) -> torch.Tensor:
     """uint8 (n, 3, H, W) tensor of the images."""
     arrs = []
     for p in paths:
-        with Image.open(p) as im:
-            arrs.append(np.asarray(im.convert("RGB")))
+        arrs.append(np.asarray(read_image(p)))
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 

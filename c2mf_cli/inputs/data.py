@@ -18,7 +18,6 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import C2MFError, UsageError
 from .class_check import IDENTITY
@@ -176,23 +175,6 @@ def load_class_index(path: str | Path) -> dict[str, int]:
     return out
 
 
-def class_labels(path: str | Path) -> dict[str, str]:
-    """Optional human-readable labels from a class index file (CUB's `model_label`, Keras' names)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if isinstance(data, dict) and isinstance(data.get("classes"), dict):
-        data = data["classes"]
-    out = {}
-    for key, value in data.items() if isinstance(data, dict) else []:
-        if isinstance(value, dict) and "model_label" in value:
-            out[key] = str(value["model_label"])
-        elif isinstance(value, list) and len(value) > 1:
-            out[str(value[0])] = str(value[1])
-    return out
-
-
 def resolve_dataset(
     spec: DatasetSpec, num_outputs: int | None = None, *, log: Callable[[str], None] | None = None
 ) -> list[Item]:
@@ -280,32 +262,6 @@ def _seeded_split(paths: list[str], split: Split, fraction: float, seed: int, cl
     test = set(order[:n_test].tolist())
     keep = [p for i, p in enumerate(paths) if (i in test) == (split == "test")]
     return keep
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float grey images as 8-bit "L".
-
-    PIL's own convert("RGB") clips them at 255, so a 16-bit PNG came out white and a float TIFF in [0, 1] black.
-    16-bit data is scaled by 1/257; 32-bit integers likewise when they exceed 255; floats in [0, 1] by 255.
-    """
-    a = np.asarray(im, dtype=np.float64)
-    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() > 255):
-        a = a / 257.0
-    elif im.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
-        a = a * 255.0
-    return Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), mode="L")
-
-
-def read_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; raises C2MFError naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I") or im.mode == "F":
-                return _to_8bit(im).convert("RGB")
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise C2MFError(f"cannot read image {path!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

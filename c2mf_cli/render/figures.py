@@ -40,19 +40,6 @@ PANEL_FLOOR = 0.1
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file as RGB, or fail with one clear error naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise C2MFError(f"image {str(p)!r} does not exist: check the path")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise C2MFError(f"cannot read image {str(p)!r} ({e}): give a JPEG, PNG or other file PIL can open") from None
-
-
 def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))

@@ -20,7 +20,7 @@ from .._io import write_json
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
 from ..methods import encode, needs_class
-from .explain import read_image
+from ..inputs.images import read_image
 from ..render.figures import (
     atlas_concept_figure,
     atlas_overview_figure,

@@ -26,8 +26,9 @@ from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
 from ..methods import decode, encode, gates, needs_class
 from ..metrics.importance import gradcam, integrated_gradients
-from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
-from ..render.figures import ConceptPanel, explanation_figure, open_image, save_png
+from ..inputs.images import read_image
+from ..inputs.models import CannotSplit, LoadedModel, ModelSpec, Preprocess, Split, WeightsMismatch, reopen
+from ..render.figures import ConceptPanel, explanation_figure, save_png
 from ..render.geometry import geometry_for
 
 ImportanceMethod = Literal["gradcam", "ig"]
@@ -213,19 +214,35 @@ class Explainer:
         layer = cfg.get("layer")
         if not layer:
             raise C2MFError("the dictionary does not record the layer it was fitted on: refit it from a c2mf store")
+        recorded_ckpt = recorded.get("checkpoint") if not recorded.get("pretrained") else None
+        # without --checkpoint the recorded weights are used, even with --model: their hash then says if they fit
         spec = ModelSpec(
             name=model or recorded["name"],
-            checkpoint=checkpoint if checkpoint is not None else (None if model else recorded.get("checkpoint")),
+            checkpoint=checkpoint if checkpoint is not None else recorded_ckpt,
             pretrained=bool(recorded.get("pretrained", False)) if model is None else False,
         )
-        warnings: list[str] = []
+        want = recorded.get("weights_sha256")
+        if checkpoint is None and recorded_ckpt and not Path(recorded_ckpt).expanduser().is_file():
+            raise C2MFError(f"the checkpoint the dictionary was fitted with, {recorded_ckpt!r}, is missing: give "
+                            f"--checkpoint PATH (the weights with sha256 {str(want)[:12]}...)")
         if model is None and checkpoint is None:
             way_out = ("if the model's file moved, give --checkpoint NEW_PATH (and --model for a factory file, "
                        "path/file.py:factory, that moved)")
         else:
             way_out = "check --model/--checkpoint"
+        recorded_pre = Preprocess.from_dict(cfg["preprocess"]) if cfg.get("preprocess") else None
         try:
-            loaded = load_model(spec)
+            opened = reopen(spec, layer, want, input_size=recorded_pre.input_size if recorded_pre else None,
+                            what="the dictionary", allow_other_weights=checkpoint is not None,
+                            hint="the checkpoint file changed; give --checkpoint to use these weights anyway")
+        except (WeightsMismatch, UsageError):
+            raise
+        except CannotSplit as e:
+            if model is None:
+                raise C2MFError(str(e)) from None
+            raise C2MFError(f"the dictionary was fitted at layer {layer!r}, which --model {model!r} cannot be split "
+                            f"at ({str(e).rstrip('. ')}): --model must name the architecture the dictionary was "
+                            "fitted on") from None
         except C2MFError as e:
             raise C2MFError(f"cannot load the dictionary's model {spec.name!r}: {str(e).rstrip('. ')}; "
                             f"{way_out}") from None
@@ -233,22 +250,8 @@ class Explainer:
             raise C2MFError(
                 f"cannot load the dictionary's model {spec.name!r} ({type(e).__name__}: {e}); {way_out}"
             ) from None
-        want = recorded.get("weights_sha256")
-        if want and loaded.weights_sha256 != want:
-            msg = (f"the weights loaded ({loaded.weights_sha256[:12]}) are not those the dictionary was fitted "
-                   f"on ({str(want)[:12]})")
-            if model is None and checkpoint is None:
-                raise C2MFError(msg + ": the checkpoint file changed; give --checkpoint to use these weights anyway")
-            warnings.append(msg)
-        preprocess = Preprocess.from_dict(cfg["preprocess"]) if cfg.get("preprocess") else loaded.preprocess
-        try:
-            split = split_model(loaded.model, layer, preprocess.input_size)
-        except C2MFError as e:
-            if model is None:
-                raise
-            raise C2MFError(f"the dictionary was fitted at layer {layer!r}, which --model {model!r} cannot be split "
-                            f"at ({str(e).rstrip('. ')}): --model must name the architecture the dictionary was "
-                            "fitted on") from None
+        loaded, split, warnings = opened.loaded, opened.split, opened.warnings
+        preprocess = recorded_pre or loaded.preprocess
         if split.layout == "vector":
             raise C2MFError(f"layer {layer!r} has no spatial grid: explain needs a CNN map or ViT tokens")
         if split.channels != d.n_features:
@@ -525,13 +528,6 @@ def describe(record: dict[str, Any]) -> list[str]:
         lines.append(f"drawn: concepts whose |importance| is at least {share:.0%} of the largest")
     return lines
 
-
-def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """`render.open_image`, with PIL's decompression-bomb refusal (> ~179 megapixels) as a C2MFError too."""
-    try:
-        return open_image(path)
-    except Image.DecompressionBombError as e:
-        raise C2MFError(f"cannot read image {str(path)!r}: {e} (PIL's safety limit): downscale it first") from None
 
 
 

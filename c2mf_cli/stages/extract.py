@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
 from ..inputs.class_check import IDENTITY, check_class_count, check_label_agreement
-from ..inputs.data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, read_image, resolve_dataset
+from ..inputs.data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, resolve_dataset
+from ..inputs.images import read_image
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
 from ..inputs.models import LoadedModel, ModelSpec, Preprocess, Split, load_model, split_model
