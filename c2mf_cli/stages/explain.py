@@ -223,8 +223,9 @@ class Explainer:
         )
         want = recorded.get("weights_sha256")
         if checkpoint is None and recorded_ckpt and not Path(recorded_ckpt).expanduser().is_file():
-            raise C2MFError(f"the checkpoint the dictionary was fitted with, {recorded_ckpt!r}, is missing: give "
-                            f"--checkpoint PATH (the weights with sha256 {str(want)[:12]}...)")
+            raise C2MFError(f"the checkpoint the dictionary was fitted with, {recorded_ckpt!r}, is missing: if it "
+                            f"moved, give --checkpoint NEW_PATH (weights sha256 {str(want)[:12]}...), and --model for "
+                            "a factory file (path/file.py:factory) that moved")
         if model is None and checkpoint is None:
             way_out = ("if the model's file moved, give --checkpoint NEW_PATH (and --model for a factory file, "
                        "path/file.py:factory, that moved)")

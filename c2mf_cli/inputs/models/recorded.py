@@ -63,14 +63,15 @@ def reopen(
         C2MFError: the model cannot be loaded.
     """
     loaded = load_model(spec)
+    # the split first: when another architecture was named, that is the cause to report, not its other weights
+    try:
+        split = split_model(loaded.model, layer, input_size or loaded.preprocess.input_size, verify=True)
+    except C2MFError as e:
+        raise CannotSplit(str(e)) from None
     warnings: list[str] = []
     if expected_sha256 and loaded.weights_sha256 != expected_sha256:
         mismatch = WeightsMismatch(loaded.weights_sha256, expected_sha256, what, hint)
         if not allow_other_weights:
             raise mismatch
         warnings.append(mismatch.fact)
-    try:
-        split = split_model(loaded.model, layer, input_size or loaded.preprocess.input_size, verify=True)
-    except C2MFError as e:
-        raise CannotSplit(str(e)) from None
     return Reopened(loaded, split, warnings)
