@@ -45,7 +45,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import C2MFError
-from ..inputs.models.spec import ModelSpec, Preprocess
+from ..inputs.models.spec import ModelSpec, Preprocess, row_layout
 from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-activations"
@@ -818,7 +818,7 @@ class ActivationStore:
             "weights_sha256": cfg["model"]["weights_sha256"][:16],
             "layer": self.layer,
             "mode": self.mode,
-            "layout": self.layout,
+            "row_layout": row_layout(self.layout, self.mode, self.num_prefix_tokens),
             "row_shape": list(self.row_shape),
             "dtype": cfg["dtype"],
             "split": cfg["data"]["split"],

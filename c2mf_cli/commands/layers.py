@@ -46,8 +46,7 @@ def layers(
     for col in ("layer", "type", "output (one image)", "role", "split"):
         table.add_column(col)
     for i in shown:
-        split = {True: "exact", False: "no", None: ""}[i.splits]
-        table.add_row(i.name, i.type, "x".join(map(str, i.shape)) if i.shape else "-", i.role, split)
+        table.add_row(i.name, i.type, "x".join(map(str, i.shape)) if i.shape else "-", i.role, i.split_text)
     out.print(table)
     if not all_layers:
         err.print(f"{len(shown)} useful of {len(infos)} layers; --all lists every module")

@@ -349,6 +349,8 @@ def extract(
             f"{lm.preprocess.to_dict()} (override with --input-size/--mean/--std/--crop-pct)"
         )
     split = split_model(lm.model, cfg.layer, lm.preprocess.input_size)
+    for note in split.notes:  # an inferred token grid, a split by torch.export or hooks: said, and recorded
+        log(note)
     with torch.no_grad():
         n_outputs = int(split.h(split.g(torch.zeros(1, *lm.preprocess.input_size))).shape[-1])
     items = resolve_dataset(cfg.data, num_outputs=n_outputs, log=log)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import C2MFError
-from .split import module_names, split_model
+from .split import SPLIT_METHODS, module_names, split_model
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,17 @@ class LayerInfo:
     useful: bool
     role: str  # "stage", "block", "final", or ""
     splits: bool | None  # whether f = h o g holds there (checked for the useful candidates only)
+    split_method: str | None = None  # "fx", "export" or "hooks" where it splits
+    split_note: str = ""  # why it does not split, or why it was not checked
+
+    @property
+    def split_text(self) -> str:
+        """The split column of `c2mf layers`: exact (and how), or no / not checked with the reason."""
+        if self.splits:
+            return "exact" if self.split_method == "fx" else f"exact ({SPLIT_METHODS.get(self.split_method or '', '')})"
+        if self.splits is False:
+            return f"no: {self.split_note}"
+        return f"not checked: {self.split_note}" if self.split_note else ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -31,7 +42,15 @@ class LayerInfo:
 _BLOCK = re.compile(r"^(?:.*\.)?blocks\.\d+$")
 
 
-def _candidate_roles(model: nn.Module, names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+def _is_block_list(m: nn.Module) -> bool:
+    """A ModuleList / Sequential of at least two composite modules of one type: transformer or residual blocks."""
+    kids = list(m.children()) if isinstance(m, (nn.Sequential, nn.ModuleList)) else []
+    return len(kids) >= 2 and len({type(k) for k in kids}) == 1 and any(True for _ in kids[0].children())
+
+
+def _candidate_roles(
+    model: nn.Module, names: list[str], shapes: dict[str, tuple[int, ...]], features_shape: tuple[int, ...] | None
+) -> dict[str, str]:
     roles: dict[str, str] = {}
     feature_info = getattr(model, "feature_info", None) or []
     for info in feature_info:
@@ -41,7 +60,9 @@ def _candidate_roles(model: nn.Module, names: list[str], shapes: dict[str, tuple
     for n in names:
         if _BLOCK.match(n) and n.count(".") == 1 and n in shapes:
             roles.setdefault(n, "block")
-    if not feature_info:  # a user model: children of the root and of its top-level Sequentials / ModuleLists
+    if not feature_info:
+        # a user model: children of the root and of its top-level Sequentials / ModuleLists, and the blocks of
+        # any list of blocks at any depth (`transformer.layers.N`, `encoder.layers.N` of nn.TransformerEncoder)
         for n, m in model.named_children():
             if n in shapes and len(shapes[n]) in (2, 3):
                 roles.setdefault(n, "stage")
@@ -50,14 +71,20 @@ def _candidate_roles(model: nn.Module, names: list[str], shapes: dict[str, tuple
                     full = f"{n}.{cn}"
                     if full in shapes and len(shapes[full]) in (2, 3):
                         roles.setdefault(full, "block")
-    final = _final_feature_module(model, shapes, roles)
+        for n, m in model.named_modules():
+            if n and _is_block_list(m):
+                for cn, _ in m.named_children():
+                    full = f"{n}.{cn}"
+                    if full in shapes and len(shapes[full]) in (2, 3):
+                        roles.setdefault(full, "block")
+    final = _final_feature_module(shapes, roles, features_shape)
     if final is not None:
         roles[final] = "final"
     return roles
 
 
 def _final_feature_module(
-    model: nn.Module, shapes: dict[str, tuple[int, ...]], roles: dict[str, str]
+    shapes: dict[str, tuple[int, ...]], roles: dict[str, str], target: tuple[int, ...] | None
 ) -> str | None:
     """The module whose output is the final feature map (what the head pools), in order of execution.
 
@@ -65,7 +92,6 @@ def _final_feature_module(
     the last candidate producing a spatial map larger than 1x1.
     """
     executed = list(shapes)
-    target = getattr(model, "_c2mf_features_shape", None)
     if target is not None:
         hits = [n for n in executed if shapes[n] == target]
         # prefer the outermost module among those that output the final map last
@@ -105,23 +131,29 @@ def list_layers(model: nn.Module, input_size: tuple[int, int, int], *, check_spl
     finally:
         for hk in hooks:
             hk.remove()
-    model._c2mf_features_shape = features_shape  # type: ignore[attr-defined]
-    try:
-        roles = _candidate_roles(model, names, shapes)
-    finally:
-        del model._c2mf_features_shape
+    roles = _candidate_roles(model, names, shapes, features_shape)
     result = []
     modules = dict(model.named_modules())
+    cache: dict[str, Any] = {}  # torch.export, when needed, captures the forward once for every layer
     for n in names:
         role = roles.get(n, "")
-        splits = None
+        splits, method, note = None, None, ""
         if role and check_splits:
             try:
-                split_model(model, n, input_size, verify=True)
+                method = split_model(model, n, input_size, verify=True, cache=cache).method
                 splits = True
-            except C2MFError:
-                splits = False
-        result.append(
-            LayerInfo(n, type(modules[n]).__name__, shapes.get(n), bool(role) and splits is not False, role, splits)
-        )
+            except C2MFError as e:
+                splits, note = False, _reason(str(e), n)
+        elif role:
+            note = "not asked (check_splits=False)"
+        result.append(LayerInfo(n, type(modules[n]).__name__, shapes.get(n), bool(role) and splits is not False,
+                                role, splits, method, note))
     return result
+
+
+def _reason(message: str, layer: str) -> str:
+    """The why of a split error, without the words every such error repeats."""
+    for prefix in (f"cannot split the model at {layer!r}: ", f"splitting at {layer!r} is "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    return message.split(". See `c2mf layers`")[0].rstrip(".")

@@ -18,7 +18,19 @@ if TYPE_CHECKING:
     import torch
 
 # How a layer's output maps to a store's rows: a spatial map (stored h, w, c), tokens (T, c) or a vector (c,).
+# "nchw" names the kind of output (any spatial map), not the order of a stored row: see `row_layout`.
 Layout = Literal["nchw", "tokens", "vector"]
+
+
+def row_layout(layout: str, mode: str = "full", num_prefix_tokens: int = 0) -> str:
+    """What one stored row holds, axis by axis, in words (what `c2mf info` shows)."""
+    if mode == "crops":
+        return "one crop's map averaged over positions: (c)"
+    if layout == "nchw":
+        return "spatial map, channels last: (h, w, c)"
+    if layout == "tokens":
+        return f"tokens: (tokens, c), the {num_prefix_tokens} prefix token(s) first, then the patch grid row by row"
+    return "vector: (c)"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
