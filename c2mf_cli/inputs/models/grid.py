@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -86,9 +87,13 @@ def token_grid(
     layer: str,
     tokens: int,
     input_size: tuple[int, int, int],
-    patch: tuple[str, tuple[int, int], tuple[int, int]] | None,
+    patch: Callable[[], tuple[str, tuple[int, int], tuple[int, int]] | None],
 ) -> TokenGrid:
-    """The prefix tokens and patch grid of `tokens` tokens at `layer`; C2MFError when they cannot be told."""
+    """The prefix tokens and patch grid of `tokens` tokens at `layer`; C2MFError when they cannot be told.
+
+    `patch` gives the patch embedding's grid (`patch_grid`); it runs the model, so only when the model declares
+    no grid that fits.
+    """
     height, width = int(input_size[1]), int(input_size[2])
     prefix = _declared_prefix(model)
     grid = _declared_grid(model)
@@ -97,8 +102,9 @@ def token_grid(
         if 0 <= p <= max(MAX_PREFIX_TOKENS, prefix or 0):
             return TokenGrid(grid, p, "declared", f"token grid: {grid[0]} x {grid[1]} patches after {p} prefix "
                              "token(s), as the model declares (patch_embed.grid_size)")
-    if patch is not None:
-        name, (gh, gw), stride = patch
+    found = patch()
+    if found is not None:
+        name, (gh, gw), stride = found
         p = tokens - gh * gw
         if 0 <= p <= MAX_PREFIX_TOKENS and (prefix is None or prefix == p):
             return TokenGrid((gh, gw), p, "patch embedding",

@@ -426,7 +426,7 @@ def split_model(
             grid, channels, prefix = (int(a.shape[2]), int(a.shape[3])), int(a.shape[1]), 0
     elif a.ndim == 3:
         layout = "tokens"
-        tg = token_grid(model, layer, int(a.shape[1]), tuple(input_size), patch_grid(model, x[:1]))
+        tg = token_grid(model, layer, int(a.shape[1]), tuple(input_size), lambda: patch_grid(model, x[:1]))
         grid, prefix, channels, grid_source = tg.grid, tg.num_prefix_tokens, int(a.shape[2]), tg.source
         if tg.source != "declared":
             notes.append(tg.note)
