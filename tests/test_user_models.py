@@ -188,7 +188,7 @@ def test_explain_with_model_and_no_checkpoint_uses_the_recorded_weights(tmp_path
     torch.manual_seed(5)
     torch.save({k: torch.randn_like(v) * 0.1 if v.is_floating_point() else v for k, v in weights.items()}, ckpt)
     r = _run("extract", "-m", f"{FACTORY}:create", "-c", ckpt, "-l", "transformer.layers.2", "-d", data, "-o",
-             tmp_path / "s.zarr", "--workers", "0", "--device", "cpu", "-q")
+             tmp_path / "s.zarr", "--workers", "0", "--device", "cpu", "-q", "--class-index", "identity")
     assert r.exit_code == 0, r.output
     d = tmp_path / "d.safetensors"
     r = _run("factorize", tmp_path / "s.zarr", "--method", "pca", "--concepts", 2, "--device", "cpu", "--quiet",

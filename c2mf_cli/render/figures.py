@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # never open a window; figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .._io import atomic_path
 from ..errors import C2MFError  # noqa: E402
