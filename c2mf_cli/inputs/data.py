@@ -175,6 +175,23 @@ def load_class_index(path: str | Path) -> dict[str, int]:
     return out
 
 
+def class_labels(path: str | Path) -> dict[str, str]:
+    """Optional human-readable labels from a class index file (CUB's `model_label`, Keras' names)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("classes"), dict):
+        data = data["classes"]
+    out = {}
+    for key, value in data.items() if isinstance(data, dict) else []:
+        if isinstance(value, dict) and "model_label" in value:
+            out[key] = str(value["model_label"])
+        elif isinstance(value, list) and len(value) > 1:
+            out[str(value[0])] = str(value[1])
+    return out
+
+
 def resolve_dataset(
     spec: DatasetSpec, num_outputs: int | None = None, *, log: Callable[[str], None] | None = None
 ) -> list[Item]:
