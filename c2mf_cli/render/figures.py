@@ -25,7 +25,6 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .._io import atomic_path
-from ..errors import C2MFError  # noqa: E402
 from .geometry import InputGeometry, heatmap_to_original  # noqa: E402
 
 #: One colormap for every heatmap c2mf draws (non-negative codes), and one for signed codes (PCA).
