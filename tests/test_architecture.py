@@ -7,6 +7,7 @@ modules of its own rank or lower. Lazy imports inside functions count too: they 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "c2mf_cli"
@@ -135,3 +136,39 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     finally:
         fake.unlink()
     assert text == src.read_text()
+
+
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def _documented_files() -> set[str]:
+    """The .py files the tree in docs/architecture.md draws, as paths relative to the repository root."""
+    text = DOC.read_text()
+    block = text[text.index("```\nc2mf_cli/") + 4:]
+    block = block[: block.index("```")]
+    found: set[str] = set()
+    folders: list[tuple[int, str]] = []  # (indent, folder path)
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        first = line.split()[0]
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        parent = folders[-1][1] if folders else ""
+        if first.endswith("/"):
+            here = parent + first
+            folders.append((indent, here))
+        else:
+            here = parent
+        for name in re.findall(r"\b[\w]+\.py\b", line):
+            found.add(here + name)
+    return found
+
+
+def test_the_tree_in_docs_architecture_is_true():
+    actual = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+              if p.name != "__init__.py" or p.parent == PACKAGE}
+    drawn = _documented_files()
+    assert drawn == actual, (f"docs/architecture.md draws files that do not exist: {sorted(drawn - actual)}; "
+                             f"and misses: {sorted(actual - drawn)}")
