@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from c2mf_cli.artifacts.dictionary import ENCODING_VERSION, ConceptDictionary
+from c2mf_cli.artifacts.dictionary import ENCODING_VERSION, ConceptDictionary, tensors_sha256, verify
 from c2mf_cli.errors import C2MFError
 from c2mf_cli.methods import basis, check_dictionary, concepts_used, decode, encode, needs_class
 
@@ -123,7 +123,7 @@ def test_load_refuses_wrong_type_newer_version_and_garbage(tmp_path: Path):
     meta = dict(d.meta)
     meta["encoding-version"] = ENCODING_VERSION + 1
     save_file(tensors, str(tmp_path / "newer.safetensors"), metadata={"c2mf": json.dumps(meta)})
-    with pytest.raises(C2MFError, match="reads up to 1: upgrade c2mf or refit"):
+    with pytest.raises(C2MFError, match=f"reads up to {ENCODING_VERSION}: upgrade c2mf or refit"):
         ConceptDictionary.load(tmp_path / "newer.safetensors")
     meta["encoding-version"], meta["encoding-type"] = ENCODING_VERSION, "something-else"
     save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"c2mf": json.dumps(meta)})
@@ -181,3 +181,45 @@ def test_check_compatible_refuses_other_weights_layer_or_width():
         d.check_compatible(_store_info(layer="layer3"))
     with pytest.raises(C2MFError, match="channels 6, the store has 12"):
         d.check_compatible(_store_info(row_shape=[7, 7, 12]))
+
+
+def _rewrite(tmp_path: Path, name: str, tensors: dict, meta: dict, checksum: bool = True) -> Path:
+    """A dictionary file edited by hand; with `checksum`, its sha256 recomputed as a careful forger would."""
+    meta = dict(meta)
+    if checksum:
+        meta["tensors_sha256"] = tensors_sha256(tensors)
+    save_file(tensors, str(tmp_path / name), metadata={"c2mf": json.dumps(meta)})
+    return tmp_path / name
+
+
+def test_load_refuses_damaged_or_edited_tensors(tmp_path: Path):
+    d = _c2mf_dict()
+    path = d.save(tmp_path / "d.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # one flipped bit in the last tensor's data
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(C2MFError, match=r"flipped.safetensors: its tensors do not match the sha256"):
+        ConceptDictionary.load(tmp_path / "flipped.safetensors")
+    tensors, meta = load_file(str(path)), dict(d.meta)
+    with pytest.raises(C2MFError, match="tensor 'W' is int32, a dictionary holds float32 only"):
+        ConceptDictionary.load(_rewrite(tmp_path, "int.safetensors", {**tensors, "W": tensors["W"].to(torch.int32)},
+                                        meta))
+    nan_w = tensors["W"].clone()
+    nan_w[0, 0] = float("nan")
+    with pytest.raises(C2MFError, match="tensor 'W' holds 1 NaN or infinite value"):
+        ConceptDictionary.load(_rewrite(tmp_path, "nan.safetensors", {**tensors, "W": nan_w}, meta))
+    inf_gates = tensors["gates"].clone()
+    inf_gates[1, 2] = float("inf")
+    with pytest.raises(C2MFError, match="tensor 'gates' holds 1 NaN or infinite"):
+        ConceptDictionary.load(_rewrite(tmp_path, "inf.safetensors", {**tensors, "gates": inf_gates}, meta))
+    with pytest.raises(C2MFError, match="do not match the sha256"):  # gates removed, checksum left as it was
+        ConceptDictionary.load(_rewrite(tmp_path, "nogates.safetensors", {"W": tensors["W"]}, meta, checksum=False))
+    old = {k: v for k, v in meta.items() if k != "tensors_sha256"}
+    old["encoding-version"] = 1
+    with pytest.raises(C2MFError, match="older c2mf .* without a checksum of its tensors: refit it"):
+        ConceptDictionary.load(_rewrite(tmp_path, "v1.safetensors", tensors, old, checksum=False))
+    assert ConceptDictionary.load(path).meta["tensors_sha256"] == tensors_sha256(d.tensors)
+    report = verify(path)
+    assert report["ok"] and report["method"] == "c2mf" and report["tensors"] == ["W", "gates"]
+    with pytest.raises(C2MFError, match="flipped.safetensors: its tensors do not match"):
+        verify(tmp_path / "flipped.safetensors")

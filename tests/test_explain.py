@@ -122,7 +122,7 @@ def world(tmp_path_factory):
     d = method.fit(source, method.make_config(concepts=3, shared=True, iterations=100), device=torch.device("cpu"))
     dict_path = d.save(root / "dict.safetensors")
     return {"root": root, "paths": paths, "masks": masks, "store": store, "dict": d, "dict_path": dict_path,
-            "lm": lm, "split": split}
+            "lm": lm, "split": split, "model": spec.name}
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -137,7 +137,7 @@ def test_top_concept_heatmap_lands_on_the_pattern(world):
     Ignoring the preprocessing geometry (stretching the grid over the whole 80x60 image instead of the central
     60x60 crop) scores lower on average.
     """
-    ex = Explainer.create(world["dict_path"], ExplainConfig(top=2), device="cpu")
+    ex = Explainer.create(world["dict_path"], model=world["model"], config=ExplainConfig(top=2), device="cpu")
     ious, naive = [], []
     for p in world["paths"][1]:
         im = Image.open(p).convert("RGB")
@@ -156,7 +156,7 @@ def test_top_concept_heatmap_lands_on_the_pattern(world):
 
 
 def test_json_numbers_match_library(world):
-    ex = Explainer.create(world["dict_path"], ExplainConfig(top=3), device="cpu")
+    ex = Explainer.create(world["dict_path"], model=world["model"], config=ExplainConfig(top=3), device="cpu")
     im = Image.open(world["paths"][1][0]).convert("RGB")
     rec = ex.explain(im)
     d, split, lm = world["dict"], world["split"], world["lm"]
@@ -180,7 +180,8 @@ def test_json_numbers_match_library(world):
 
 
 def test_ig_completeness_in_record(world):
-    ex = Explainer.create(world["dict_path"], ExplainConfig(importance="ig", ig_steps=16), device="cpu")
+    ex = Explainer.create(world["dict_path"], model=world["model"], config=ExplainConfig(importance="ig", ig_steps=16),
+                          device="cpu")
     rec = ex.explain(Image.open(world["paths"][1][1]).convert("RGB"))
     gap = rec["ig_logit"] - rec["ig_baseline_logit"]
     assert abs(sum(rec["importance"]) - gap) <= 1e-3 * max(abs(gap), 1.0)
@@ -190,7 +191,7 @@ def test_batch_goes_on_past_bad_images_and_writes_files(world, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\x00garbage")
     imgs = [world["paths"][1][0], bad, world["paths"][0][0], tmp_path / "missing.png"]
-    ex = Explainer.create(world["dict_path"], ExplainConfig(top=2), device="cpu")
+    ex = Explainer.create(world["dict_path"], model=world["model"], config=ExplainConfig(top=2), device="cpu")
     s = explain_images(imgs, ex, tmp_path / "out")
     assert len(s["explained"]) == 2 and len(s["failed"]) == 2
     assert "cannot read image" in s["failed"][0]["error"] and "does not exist" in s["failed"][1]["error"]
@@ -208,17 +209,17 @@ def test_cli_explain_errors(world, tmp_path):
     runner = CliRunner()
     img = str(world["paths"][1][0])
     r = runner.invoke(app, ["explain", img, "--dict", str(world["dict_path"]), "--out", str(tmp_path / "o"),
-                            "--json", "--device", "cpu", "--top", "2"])
+                            "--model", world["model"], "--json", "--device", "cpu", "--top", "2"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["explained"][0]["explained"]["label"] == "red"
     r = runner.invoke(app, ["explain", img, "--dict", str(world["dict_path"]), "--class", "5", "--out",
-                            str(tmp_path / "o"), "--device", "cpu"])
+                            str(tmp_path / "o"), "--model", world["model"], "--device", "cpu"])
     assert r.exit_code == 2 and "Error: --class 5 is out of range: the model has 3 outputs" in r.output
     r = runner.invoke(app, ["explain", img, "--dict", str(world["dict_path"]), "--model",
                             str(tmp_path / "nope.py") + ":f", "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert r.exit_code == 1 and "Error: cannot load the dictionary's model" in r.output
     r = runner.invoke(app, ["explain", str(tmp_path / "x.jpg"), "--dict", str(world["dict_path"]), "--out",
-                            str(tmp_path / "o"), "--device", "cpu", "-q"])
+                            str(tmp_path / "o"), "--model", world["model"], "--device", "cpu", "-q"])
     assert r.exit_code == 1 and "does not exist" in r.output
 
 
@@ -273,7 +274,7 @@ def test_report_self_contained_and_linked(world, tmp_path):
     }))
     Image.new("RGB", (20, 10), (255, 0, 0)).save(ev / "accuracy_vs_k.png")
     build_atlas(world["store"], world["dict"], tmp_path / "run" / "atlas", AtlasConfig(top=2))
-    ex = Explainer.create(world["dict_path"], ExplainConfig(top=2), device="cpu")
+    ex = Explainer.create(world["dict_path"], model=world["model"], config=ExplainConfig(top=2), device="cpu")
     explain_images(world["paths"][1][:1], ex, tmp_path / "run" / "explain")
     runner = CliRunner()
     r = runner.invoke(app, ["report", str(tmp_path / "run"), "--json"])
@@ -375,3 +376,21 @@ def test_atlas_crops_beside_the_heatmaps(world, tmp_path):
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "cli" / "00.png") as c, Image.open(tmp_path / "with" / "00.png") as b:
         assert c.size == b.size
+
+
+def test_code_a_dictionary_names_is_never_run(world, tmp_path):
+    """A dictionary from someone else names `path/file.py:factory`: explain refuses to import it unless --model
+    names it, and shows the command that would."""
+    evil = tmp_path / "evil.py"
+    marker = tmp_path / "ran"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+                    "def net():\n    raise SystemExit\n")
+    d = ConceptDictionary.load(world["dict_path"])
+    d.meta["source"]["info"]["config"]["model"]["name"] = f"{evil}:net"
+    dpath = d.save(tmp_path / "shared.safetensors")
+    r = CliRunner().invoke(app, ["explain", str(world["paths"][1][0]), "--dict", str(dpath), "--out",
+                                 str(tmp_path / "o"), "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("Error: the dictionary records its model as code") and f"--model {evil}:net" in line
+    assert not marker.exists() and not (tmp_path / "o").exists()

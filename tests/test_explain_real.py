@@ -46,7 +46,9 @@ def test_cub_bird_explained(tmp_path):
     d = method.fit(ArraySource(arrays, names, "full", info), method.make_config(concepts=6),
                    device=torch.device("cpu"))
     dpath = d.save(tmp_path / "cub_pca.safetensors")
-    ex = Explainer.create(dpath, ExplainConfig(top=4), labels=DATA / "cub" / "inat_bird_labels.txt", device="cpu")
+    # the bird model is code (models.py:factory): explain runs it only when named, as a user would
+    ex = Explainer.create(dpath, ExplainConfig(top=4), model=spec.name, checkpoint=spec.checkpoint,
+                          labels=DATA / "cub" / "inat_bird_labels.txt", device="cpu")
     bird = sorted((DATA / "cub" / "images" / "American_Goldfinch").glob("*.jpg"))[10]
     s = explain_images([bird], ex, tmp_path / "out")
     assert not s["failed"]

@@ -3,6 +3,7 @@ extension), robustness to missing fields, well-formed self-contained HTML with i
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from html.parser import HTMLParser
@@ -267,3 +268,28 @@ def test_report_tables_sort_and_filter_in_one_file(tmp_path):
     assert re.findall(r"<td class='k'>([^<]*)</td>", body) == ["a", "b"]
     assert "data-v='0.95'" in body
 
+
+def test_report_embeds_only_files_inside_their_folder(tmp_path):
+    """A crafted run folder names files outside it (absolute, `../`, a link out): none reaches the page, and the
+    page says which were refused."""
+    secret = tmp_path / "private.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(secret)
+    run = tmp_path / "run"
+    atlas, explain = run / "atlas", run / "explain"
+    atlas.mkdir(parents=True)
+    explain.mkdir()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(atlas / "concept_000.png")
+    (atlas / "atlas.json").write_text(json.dumps({"concepts": [
+        {"concept": 0, "png": "concept_000.png"}, {"concept": 1, "png": str(secret)},
+        {"concept": 2, "png": "../../private.png"}], "overview": "../../private.png"}))
+    (explain / "link.png").symlink_to(secret)
+    (explain / "explain.json").write_text(json.dumps({"explained": [{"png": "link.png", "image": "x.jpg"}]}))
+    page = build_report(run, atlas_dir=atlas, explain_dir=explain).read_text()
+    assert base64.b64encode(secret.read_bytes()).decode() not in page
+    assert page.count("<img") == 1  # concept 0 only
+    shown = re.search(r"<section id='refused'>(.*?)</section>", page, re.S)
+    assert shown and "Files not shown" in shown.group(1)
+    for name in (str(secret), "../../private.png", "link.png"):
+        assert name in shown.group(1)
+    linked = build_report(tmp_path / "elsewhere", atlas_dir=atlas, explain_dir=explain, embed=False).read_text()
+    assert list(referenced_files(linked)) == ["../run/atlas/concept_000.png"]

@@ -15,6 +15,7 @@ then os.replace). No pickle anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,9 +30,9 @@ from .. import __version__
 from ..errors import C2MFError
 
 ENCODING_TYPE = "c2mf-dictionary"
-ENCODING_VERSION = 1
+# 2: the metadata holds `tensors_sha256`, checked on load. Version 1 files (no checksum) are refused: refit.
+ENCODING_VERSION = 2
 _META_KEY = "c2mf"
-
 
 
 class ConceptDictionary:
@@ -117,8 +118,11 @@ class ConceptDictionary:
         """Write one .safetensors file atomically (temporary file in the same folder, then os.replace)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {_META_KEY: dumps(self.meta)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        # The file's format is this c2mf's, whatever version a copied meta carried; its checksum is recomputed.
+        self.meta["encoding-type"], self.meta["encoding-version"] = ENCODING_TYPE, ENCODING_VERSION
+        self.meta["tensors_sha256"] = tensors_sha256(tensors)
+        header = {_META_KEY: dumps(self.meta)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=header)
         return path
@@ -144,11 +148,15 @@ class ConceptDictionary:
         if meta.get("encoding-type") != ENCODING_TYPE:
             raise C2MFError(f"{path} has encoding-type {meta.get('encoding-type')!r}, expected {ENCODING_TYPE!r}")
         version = meta.get("encoding-version")
-        if not isinstance(version, int) or version > ENCODING_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > ENCODING_VERSION:
             raise C2MFError(
                 f"{path} has dictionary encoding-version {version!r}, this c2mf ({__version__}) reads up to "
                 f"{ENCODING_VERSION}: upgrade c2mf or refit the dictionary"
             )
+        if version < ENCODING_VERSION:
+            raise C2MFError(f"{path} was written by an older c2mf ({meta.get('c2mf_version', '?')}, dictionary "
+                            f"version {version}) without a checksum of its tensors: refit it with this c2mf")
+        _check_tensors(path, tensors, meta)
         return cls(tensors, meta)
 
     def __repr__(self) -> str:
@@ -195,3 +203,38 @@ def mismatch_message(d: "ConceptDictionary", label: str, store_info: Mapping[str
             "store of the same model weights and layer (or extract a store with the dictionary's model and layer)")
 
 
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check a dictionary file as `load` does (type, version, tensors' sha256, float32, finite); return what it
+    holds. Raises C2MFError naming the file and the fault. For `c2mf verify`; the method's own contract (its
+    tensors' names and shapes) is checked by `c2mf_cli.methods`."""
+    d = ConceptDictionary.load(path)
+    return {"path": str(path), "kind": "dictionary", "ok": True, "method": d.method, "concepts": d.n_concepts,
+            "channels": d.n_features, "classes": len(d.classes), "tensors": sorted(d.tensors),
+            "tensors_sha256": d.meta["tensors_sha256"]}
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (what `save` records)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Refuse a file whose tensors are not the ones saved (checksum), not float32, or not finite."""
+    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
+        raise C2MFError(f"{path}: its tensors do not match the sha256 recorded in its metadata (the file was changed "
+                        "or damaged after it was written): copy it again or refit it")
+    if "W" not in tensors:
+        raise C2MFError(f"{path} has no tensor 'W': it is not a complete c2mf dictionary; refit it")
+    for name, t in sorted(tensors.items()):
+        if t.dtype != torch.float32:
+            raise C2MFError(f"{path}: tensor {name!r} is {str(t.dtype).replace('torch.', '')}, a dictionary holds "
+                            "float32 only: the file was edited; refit it")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise C2MFError(f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s): the fit diverged or "
+                            "the file was edited; refit it")

@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from ..errors import C2MFError
 from ..progress import ProgressFn, no_progress
 from .synthetic import World, WorldConfig, generate
 from .train import CONCEPT_LAYER, ModelConfig, TrainConfig, save_model, train_model
+
+if TYPE_CHECKING:
+    from ..inputs.models import ModelSpec
 
 METHODS = ("c2mf", "craft", "pca")
 
@@ -460,7 +463,7 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
     write_results(result, out / "evaluation")
 
     t = time.perf_counter()
-    extras = _pictures(out, world, stores, dicts, config, recovery, progress)
+    extras = _pictures(out, world, stores, dicts, config, recovery, spec, progress)
     timings["pictures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
@@ -512,7 +515,7 @@ _NAME_MIN_IOU = 0.3
 
 
 def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, Any], config: DemoConfig,
-              recovery: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+              recovery: dict[str, Any], spec: ModelSpec, progress: ProgressFn) -> dict[str, Any]:
     """Explain a few test images with the c2mf dictionary, draw its atlas (concepts named by the primitive they
     match best), and write the HTML report over the evaluation, atlas and explanations."""
     from ..stages.atlas import AtlasConfig, build_atlas
@@ -535,8 +538,9 @@ def _pictures(out: Path, world: World, stores: dict[str, Any], dicts: dict[str, 
         paths = [world.paths("test")[next(i for i, r in enumerate(world.records("test")) if r.label == y)]
                  for y in range(min(config.explain_images, len(world.classes)))]
         advance = progress("explain", len(paths))
-        explainer = Explainer.create(d, ExplainConfig(top=4, ig_steps=config.ig_steps),
-                                     device=config.device)
+        # the demo's own model: its code is ours to run, so name it (a recorded factory alone is never run)
+        explainer = Explainer.create(d, ExplainConfig(top=4, ig_steps=config.ig_steps), model=spec.name,
+                                     checkpoint=spec.checkpoint, device=config.device)
         summary = explain_images(paths, explainer, out / "explain", on_done=lambda i: advance(1))
         made["explain"] = str(out / "explain")
         made["explained"] = [e.get("png") for e in summary.get("explained", [])]

@@ -371,8 +371,25 @@ def _read_json(path: Path) -> Any:
         raise C2MFError(f"cannot read {path} ({e}): the folder is not a complete c2mf output") from None
 
 
-def _pngs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+def _pngs(folder: Path, refused: list[str]) -> list[Path]:
+    return sorted(p for p in folder.glob("*.png") if not p.name.startswith(".") and _inside(folder, p.name, refused))
+
+
+def _inside(folder: Path, name: Any, refused: list[str]) -> Path | None:
+    """`folder / name` if it lies inside `folder` once links are resolved, else None with `name` noted in `refused`.
+
+    A run folder may come from someone else: the file names its JSON holds must not pull another file of this
+    machine (an absolute path, `../`, a link out) into a page that is then shared.
+    """
+    path = folder / str(name)
+    try:
+        ok = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        ok = False
+    if not ok:
+        refused.append(str(path))
+        return None
+    return path
 
 
 def _short_path(p: Any, keep: int = 2) -> str:
@@ -380,7 +397,7 @@ def _short_path(p: Any, keep: int = 2) -> str:
     return "/".join(parts[-keep:]) if parts else str(p)
 
 
-def _atlas_section(at: Path, embed: bool, out: Path) -> str:
+def _atlas_section(at: Path, embed: bool, out: Path, refused: list[str]) -> str:
     rec = _read_json(at / "atlas.json") if (at / "atlas.json").is_file() else {}
     body = []
     info = []
@@ -397,11 +414,11 @@ def _atlas_section(at: Path, embed: bool, out: Path) -> str:
                 "each, with its class and code value")
     body.append("<p class='lead'>" + "; ".join(info) + ".</p>")
     cards = []
-    concepts = rec.get("concepts") or [{"concept": p.stem, "png": p.name} for p in _pngs(at)
+    concepts = rec.get("concepts") or [{"concept": p.stem, "png": p.name} for p in _pngs(at, refused)
                                         if p.name != "overview.png"]
     for c in concepts:
-        png = at / str(c.get("png", ""))
-        if not png.is_file():
+        png = _inside(at, c.get("png", ""), refused)
+        if png is None or not png.is_file():
             continue
         regs = [r for r in c.get("regions") or [] if isinstance(r, dict)]
         counts: dict[str, int] = {}
@@ -423,8 +440,8 @@ def _atlas_section(at: Path, embed: bool, out: Path) -> str:
                      + _img(png, f"concept {c.get('concept')}", embed, out) + "</div>")
     if cards:
         body.append("<div class='cards'>" + "".join(cards) + "</div>")
-    ov = at / str(rec.get("overview") or "overview.png")
-    if ov.is_file() and ov.suffix == ".png":
+    ov = _inside(at, rec.get("overview") or "overview.png", refused)
+    if ov is not None and ov.is_file() and ov.suffix == ".png":
         fig = f"<figure>{_img(ov, 'atlas overview', embed, out)}</figure>"
         body.append(f"<details><summary>all concepts in one figure</summary>{fig}</details>" if cards else fig)
     missing = rec.get("missing")
@@ -433,7 +450,7 @@ def _atlas_section(at: Path, embed: bool, out: Path) -> str:
     return "\n".join(body)
 
 
-def _explain_section(ex: Path, embed: bool, out: Path) -> str:
+def _explain_section(ex: Path, embed: bool, out: Path, refused: list[str]) -> str:
     summary = _read_json(ex / "explain.json") if (ex / "explain.json").is_file() else {}
     body = []
     cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
@@ -442,10 +459,10 @@ def _explain_section(ex: Path, embed: bool, out: Path) -> str:
                     f"by {_esc(RANKING_NAMES.get(str(cfg.get('importance')), cfg.get('importance', '?')))} for "
                     "the explained class; the heatmaps are the codes of the top concepts on the model's grid, "
                     "upsampled onto the image.</p>")
-    items = summary.get("explained") or [{"png": p.name, "image": p.stem} for p in _pngs(ex)]
+    items = summary.get("explained") or [{"png": p.name, "image": p.stem} for p in _pngs(ex, refused)]
     for e in items:
-        png = ex / str(e.get("png", ""))
-        if not png.is_file():
+        png = _inside(ex, e.get("png", ""), refused)
+        if png is None or not png.is_file():
             continue
         cap = f"<b>{_esc(_short_path(e.get('image', png.stem)))}</b>"
         pred = e.get("prediction") if isinstance(e.get("prediction"), dict) else {}
@@ -589,7 +606,8 @@ def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension
     return "<ul class='says'>" + "".join(f"<li>{x}</li>" for x in out) + "</ul>"
 
 
-def _metrics_sections(ev: dict, ev_dir: Path, embed: bool, out: Path, extension: Extension) -> list[Section]:
+def _metrics_sections(ev: dict, ev_dir: Path, embed: bool, out: Path, extension: Extension,
+                      refused: list[str]) -> list[Section]:
     methods = [m for m in ev.get("methods") or [] if isinstance(m, dict)]
     labels = [method_label(m, i) for i, m in enumerate(methods)]
     rows = list(zip(labels, methods))
@@ -627,7 +645,7 @@ def _metrics_sections(ev: dict, ev_dir: Path, embed: bool, out: Path, extension:
     ood = ev.get("ood") if isinstance(ev.get("ood"), dict) else None
     if ood:
         body.append(f"<h3>{_esc(OOD.title)}</h3>" + spec_table(OOD, [("whole images vs crops", ood)], first=""))
-    plots = sorted(_pngs(ev_dir), key=_plot_order)
+    plots = sorted(_pngs(ev_dir, refused), key=_plot_order)
     if plots:
         body.append("<h3>Plots</h3><div class='plots'>" + "".join(
             f"<figure>{_img(p, _plot_caption(p.stem), embed, out)}<figcaption>{_esc(_plot_caption(p.stem))}"
@@ -729,6 +747,7 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
+    refused: list[str] = []  # files the folders' JSON name outside their folder
     lead = ""
     details = ""
     if evaluate_dir is not None:
@@ -738,18 +757,22 @@ def build_report(
         if not isinstance(ev, dict):
             raise C2MFError(f"{jpath} is not an evaluation record (expected a JSON object)")
         lead = _facts(ev, extension)
-        sections += _metrics_sections(ev, ev_dir, embed, out, extension)
+        sections += _metrics_sections(ev, ev_dir, embed, out, extension, refused)
         details = _run_details(ev)
         if not sections:
             sections.append(Section("metrics", "Metrics", "<p class='muted'>empty folder</p>"))
     if atlas_dir is not None:
-        sections.append(Section("atlas", "Concept atlas",
-                                _atlas_section(Path(atlas_dir), embed, out) or "<p class='muted'>empty folder</p>"))
+        sections.append(Section("atlas", "Concept atlas", _atlas_section(Path(atlas_dir), embed, out, refused)
+                                or "<p class='muted'>empty folder</p>"))
     if explain_dir is not None:
-        sections.append(Section("explain", "Explained images",
-                                _explain_section(Path(explain_dir), embed, out) or "<p class='muted'>empty folder</p>"))
+        sections.append(Section("explain", "Explained images", _explain_section(Path(explain_dir), embed, out, refused)
+                                or "<p class='muted'>empty folder</p>"))
     if details:
         sections.append(Section("details", "Run details", details))
+    if refused:
+        sections.append(Section("refused", "Files not shown", "<p>These files are named by the run folder's JSON but "
+                                "lie outside their folder, so they were not put into this page:</p><ul>"
+                                + "".join(f"<li><code>{_esc(r)}</code></li>" for r in refused) + "</ul>"))
     if not sections:
         raise C2MFError("nothing to report: give at least one of the evaluate, atlas or explain folders")
     nav = "".join(f"<a href='#{s.anchor}'>{_esc(s.title)}</a>" for s in sections)

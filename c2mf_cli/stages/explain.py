@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -211,6 +212,14 @@ class Explainer:
         recorded = cfg.get("model") or {}
         if model is None and not recorded.get("name"):
             raise C2MFError("the dictionary does not record its model: give --model (and --checkpoint)")
+        if model is None and ModelSpec(name=str(recorded["name"])).is_factory:
+            # a dictionary may come from someone else: code it names runs only when the user names it too
+            ckpt = recorded.get("checkpoint")
+            raise C2MFError(
+                f"the dictionary records its model as code, {recorded['name']!r}, and c2mf never runs code because "
+                "a file names it: if you trust that file, pass it yourself: c2mf explain DICT IMAGE... --model "
+                f"{shlex.quote(str(recorded['name']))}" + (f" --checkpoint {shlex.quote(str(ckpt))}" if ckpt else "")
+            )
         layer = cfg.get("layer")
         if not layer:
             raise C2MFError("the dictionary does not record the layer it was fitted on: refit it from a c2mf store")
