@@ -320,7 +320,7 @@ def test_figure_says_whose_gates_it_used(world, gated):
     """Explaining 'plain' on a red image uses the gates of 'plain', and the figure's lines say so."""
     from c2mf_cli.stages.explain import describe
 
-    ex = Explainer.create(gated, ExplainConfig(top=3), device="cpu")
+    ex = Explainer.create(gated, ExplainConfig(top=3), model=world["model"], device="cpu")
     rec = ex.explain(Image.open(world["paths"][1][0]).convert("RGB"), target="plain")
     assert rec["dictionary"]["class"] == "plain" and rec["prediction"]["label"] == "red"
     lines = describe(rec)
@@ -332,7 +332,7 @@ def test_figure_says_whose_gates_it_used(world, gated):
 def test_class_with_no_open_gate_is_said_in_words(world, gated, tmp_path):
     d = ConceptDictionary.load(gated)
     d.tensors["gates"][d.class_index("red")] = -8.0  # every gate of 'red' closed
-    ex = Explainer.create(d, ExplainConfig(top=3), device="cpu")
+    ex = Explainer.create(d, ExplainConfig(top=3), model=world["model"], device="cpu")
     s = explain_images([world["paths"][1][0]], ex, tmp_path / "out")
     rec = json.loads((tmp_path / "out" / "00.json").read_text())
     assert rec["dictionary"]["open_gates"] == [] and rec["top_concepts"] == []
@@ -343,7 +343,7 @@ def test_class_with_no_open_gate_is_said_in_words(world, gated, tmp_path):
 def test_image_named_explain_does_not_overwrite_the_summary(world, tmp_path):
     img = tmp_path / "explain.png"
     Image.open(world["paths"][1][0]).save(img)
-    ex = Explainer.create(world["dict_path"], ExplainConfig(top=2), device="cpu")
+    ex = Explainer.create(world["dict_path"], ExplainConfig(top=2), model=world["model"], device="cpu")
     s = explain_images([img], ex, tmp_path / "out")
     assert s["explained"][0]["json"] == "explain-1.json" and s["explained"][0]["png"] == "explain-1.png"
     summary = json.loads((tmp_path / "out" / "explain.json").read_text())
@@ -357,7 +357,7 @@ def test_atlas_crops_beside_the_heatmaps(world, tmp_path):
     build_atlas(world["store"], d, tmp_path / "atlas", AtlasConfig(top=4))
     crops = AtlasCrops.load(tmp_path / "atlas", d, per_concept=3)
     assert all(len(crops.get(j)[1]) == 3 for j in range(d.n_concepts))
-    ex = Explainer.create(d, ExplainConfig(top=3), device="cpu")
+    ex = Explainer.create(d, ExplainConfig(top=3), model=world["model"], device="cpu")
     img = [world["paths"][1][0]]
     explain_images(img, ex, tmp_path / "plain")
     explain_images(img, ex, tmp_path / "with", atlas=crops)
@@ -372,7 +372,8 @@ def test_atlas_crops_beside_the_heatmaps(world, tmp_path):
     with pytest.raises(UsageError, match="has no atlas.json"):
         AtlasCrops.load(tmp_path, d)
     r = CliRunner().invoke(app, ["explain", str(img[0]), "--dict", str(world["dict_path"]), "--atlas",
-                                 str(tmp_path / "atlas"), "--out", str(tmp_path / "cli"), "--device", "cpu", "-q"])
+                                 str(tmp_path / "atlas"), "--model", world["model"], "--out", str(tmp_path / "cli"),
+                                 "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "cli" / "00.png") as c, Image.open(tmp_path / "with" / "00.png") as b:
         assert c.size == b.size

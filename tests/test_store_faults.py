@@ -255,6 +255,11 @@ def test_verify_a_dictionary_and_nan_in_it(tiny_store: Path, tmp_path: Path):
     d.save(tmp_path / "nan.safetensors")
     r = runner.invoke(app, ["verify", str(tmp_path / "nan.safetensors"), "--deep"])
     assert r.exit_code == 1 and ("NaN" in r.output or "nan" in r.output), r.output
+    raw = bytearray(out.read_bytes())
+    raw[-3] ^= 0x10  # one flipped bit in the tensors: only the recorded sha256 sees it (fast mode too)
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    r = runner.invoke(app, ["verify", str(tmp_path / "flipped.safetensors")])
+    assert r.exit_code == 1 and "its tensors do not match the sha256" in r.output, r.output
     r = runner.invoke(app, ["verify", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "does not exist" in r.output
 

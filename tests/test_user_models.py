@@ -173,8 +173,12 @@ def test_every_stage_works_on_a_hooks_split(tmp_path):
     r = _run("evaluate", "--train", tmp_path / "train.zarr", "--test", tmp_path / "test.zarr", "--dict", d,
              "--device", "cpu", "--ig-steps", 4, "--out", tmp_path / "ev", "--json")
     assert r.exit_code == 0, r.output
+    # the model is code: explain runs it only when named on the command line, never because the dictionary does
     r = _run("explain", data / "class_0" / "000.png", "--dict", d, "--device", "cpu", "--top", 2, "-q",
              "--out", tmp_path / "ex")
+    assert r.exit_code == 1 and f"--model {FACTORY}:create_data_if" in r.output, r.output
+    r = _run("explain", data / "class_0" / "000.png", "--dict", d, "--model", f"{FACTORY}:create_data_if",
+             "--device", "cpu", "--top", 2, "-q", "--out", tmp_path / "ex")
     assert r.exit_code == 0, r.output
 
 

@@ -101,5 +101,4 @@ def _verify_dictionary(p: Path, deep: bool) -> VerifyReport:
         report.problems.append(str(e))
         return report
     report.checked["tensors"] = len(found["tensors"])
-    report.checked["tensors_sha256"] = found["tensors_sha256"]
     return report
