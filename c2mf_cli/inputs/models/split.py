@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.fx as fx
@@ -202,6 +202,18 @@ def _symbolic(n: fx.Node) -> bool:
     return isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
+def _closure(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """`start` and every node reached from it by repeatedly following `step` (inputs: ancestors; users: descendants)."""
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
+    return seen
+
+
 def _cut(gm: fx.GraphModule, cut: fx.Node, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Cut the graph at the node `cut` (the layer's output) into g (input -> cut) and h (cut -> output)."""
     graph = gm.graph
@@ -210,13 +222,7 @@ def _cut(gm: fx.GraphModule, cut: fx.Node, layer: str) -> tuple[fx.GraphModule, 
         raise _SplitError(f"the model's forward takes {len(placeholders)} inputs; c2mf supports one image input")
 
     # g: the nodes the layer's output depends on.
-    needed: set[fx.Node] = set()
-    stack = [cut]
-    while stack:
-        n = stack.pop()
-        if n not in needed:
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
+    needed = _closure(cut, lambda n: n.all_input_nodes)
     g_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in graph.nodes:
@@ -228,13 +234,7 @@ def _cut(gm: fx.GraphModule, cut: fx.Node, layer: str) -> tuple[fx.GraphModule, 
     output = next((n for n in graph.nodes if n.op == "output"), None)
     if output is None:
         raise _SplitError("the traced graph has no output")
-    downstream: set[fx.Node] = set()
-    stack = [cut]
-    while stack:
-        n = stack.pop()
-        if n not in downstream:
-            downstream.add(n)
-            stack.extend(n.users)
+    downstream = _closure(cut, lambda n: n.users)
     # torch.export: shapes after the cut may be computed from the image's batch size, which h reads off the
     # activation instead (same batch); other shape arithmetic on it is recomputed in h.
     batch = _batch_size_expr(graph)
