@@ -218,6 +218,8 @@ def evaluate(
     device: str = "auto",
     out_dir: str | Path | None = None,
     progress: ProgressFn = no_progress,
+    model: str | None = None,
+    checkpoint: str | Path | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Every metric of `c2mf evaluate`, as a plain dict (the content of evaluation.json).
@@ -226,6 +228,8 @@ def evaluate(
         train, test, crops: activation stores from `c2mf extract`: paths or `ActivationStore.open(...)`.
         dictionaries: `ConceptDictionary` objects (e.g. from `fit`) or paths of saved ones.
         out_dir: where to write evaluation.json and the plots; None writes nothing.
+        model, checkpoint: override the model / weights the stores record (their sha256 is checked). A model
+            recorded as code (path/file.py:factory) is only run when `model` names it.
         settings: fields of `EvaluateConfig` (max_images_per_class=..., ig_steps=..., ...).
     """
     from .artifacts.dictionary import ConceptDictionary
@@ -246,5 +250,6 @@ def evaluate(
             dicts.append(x)
     result = run(store(train), store(test), dicts, store(crops) if crops is not None else None,
                  EvaluateConfig(**settings), progress, names=list(names) if names else None, device=device,
+                 model=model, checkpoint=str(checkpoint) if checkpoint is not None else None,
                  out_dir=Path(out_dir) if out_dir is not None else None)
     return jsonable(result)

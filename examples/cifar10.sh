@@ -15,7 +15,8 @@ c2mf factorize -s "$OUT/train.zarr" --method pca --concepts 10 -o "$OUT/pca.safe
 
 c2mf evaluate --train "$OUT/train.zarr" --test "$OUT/test.zarr" --crops "$OUT/crops.zarr" \
     --dict "$OUT/c2mf.safetensors" --dict "$OUT/craft.safetensors" --dict "$OUT/pca.safetensors" \
-    --out "$OUT/evaluation"
+    -m "${MODEL[1]}" --out "$OUT/evaluation"
 c2mf atlas -s "$OUT/train.zarr" --dict "$OUT/c2mf.safetensors" --out "$OUT/atlas"
-c2mf explain "$DATA"/cifar10/images/cat/000{0,1,2}.jpg --dict "$OUT/c2mf.safetensors" --out "$OUT/explained"
+c2mf explain "$DATA"/cifar10/images/cat/000{0,1,2}.jpg --dict "$OUT/c2mf.safetensors" -m "${MODEL[1]}" \
+    --out "$OUT/explained"
 c2mf report "$OUT"

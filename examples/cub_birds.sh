@@ -25,4 +25,4 @@ for k in $K; do
     dicts+=(--dict "$OUT/c2mf-k$k.safetensors" --dict "$OUT/craft-k$k.safetensors" --dict "$OUT/pca-k$k.safetensors")
 done
 c2mf evaluate --train "$OUT/train.zarr" --test "$OUT/test.zarr" --crops "$OUT/crops.zarr" "${dicts[@]}" \
-    --out "$OUT/evaluation"
+    -m "${MODEL[1]}" --out "$OUT/evaluation"

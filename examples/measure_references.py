@@ -100,6 +100,7 @@ def measure(work: Path, data: Path, k: int, only: str | None = None) -> dict[str
         res = evaluate(ActivationStore.open(train), ActivationStore.open(test),
                        [ConceptDictionary.load(p) for p in paths.values()],
                        config=EvaluateConfig(attribution=False), names=list(paths), device="cpu",
+                       model=setup["model"],  # our own example model: its code is ours to run
                        out_dir=work / f"{name}-evaluation")
         print(f"  evaluated in {time.perf_counter() - t:.0f} s", flush=True)
         results[title] = res

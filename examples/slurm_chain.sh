@@ -49,5 +49,5 @@ done
 after=$(IFS=:; echo "${fits[*]}:$test")
 evaluate=$(sbatch "${common[@]}" --job-name=c2mf-evaluate --dependency="afterok:$after" --gres=gpu:1 \
     --output='logs/%x-%j.out' --time=01:00:00 --wrap "$activate && c2mf evaluate --train '$OUT/train.zarr' --test '$OUT/test.zarr' \
-${dicts[*]} --device cuda -o '$OUT/evaluate'")
+${dicts[*]} -m '$MODEL' --device cuda -o '$OUT/evaluate'")
 echo "evaluate: job $evaluate (after $after); results in $OUT/evaluate"

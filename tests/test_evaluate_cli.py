@@ -14,6 +14,7 @@ from c2mf_cli.cli import app
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR = DATA / "cifar10"
+MODEL = f"{DATA / 'models.py'}:cifar_resnet20"
 
 pytestmark = [
     pytest.mark.slow,
@@ -29,7 +30,7 @@ def cifar(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cifar")
     runner = CliRunner()
-    common = ["extract", "-m", f"{DATA / 'models.py'}:cifar_resnet20", "-c", str(CIFAR / "resnet20-12fca82f.th"),
+    common = ["extract", "-m", MODEL, "-c", str(CIFAR / "resnet20-12fca82f.th"),
               "-l", "layer3", "-d", str(CIFAR / "images"), "--device", "cpu", "--workers", "0", "-q",
               "--max-images-per-class", "5"]
     for name, extra in (("train", ["--split", "train"]), ("test", ["--split", "test"]),
@@ -48,7 +49,7 @@ def cifar(tmp_path_factory):
 def test_evaluate_cli_on_cifar(cifar, tmp_path):
     args = ["evaluate", "--train", str(cifar / "train"), "--test", str(cifar / "test"), "--crops",
             str(cifar / "crops"), "--out", str(tmp_path / "ev"), "--max-images-per-class", "2", "--ig-steps", "8",
-            "--device", "cpu", "--quiet", "--json"]
+            "--device", "cpu", "--quiet", "--json", "--model", MODEL]
     for m in ("c2mf", "craft", "pca"):
         args += ["--dict", str(cifar / f"{m}.safetensors")]
     r = CliRunner().invoke(app, args)
@@ -91,3 +92,52 @@ def test_evaluate_cli_errors(cifar, tmp_path):
     r = CliRunner().invoke(app, ["evaluate", "--train", str(cifar / "crops"), "--test", str(cifar / "test"),
                                  "--out", str(tmp_path / "o"), "--dict", str(cifar / "pca.safetensors"), "-q"])
     assert r.exit_code == 1 and "Error: the train store holds 'crops' rows" in r.output
+
+
+def test_evaluate_never_runs_code_a_store_names(tmp_path):
+    """A store from someone else names `path/file.py:factory`: evaluate refuses to import it unless --model names it,
+    and shows the command that would."""
+    from types import SimpleNamespace
+
+    from c2mf_cli.errors import C2MFError
+    from c2mf_cli.stages.evaluate import _tail_from_store
+
+    evil = tmp_path / "evil.py"
+    marker = tmp_path / "ran"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\ndef net():\n    raise SystemExit\n")
+    store = SimpleNamespace(config={"model": {"name": f"{evil}:net", "checkpoint": None, "pretrained": False}},
+                            layer="layer3", preprocess=None)
+    with pytest.raises(C2MFError, match=r"the test store records its model as code.*--model \S*evil.py:net") as e:
+        _tail_from_store(store, torch.device("cpu"))
+    assert "never runs code" in str(e.value) and not marker.exists()
+
+
+def test_evaluate_checks_the_stores_weights(cifar, tmp_path):
+    """The recorded weights' sha256 is checked when the model is reopened: weights other than those recorded are
+    refused, unless chosen with --checkpoint, which uses them with a note that says so."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from c2mf_cli.inputs.models import WeightsMismatch
+    from c2mf_cli.stages.evaluate import _tail_from_store
+
+    recorded = {"name": MODEL, "checkpoint": str(CIFAR / "resnet20-12fca82f.th"), "weights_sha256": "0" * 64}
+    store = SimpleNamespace(config={"model": recorded}, layer="layer3", preprocess=None)
+    with pytest.raises(WeightsMismatch, match="are not those the test store was made with"):
+        _tail_from_store(store, torch.device("cpu"), model=MODEL)
+
+    state = torch.load(CIFAR / "resnet20-12fca82f.th", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v.clone() for k, v in state.items()}
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    state[key] = state[key] * 1.01
+    other = tmp_path / "other.safetensors"
+    save_file(state, str(other))
+    base = ["evaluate", "--train", str(cifar / "train"), "--test", str(cifar / "test"), "--dict",
+            str(cifar / "pca.safetensors"), "--max-images-per-class", "1", "--no-attribution", "--device", "cpu",
+            "--quiet", "--json", "--model", MODEL, "--out", str(tmp_path / "ev")]
+    r = CliRunner().invoke(app, [*base, "--checkpoint", str(other)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert any("are not those the test store was made with" in n for n in res["notes"]), res["notes"]

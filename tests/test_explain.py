@@ -217,7 +217,7 @@ def test_cli_explain_errors(world, tmp_path):
     assert r.exit_code == 2 and "Error: --class 5 is out of range: the model has 3 outputs" in r.output
     r = runner.invoke(app, ["explain", img, "--dict", str(world["dict_path"]), "--model",
                             str(tmp_path / "nope.py") + ":f", "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert r.exit_code == 1 and "Error: cannot load the dictionary's model" in r.output
+    assert r.exit_code == 1 and "Error: cannot load the model of the dictionary" in r.output
     r = runner.invoke(app, ["explain", str(tmp_path / "x.jpg"), "--dict", str(world["dict_path"]), "--out",
                             str(tmp_path / "o"), "--model", world["model"], "--device", "cpu", "-q"])
     assert r.exit_code == 1 and "does not exist" in r.output

@@ -80,3 +80,31 @@ def test_chain_submits_extract_then_factorize_then_evaluate(tmp_path: Path):
     assert wraps[4].count("--dict") == 2 and f"-o '{tmp_path / 'run'}/evaluate'" in wraps[4]
     # the wrapped command lines parse as the CLI expects
     assert shlex.split(wraps[2].split("&& ", 1)[1])[:4] == ["c2mf", "factorize", "-s", f"{tmp_path / 'run'}/train.zarr"]
+
+
+@pytest.mark.parametrize("script", ["cifar10.sh", "cub_birds.sh"])
+def test_local_chains_parse_and_name_their_model_code(script: str, tmp_path: Path):
+    """Every c2mf call of the local example chains parses with the real CLI, and the stages that reopen the model
+    (evaluate, explain) name it with -m: a model that is code runs only when the command line names it."""
+    import typer
+
+    from c2mf_cli.cli import app
+
+    env = _fake_env(tmp_path)
+    r = subprocess.run(["bash", str(ROOT / "examples" / script)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "OUT": str(tmp_path / "run"), "DATA": str(tmp_path / "data")})
+    assert r.returncode == 0, r.stderr
+    calls = _calls(tmp_path)
+    group = typer.main.get_command(app)
+    model = None
+    for call in calls:
+        assert call[0] == "c2mf"
+        with group.make_context("c2mf", list(call[1:]), resilient_parsing=False) as ctx:
+            command = group.get_command(ctx, call[1])
+            assert command is not None, call
+            params = command.make_context(call[1], list(call[2:]), parent=ctx).params
+        if call[1] == "extract":
+            model = params["model"]
+        if call[1] in ("evaluate", "explain"):
+            assert params["model"] == model and ".py:" in model, call
+    assert {c[1] for c in calls} >= {"extract", "factorize", "evaluate"}

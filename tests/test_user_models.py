@@ -170,10 +170,14 @@ def test_every_stage_works_on_a_hooks_split(tmp_path):
     r = _run("factorize", tmp_path / "train.zarr", "--method", "c2mf", "--concepts", 2, "--iterations", 3,
              "--device", "cpu", "--quiet", "--out", d)
     assert r.exit_code == 0, r.output
-    r = _run("evaluate", "--train", tmp_path / "train.zarr", "--test", tmp_path / "test.zarr", "--dict", d,
-             "--device", "cpu", "--ig-steps", 4, "--out", tmp_path / "ev", "--json")
+    evaluate = ["evaluate", "--train", tmp_path / "train.zarr", "--test", tmp_path / "test.zarr", "--dict", d,
+                "--device", "cpu", "--ig-steps", 4, "--out", tmp_path / "ev", "--json"]
+    # the model is code: evaluate and explain run it only when named on the command line, never because a file does
+    r = _run(*evaluate)
+    assert r.exit_code == 1 and f"--model {FACTORY}:create_data_if" in r.output, r.output
+    assert not (tmp_path / "ev").exists()
+    r = _run(*evaluate, "--model", f"{FACTORY}:create_data_if")
     assert r.exit_code == 0, r.output
-    # the model is code: explain runs it only when named on the command line, never because the dictionary does
     r = _run("explain", data / "class_0" / "000.png", "--dict", d, "--device", "cpu", "--top", 2, "-q",
              "--out", tmp_path / "ex")
     assert r.exit_code == 1 and f"--model {FACTORY}:create_data_if" in r.output, r.output
@@ -206,5 +210,5 @@ def test_explain_with_model_and_no_checkpoint_uses_the_recorded_weights(tmp_path
     r = _run("explain", image, "--dict", d, "--model", f"{FACTORY}:create", "--device", "cpu", "--top", 2, "-q",
              "--out", tmp_path / "ex2")
     assert r.exit_code == 1
-    assert f"the checkpoint the dictionary was fitted with, '{ckpt}', is missing" in r.output
+    assert f"the checkpoint the dictionary was made with, '{ckpt}', is missing" in r.output
     assert "max difference nan" not in r.output and not (tmp_path / "ex2").exists()

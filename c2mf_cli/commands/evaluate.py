@@ -194,6 +194,10 @@ def evaluate(
                            "existing folder is reused: its evaluation.json and plots are replaced, other files are "
                            "left alone."),
     crops: Optional[Path] = option("crops"),
+    model: Optional[str] = option("model", help="Override the model the stores record; needed when they record it "
+                                  "as code (path/file.py:factory), which c2mf never runs because a file names it."),
+    checkpoint: Optional[Path] = option("checkpoint", help="Override the weights file the stores record (its sha256 "
+                                        "is then not required to match: a warning says so)."),
     json_out: bool = option("json", help="Print the full result as JSON on stdout."),
     device: str = option("device"),
     max_images: Optional[int] = option("max_images_per_class"),
@@ -222,7 +226,8 @@ def evaluate(
     """
     if not dicts:
         raise UsageError("give at least one --dict")
-    for p, name in [(train, "--train"), (test, "--test"), (crops, "--crops")] + [(d, "--dict") for d in dicts]:
+    for p, name in [(train, "--train"), (test, "--test"), (crops, "--crops"), (checkpoint, "--checkpoint")] + [
+            (d, "--dict") for d in dicts]:
         check_input(p, name)
     check_output_dir(out_dir)
     from ..artifacts.dictionary import ConceptDictionary
@@ -243,7 +248,7 @@ def evaluate(
     reporter = Reporter(quiet)
     with reporter.session():
         result = run_evaluate(train_s, test_s, loaded, crops_s, config, reporter.task, names=names, device=device,
-                              out_dir=out_dir)
+                              model=model, checkpoint=str(checkpoint) if checkpoint else None, out_dir=out_dir)
     console = err if json_out else out
     if not (json_out and quiet):
         for t in tables(result):

@@ -440,8 +440,10 @@ def _run_demo(out_dir: str | os.PathLike[str], config: DemoConfig, progress: Pro
 
     t = time.perf_counter()
     ecfg = EvaluateConfig(ig_steps=config.ig_steps, seed=seed)
+    # the demo's own model: its code is ours to run, so name it (a recorded factory alone is never run)
+    own = stores["test"].model_spec
     result = evaluate(stores["train"], stores["test"], [dicts[m] for m in METHODS], crops_store=stores["test_crops"],
-                      config=ecfg, progress=progress, names=list(METHODS), device=config.device)
+                      config=ecfg, progress=progress, names=list(METHODS), device=config.device, model=own.name)
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()

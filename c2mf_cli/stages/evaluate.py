@@ -158,18 +158,25 @@ class _Tail:
         return self.h(self.from_store(a))
 
 
-def _tail_from_store(store: StoreLike, device: torch.device) -> _Tail:
-    from ..inputs.models import load_model, split_model
+def _tail_from_store(store: StoreLike, device: torch.device, model: str | None = None,
+                     checkpoint: str | None = None) -> tuple[_Tail, list[str]]:
+    """h from the store's model, reopened with its weights checked; a model recorded as code needs `model`.
 
-    spec = store.model_spec  # type: ignore[attr-defined]
-    lm = load_model(spec)
+    Returns the tail and the warnings to show (other weights chosen on purpose with `checkpoint`).
+    """
+    from ..inputs.models import reopen_recorded
+
+    cfg = getattr(store, "config", None) or {}
     pre = getattr(store, "preprocess", None)
     size = tuple(pre.input_size) if pre is not None and getattr(pre, "input_size", None) else None
-    split = split_model(lm.model, store.layer, size, verify=False)  # type: ignore[arg-type]
+    opened = reopen_recorded(cfg.get("model") or {}, store.layer, model=model, checkpoint=checkpoint,  # type: ignore[arg-type]
+                             what="the test store", command="c2mf evaluate --train ... --test ... --dict ... -o ...",
+                             input_size=size)  # type: ignore[arg-type]
+    split = opened.split
     h = split.h.to(device).eval()
     for p in h.parameters():
         p.requires_grad_(False)
-    return _Tail(h, split.from_store)
+    return _Tail(h, split.from_store), opened.warnings
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -456,12 +463,17 @@ def evaluate(
     names: Sequence[str] | None = None,
     device: str | torch.device = "auto",
     tail: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    model: str | None = None,
+    checkpoint: str | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Every metric of docs/metrics.md for each dictionary, side by side, with references; returns a dict.
 
     names: one row label per dictionary (default "<method> k=<k>"). tail: h in the store layout (activations
     (m, *positions, c) -> logits), built from the store's model spec when not given (tests pass their own).
+    model, checkpoint: override the model / weights the stores record. The recorded weights' sha256 is checked
+    (other weights given with `checkpoint` are a warning in the result's notes), and a model recorded as code
+    (path/file.py:factory) is run only when `model` names it: a store may come from someone else.
     out_dir: when given, also writes evaluation.json and the PNG plots there (`write_results`).
 
     Codes are solved under each encoding of `config.encode_class` (the class that picks gates, per-class
@@ -480,8 +492,9 @@ def evaluate(
     _check_inputs(train_store, test_store, crops_store, dictionaries, labels)
     class_maps = [_class_map(d, test_store, lab) for d, lab in zip(dictionaries, labels)]
     dicts = [d.to(dev) for d in dictionaries]
+    model_warnings: list[str] = []
     if tail is None:
-        tail = _tail_from_store(test_store, dev)
+        tail, model_warnings = _tail_from_store(test_store, dev, model, checkpoint)
     prefix = int(getattr(test_store, "num_prefix_tokens", 0) or 0)
     classes = list(test_store.classes)
     cap = config.max_images_per_class
@@ -588,7 +601,7 @@ def evaluate(
         "references": references,
         "methods": methods,
         "significance": significance,
-        "notes": [n for m in methods for n in m["notes"]],
+        "notes": model_warnings + [n for m in methods for n in m["notes"]],
         "clustering": clustering,
         "per_image": {
             "store_class": group.tolist(),

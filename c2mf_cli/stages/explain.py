@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -28,7 +27,7 @@ from ..errors import C2MFError, UsageError
 from ..methods import decode, encode, gates, needs_class
 from ..metrics.importance import gradcam, integrated_gradients
 from ..inputs.images import read_image
-from ..inputs.models import CannotSplit, LoadedModel, ModelSpec, Preprocess, Split, WeightsMismatch, reopen
+from ..inputs.models import LoadedModel, Preprocess, Split, reopen_recorded
 from ..render.figures import ConceptPanel, explanation_figure, save_png
 from ..render.geometry import geometry_for
 
@@ -210,56 +209,13 @@ class Explainer:
         d = d.to(dev)
         cfg = _source_config(d)
         recorded = cfg.get("model") or {}
-        if model is None and not recorded.get("name"):
-            raise C2MFError("the dictionary does not record its model: give --model (and --checkpoint)")
-        if model is None and ModelSpec(name=str(recorded["name"])).is_factory:
-            # a dictionary may come from someone else: code it names runs only when the user names it too
-            ckpt = recorded.get("checkpoint")
-            raise C2MFError(
-                f"the dictionary records its model as code, {recorded['name']!r}, and c2mf never runs code because "
-                "a file names it: if you trust that file, pass it yourself: c2mf explain DICT IMAGE... --model "
-                f"{shlex.quote(str(recorded['name']))}" + (f" --checkpoint {shlex.quote(str(ckpt))}" if ckpt else "")
-            )
         layer = cfg.get("layer")
         if not layer:
             raise C2MFError("the dictionary does not record the layer it was fitted on: refit it from a c2mf store")
-        recorded_ckpt = recorded.get("checkpoint") if not recorded.get("pretrained") else None
-        # without --checkpoint the recorded weights are used, even with --model: their hash then says if they fit
-        spec = ModelSpec(
-            name=model or recorded["name"],
-            checkpoint=checkpoint if checkpoint is not None else recorded_ckpt,
-            pretrained=bool(recorded.get("pretrained", False)) if model is None else False,
-        )
-        want = recorded.get("weights_sha256")
-        if checkpoint is None and recorded_ckpt and not Path(recorded_ckpt).expanduser().is_file():
-            raise C2MFError(f"the checkpoint the dictionary was fitted with, {recorded_ckpt!r}, is missing: if it "
-                            f"moved, give --checkpoint NEW_PATH (weights sha256 {str(want)[:12]}...), and --model for "
-                            "a factory file (path/file.py:factory) that moved")
-        if model is None and checkpoint is None:
-            way_out = ("if the model's file moved, give --checkpoint NEW_PATH (and --model for a factory file, "
-                       "path/file.py:factory, that moved)")
-        else:
-            way_out = "check --model/--checkpoint"
         recorded_pre = Preprocess.from_dict(cfg["preprocess"]) if cfg.get("preprocess") else None
-        try:
-            opened = reopen(spec, layer, want, input_size=recorded_pre.input_size if recorded_pre else None,
-                            what="the dictionary", allow_other_weights=checkpoint is not None,
-                            hint="the checkpoint file changed; give --checkpoint to use these weights anyway")
-        except (WeightsMismatch, UsageError):
-            raise
-        except CannotSplit as e:
-            if model is None:
-                raise C2MFError(str(e)) from None
-            raise C2MFError(f"the dictionary was fitted at layer {layer!r}, which --model {model!r} cannot be split "
-                            f"at ({str(e).rstrip('. ')}): --model must name the architecture the dictionary was "
-                            "fitted on") from None
-        except C2MFError as e:
-            raise C2MFError(f"cannot load the dictionary's model {spec.name!r}: {str(e).rstrip('. ')}; "
-                            f"{way_out}") from None
-        except (OSError, ImportError, RuntimeError, ValueError, KeyError) as e:
-            raise C2MFError(
-                f"cannot load the dictionary's model {spec.name!r} ({type(e).__name__}: {e}); {way_out}"
-            ) from None
+        opened = reopen_recorded(recorded, layer, model=model, checkpoint=checkpoint, what="the dictionary",
+                                 command="c2mf explain DICT IMAGE...",
+                                 input_size=recorded_pre.input_size if recorded_pre else None)
         loaded, split, warnings = opened.loaded, opened.split, opened.warnings
         preprocess = recorded_pre or loaded.preprocess
         if split.layout == "vector":

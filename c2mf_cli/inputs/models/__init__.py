@@ -19,6 +19,7 @@ _LAZY = {
     "Split": "split", "split_model": "split", "unknown_layer_error": "split",
     "LayerInfo": "layers", "list_layers": "layers",
     "CannotSplit": "recorded", "Reopened": "recorded", "WeightsMismatch": "recorded", "reopen": "recorded",
+    "recorded_spec": "recorded", "reopen_recorded": "recorded",
 }
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Layout", "ModelSpec", "Preprocess", "preprocess_from_model", *_LAZY]
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from .checkpoints import LoadReport, file_sha256, load_checkpoint, state_dict_sha256
     from .layers import LayerInfo, list_layers
     from .load import LoadedModel, load_model
-    from .recorded import CannotSplit, Reopened, WeightsMismatch, reopen
+    from .recorded import CannotSplit, Reopened, WeightsMismatch, recorded_spec, reopen, reopen_recorded
     from .split import Split, split_model, unknown_layer_error
 
 

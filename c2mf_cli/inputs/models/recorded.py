@@ -6,9 +6,13 @@ all of them give the same guarantee: the weights are those recorded (sha256), an
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ...errors import C2MFError
+from ...errors import C2MFError, UsageError
 from .load import LoadedModel, load_model
 from .spec import ModelSpec
 from .split import Split, split_model
@@ -34,6 +38,54 @@ class Reopened:
     loaded: LoadedModel
     split: Split
     warnings: list[str] = field(default_factory=list)
+
+
+def recorded_spec(
+    recorded: Mapping[str, Any],
+    *,
+    model: str | None,
+    checkpoint: str | None,
+    what: str,
+    command: str,
+) -> ModelSpec:
+    """The model to reopen: the one `recorded` (a store's or dictionary's "model" record), or the user's override.
+
+    A store or dictionary may come from someone else, so code it names is never run because it names it: a
+    recorded factory (path/file.py:factory, package.module:factory) is refused unless the user passes `model`,
+    and the refusal shows the command that would run it. Without `checkpoint`, the recorded weights file is used
+    (also with `model`: its hash then says whether it fits).
+
+    Args:
+        recorded: the record ({"name", "checkpoint", "pretrained", ...}).
+        model, checkpoint: the user's --model / --checkpoint, or None.
+        what: what holds the record, for messages ("the dictionary", "the test store").
+        command: the command line to show with --model appended ("c2mf explain DICT IMAGE...").
+
+    Raises:
+        C2MFError: nothing recorded and nothing given; a recorded factory not named by the user; the recorded
+            checkpoint file is missing.
+    """
+    name = recorded.get("name")
+    if model is None and not name:
+        raise C2MFError(f"{what} does not record its model: give --model (and --checkpoint)")
+    recorded_ckpt = recorded.get("checkpoint") if not recorded.get("pretrained") else None
+    if model is None and ModelSpec(name=str(name)).is_factory:
+        # without --checkpoint the recorded weights are used and their sha256 checked: only --model is needed
+        raise C2MFError(
+            f"{what} records its model as code, {name!r}, and c2mf never runs code because a file names it: if you "
+            f"trust that file, pass it yourself: {command} --model {shlex.quote(str(name))}"
+            + (f" --checkpoint {shlex.quote(str(checkpoint))}" if checkpoint else "")
+        )
+    if checkpoint is None and recorded_ckpt and not Path(str(recorded_ckpt)).expanduser().is_file():
+        want = recorded.get("weights_sha256")
+        raise C2MFError(f"the checkpoint {what} was made with, {recorded_ckpt!r}, is missing: if it moved, give "
+                        f"--checkpoint NEW_PATH (weights sha256 {str(want)[:12]}...), and --model for a factory "
+                        "file (path/file.py:factory) that moved")
+    return ModelSpec(
+        name=model or str(name),
+        checkpoint=checkpoint if checkpoint is not None else recorded_ckpt,
+        pretrained=bool(recorded.get("pretrained", False)) if model is None else False,
+    )
 
 
 def reopen(
@@ -75,3 +127,43 @@ def reopen(
             raise mismatch
         warnings.append(mismatch.fact)
     return Reopened(loaded, split, warnings)
+
+
+def reopen_recorded(
+    recorded: Mapping[str, Any],
+    layer: str,
+    *,
+    model: str | None,
+    checkpoint: str | None,
+    what: str,
+    command: str,
+    input_size: tuple[int, int, int] | None = None,
+) -> Reopened:
+    """`recorded_spec` then `reopen`, with every failure turned into one error that names the way out.
+
+    The weights are checked against the record's sha256; weights the user chose with `checkpoint` may differ
+    (a warning in `Reopened.warnings`). `what`, `command`: as in `recorded_spec` ("the dictionary", ...).
+    """
+    spec = recorded_spec(recorded, model=model, checkpoint=checkpoint, what=what, command=command)
+    if model is None and checkpoint is None:
+        way_out = ("if the model's file moved, give --checkpoint NEW_PATH (and --model for a factory file, "
+                   "path/file.py:factory, that moved)")
+    else:
+        way_out = "check --model/--checkpoint"
+    try:
+        return reopen(spec, layer, recorded.get("weights_sha256"), input_size=input_size, what=what,
+                      allow_other_weights=checkpoint is not None,
+                      hint="the checkpoint file changed; give --checkpoint to use these weights anyway")
+    except (WeightsMismatch, UsageError):
+        raise
+    except CannotSplit as e:
+        if model is None:
+            raise C2MFError(str(e)) from None
+        raise C2MFError(f"{what} was made at layer {layer!r}, which --model {model!r} cannot be split at "
+                        f"({str(e).rstrip('. ')}): --model must name the architecture {what} was made with") from None
+    except C2MFError as e:
+        raise C2MFError(f"cannot load the model of {what}, {spec.name!r}: {str(e).rstrip('. ')}; {way_out}") from None
+    except (OSError, ImportError, RuntimeError, ValueError, KeyError) as e:
+        raise C2MFError(
+            f"cannot load the model of {what}, {spec.name!r} ({type(e).__name__}: {e}); {way_out}"
+        ) from None
