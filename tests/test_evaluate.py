@@ -160,3 +160,23 @@ def test_write_results_turns_nan_into_null(tmp_path):
     files = write_results(res, tmp_path / "out")
     text = Path(files["json"]).read_text()
     assert "NaN" not in text and json.loads(text)["methods"][0]["similarity"]["pearson_mean"] is None
+
+
+def test_sobol_ranks_concepts_when_asked(tmp_path):
+    """--importance sobol: CRAFT's total Sobol indices rank the concepts for insertion/deletion, and only the
+    rankings asked for are computed (no IG, so no completeness entry)."""
+    W, tail, train, test = _world()
+    exact, _ = _dicts(W)
+    cfg = EvaluateConfig(batch_size=256, rankings=("sobol", "gradcam"), sobol_designs=8, encode_class=("predicted",))
+    res = evaluate(train, test, [exact], config=cfg, tail=tail, device="cpu", out_dir=tmp_path)
+    (ex,) = res["methods"]
+    assert set(ex["insertion_deletion"]) == {"sobol", "gradcam"} and "ig_completeness" not in ex["importance"]
+    sob = np.array(ex["importance"]["sobol_mean"])
+    assert sob.shape == (K,) and (sob >= 0).all() and sob.sum() > 0
+    assert ex["importance"]["sobol_designs"] == 8 and res["settings"]["rankings"] == ["sobol", "gradcam"]
+    idl = ex["insertion_deletion"]["sobol"]
+    assert idl["insertion"]["accuracy"][-1] == pytest.approx(ex["reconstruction"]["accuracy"]["mean"])
+    assert (tmp_path / "insertion_deletion_sobol_prob.png").is_file()
+    assert not (tmp_path / "insertion_deletion_ig_prob.png").exists()
+    with pytest.raises(Exception, match="--importance takes distinct values"):
+        EvaluateConfig(rankings=("shap",))

@@ -187,6 +187,18 @@ def test_ig_completeness_in_record(world):
     assert abs(sum(rec["importance"]) - gap) <= 1e-3 * max(abs(gap), 1.0)
 
 
+def test_sobol_importance_in_explain(world, tmp_path):
+    """--importance sobol: unsigned total Sobol indices, so every drawn concept is evidence for the class."""
+    r = CliRunner().invoke(app, ["explain", str(world["paths"][1][1]), "--dict", str(world["dict_path"]), "--model",
+                                 world["model"], "--importance", "sobol", "--sobol-designs", "8", "--out",
+                                 str(tmp_path / "o"), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert rec["importance_method"] == "sobol" and min(rec["importance"]) >= 0.0 and max(rec["importance"]) > 0.0
+    assert rec["top_concepts"] and all(c["evidence"] == "for" for c in rec["top_concepts"])
+    assert any("unsigned" in n for n in rec["notes"])
+
+
 def test_batch_goes_on_past_bad_images_and_writes_files(world, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\x00garbage")

@@ -154,3 +154,74 @@ def test_side_input_reaches_the_head_with_the_right_image():
     with torch.no_grad():
         full = torch.softmax(head(U, side), 1)[torch.arange(5), t].mean().item()
     assert ins.insertion.prob[-1] == pytest.approx(full, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- Sobol
+
+
+def _jansen_reference(masks: np.ndarray, outputs: np.ndarray, designs: int) -> np.ndarray:
+    """CRAFT's JansenEstimator as published (deel-ai/Craft, craft/sobol/estimators.py), written out in loops."""
+    k = masks.shape[1]
+    a = outputs[:designs]
+    c = [outputs[2 * designs + designs * i: 2 * designs + designs * (i + 1)] for i in range(k)]
+    var = sum((v - a.mean()) ** 2 for v in a) / (len(a) - 1)
+    return np.array([np.sum((a - c[i]) ** 2) / (2 * designs * var) for i in range(k)])
+
+
+def test_sobol_design_is_a_then_b_then_each_column_swapped():
+    from c2mf_cli.metrics.importance import sobol_masks
+
+    k, d = 3, 8
+    m = sobol_masks(k, d).numpy()
+    assert m.shape == (d * (k + 2), k) and (m >= 0).all() and (m < 1).all()
+    a, b = m[:d], m[d:2 * d]
+    for i in range(k):
+        c = m[2 * d + i * d: 2 * d + (i + 1) * d]
+        np.testing.assert_array_equal(np.delete(c, i, axis=1), np.delete(a, i, axis=1))
+        np.testing.assert_array_equal(c[:, i], b[:, i])
+    from scipy.stats import qmc
+
+    np.testing.assert_array_equal(np.concatenate([a, b], 1), qmc.Halton(2 * k, scramble=False).random(d).astype(np.float32))
+
+
+def test_jansen_matches_crafts_estimator():
+    from c2mf_cli.metrics.importance import jansen_total, sobol_masks
+
+    k, d = 4, 16
+    masks = sobol_masks(k, d).numpy()
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=k)
+    outputs = np.tanh(masks @ w) + masks[:, 0] * masks[:, 2]
+    ours = jansen_total(torch.from_numpy(outputs)[None].double(), d, k)[0].numpy()
+    np.testing.assert_allclose(ours, _jansen_reference(masks, outputs, d), rtol=1e-12)
+
+
+def test_sobol_known_answers():
+    """Additive head: ST_j = (a_j s_j)^2 / sum_i (a_i s_i)^2. Product of two concepts (masks uniform on [0, 1]):
+    ST = E[m^2] Var(m) / Var(m1 m2) = (1/3)(1/12) / (1/9 - 1/16) = 4/7 for both, 0 for an unused third."""
+    from c2mf_cli.metrics import sobol
+
+    a = torch.tensor([3.0, -1.0, 0.0, 2.0])
+    U = torch.tensor([[[1.0, 2.0, 5.0, 0.5], [1.0, 0.0, 1.0, 0.5]]])  # s = [2, 2, 6, 1]
+    additive = lambda V: (V.sum(1) @ a)[:, None]  # noqa: E731
+    st = sobol(U, additive, torch.tensor([0]), designs=1024)[0]
+    s = U.sum(1)[0]
+    expected = (a * s) ** 2 / ((a * s) ** 2).sum()
+    torch.testing.assert_close(st, expected, atol=0.02, rtol=0.0)
+    product = lambda V: (V[:, :, 0].sum(1) * V[:, :, 1].sum(1))[:, None]  # noqa: E731
+    st = sobol(torch.ones(1, 1, 3), product, torch.tensor([0]), designs=1024)[0]
+    torch.testing.assert_close(st, torch.tensor([4 / 7, 4 / 7, 0.0]), atol=0.02, rtol=0.0)
+
+
+def test_sobol_of_a_constant_head_is_zero_and_batches_agree():
+    from c2mf_cli.metrics import sobol
+
+    st = sobol(torch.rand(2, 3, 4), lambda V: torch.ones(V.shape[0], 2), torch.tensor([0, 1]), designs=8)
+    assert torch.equal(st, torch.zeros(2, 4))
+    torch.manual_seed(0)
+    M = torch.randn(4, 3)
+    head = lambda V: torch.tanh(V.mean(1) @ M)  # noqa: E731
+    U, t = torch.rand(5, 3, 4), torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(sobol(U, head, t, designs=8, batch_size=40), sobol(U, head, t, designs=8, batch_size=10**6))
+    with pytest.raises(C2MFError, match="at least 2 designs"):
+        sobol(U, head, t, designs=1)

@@ -128,6 +128,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
         out_tables.append(_reconstruction_table(
             result, per_class, "k per class: k x classes directions (not the same capacity as the block above)"))
 
+    from ..metrics.importance import RANKING_LABELS, RANKINGS  # imported here: --help stays free of torch
+
     t2 = Table(title="Consistency and fit: MSE(A, UW) on train and test")
     for col in ("method", "k", "train MSE", "test MSE", "train − test", "rel. error (test)", "R² (test)"):
         t2.add_column(col, justify="left" if col == "method" else "right")
@@ -138,12 +140,14 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
     t3 = Table(title="Concept insertion ↑ / deletion ↓ AUC (probability of the predicted class; accuracy)",
                caption="bold: best among methods whose reconstruction keeps the model's decision")
-    for col in ("method", "k", "ins Grad-CAM", "del Grad-CAM", "ins IG", "del IG", "IG completeness err"):
-        t3.add_column(col, justify="left" if col == "method" else "right")
     with_curves = [m for m in ms if m.get("insertion_deletion")]
+    ranks = [r for r in RANKINGS if any(r in m["insertion_deletion"] for m in with_curves)]
+    cols = ["method", "k"] + [f"{mode} {RANKING_LABELS[r]}" for r in ranks for mode in ("ins", "del")]
+    for col in cols + (["IG completeness err"] if "ig" in ranks else []):
+        t3.add_column(col, justify="left" if col == "method" else "right")
     trusted = [m for m in with_curves if m.get("preserves_decision") is not False]
     best: dict[tuple[str, str], str] = {}
-    for rank in ("gradcam", "ig"):
+    for rank in ranks:
         for mode, better in (("insertion", max), ("deletion", min)):
             vals = [(m["insertion_deletion"][rank][mode]["prob_auc"], m["name"]) for m in trusted
                     if m["insertion_deletion"].get(rank) and m["insertion_deletion"][rank][mode]["prob_auc"] is not None]
@@ -152,13 +156,15 @@ def tables(result: dict[str, Any]) -> list[Table]:
     for m in with_curves:
         idl = m["insertion_deletion"]
         cells = []
-        for rank in ("gradcam", "ig"):
+        for rank in ranks:
             for mode in ("insertion", "deletion"):
                 c = idl[rank][mode]
                 text = f"{_num(c['prob_auc'], '.3f')} / {_num(c['accuracy_auc'], '.3f')}"
                 cells.append(f"[bold]{text}[/bold]" if best.get((rank, mode)) == m["name"] else text)
-        comp = m["importance"]["ig_completeness"]
-        t3.add_row(m["name"], str(m["k"]), *cells, f"{_num(comp['mean_relative_error'], '.1e')} (rel.)")
+        if "ig" in ranks:
+            comp = m["importance"]["ig_completeness"]
+            cells.append(f"{_num(comp['mean_relative_error'], '.1e')} (rel.)")
+        t3.add_row(m["name"], str(m["k"]), *cells)
         for w in m.get("warnings", []):
             t3.add_row(f"  ⚠ {m['name']}: {w}", style="yellow")
     out_tables += [t2, t3]
@@ -202,6 +208,10 @@ def evaluate(
     device: str = option("device"),
     max_images: Optional[int] = option("max_images_per_class"),
     ig_steps: int = option("ig_steps"),
+    importance: str = option("importance", default="gradcam,ig", help="The importances that rank concepts for "
+                             "insertion/deletion, comma-separated among gradcam, ig, sobol (CRAFT's total Sobol "
+                             "indices: designs x (k + 2) model calls per image, so asked for by name)."),
+    sobol_designs: int = option("sobol_designs"),
     batch_size: int = option("batch_size", default=1024, help="Rows (image x step) per call of the model's tail."),
     seed: int = option("seed", help="Seed of the clustering ablation's k-means."),
     encode_class: str = typer.Option(
@@ -236,7 +246,9 @@ def evaluate(
 
     config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed,
                             encode_class=tuple(e.strip() for e in encode_class.split(",") if e.strip()),
-                            min_agreement=min_agreement, attribution=attribution)
+                            min_agreement=min_agreement, attribution=attribution,
+                            rankings=tuple(r.strip().lower() for r in importance.split(",") if r.strip()),
+                            sobol_designs=sobol_designs)
     train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
     crops_s = ActivationStore.open(crops) if crops is not None else None
     loaded = []

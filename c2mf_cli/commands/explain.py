@@ -21,6 +21,7 @@ def explain(
     method_old: Optional[str] = deprecated("--method", "gradcam|ig"),
     top: int = option("top", default=5, help="Concepts drawn per image on each side (evidence for, against)."),
     ig_steps: int = option("ig_steps"),
+    sobol_designs: int = option("sobol_designs"),
     labels: Optional[Path] = option("labels"),
     model: Optional[str] = option("model", help="Override the model recorded in the dictionary."),
     checkpoint: Optional[Path] = option("checkpoint", help="Override the weights file recorded in the dictionary."),
@@ -47,8 +48,8 @@ def explain(
     Example: c2mf explain bird.jpg --dict cub_c2mf.safetensors --importance ig --top 5 -o explain/
     """
     how = resolve(importance, method_old, old_name="--method (explain)", new_name="--importance") or "gradcam"
-    if how.lower() not in ("gradcam", "ig"):
-        raise UsageError(f"--importance must be gradcam or ig, got {how!r}")
+    if how.lower() not in ("gradcam", "ig", "sobol"):
+        raise UsageError(f"--importance must be gradcam, ig or sobol, got {how!r}")
     check_input(dict_path, "--dict", kind="file")
     check_input(labels, "--labels", kind="file")
     check_input(checkpoint, "--checkpoint", kind="file")
@@ -57,7 +58,7 @@ def explain(
     from ..stages.explain import AtlasCrops, ExplainConfig, Explainer, explain_images
 
     config = ExplainConfig(importance=how.lower(), top=top, target=class_, ig_steps=ig_steps,  # type: ignore[arg-type]
-                           min_share=min_share)
+                           sobol_designs=sobol_designs, min_share=min_share)
     rep = Reporter(quiet=quiet or json_out)
     rep.log(f"loading the model of {dict_path}")
     explainer = Explainer.create(dict_path, config, model=model, checkpoint=str(checkpoint) if checkpoint else None,

@@ -80,8 +80,12 @@ SPECS: dict[str, OptionSpec] = {
     "input_size": OptionSpec(("--input-size",), "Override the model's input size, H,W.", "H,W"),
     "klass": OptionSpec(("--class",), "Class: model output index or class name.", "CLASS"),
     "top": OptionSpec(("--top",), "How many to show.", "N"),
-    "importance": OptionSpec(("--importance",), "Concept importance: gradcam or ig.", "gradcam|ig", "gradcam"),
+    "importance": OptionSpec(("--importance",), "Concept importance: gradcam, ig or sobol (CRAFT's total Sobol "
+                             "indices: unsigned, designs x (k + 2) model calls per image).", "gradcam|ig|sobol",
+                             "gradcam"),
     "ig_steps": OptionSpec(("--ig-steps",), "Integrated Gradients steps (>= 32 advised).", "N", 32),
+    "sobol_designs": OptionSpec(("--sobol-designs",), "Sobol design size: designs x (k + 2) model calls per image "
+                                "(32: CRAFT's default).", "N", 32),
 }
 
 # Old spelling -> (new spelling, metavar of the old one or None for a flag). Removed in REMOVED_IN.

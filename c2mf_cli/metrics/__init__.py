@@ -1,6 +1,6 @@
 """Metric families for concept dictionaries, one module each (docs/metrics.md gives each formula).
 
-importance (Grad-CAM, Integrated Gradients on codes), insertion (concept insertion/deletion curves),
+importance (Grad-CAM, Integrated Gradients, total Sobol indices on codes), insertion (concept insertion/deletion curves),
 similarity (|Pearson|, |cosine| between concepts), reconstruction (per-class accuracy, MSE, R^2),
 ood (crops as out-of-distribution), clustering (the multi-class ablation), recovery (planted ground truth),
 significance (paired exact McNemar tests). Pure functions on tensors/arrays: they know nothing of stores, models
@@ -14,7 +14,8 @@ ranks concepts by the importance computed just before it).
 
 from ._common import Batch, Metric, Settings
 from .clustering import ClusteredDictionary, KMeansResult, cluster_concepts, kmeans
-from .importance import IGResult, ImportanceMetric, gradcam, integrated_gradients, ranking
+from .importance import (DEFAULT_RANKINGS, RANKING_LABELS, RANKINGS, IGResult, ImportanceMetric, gradcam, integrated_gradients,
+                         ranking, sobol)
 from .insertion import CurveResult, InsertionDeletion, InsertionDeletionMetric, insertion_deletion
 from .ood import confidence_histograms, max_softmax, ood_scores
 from .reconstruction import (FitAccumulator, FitMetric, ReconstructionMetric, consistency, fit_quality,
@@ -33,6 +34,9 @@ EVALUATE_METRICS: tuple[type[Metric], ...] = (
 
 __all__ = [
     "ALPHA",
+    "DEFAULT_RANKINGS",
+    "RANKING_LABELS",
+    "RANKINGS",
     "Batch",
     "EVALUATE_METRICS",
     "FitMetric",
@@ -69,4 +73,5 @@ __all__ = [
     "pairwise_similarity",
     "per_class_accuracy",
     "ranking",
+    "sobol",
 ]

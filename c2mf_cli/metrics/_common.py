@@ -89,6 +89,8 @@ class Settings(Protocol):
     ig_steps: int
     ig_rule: str
     batch_size: int
+    rankings: tuple[str, ...]  # importances computed and ranked by (metrics.importance.RANKINGS)
+    sobol_designs: int
 
 
 class Metric(Protocol):

@@ -1,4 +1,5 @@
-"""Concept importance on the code map: Grad-CAM and Integrated Gradients (docs/metrics.md, "Grad-CAM" and "Integrated Gradients").
+"""Concept importance on the code map: Grad-CAM, Integrated Gradients and total Sobol indices (docs/metrics.md,
+"Grad-CAM", "Integrated Gradients" and "Sobol").
 
 Notation: U (n, P, k) are the non-negative (or, for PCA, signed) codes of n images at P positions on k
 concepts; `head(U) -> logits (n, n_outputs)` is the rest of the network applied to the reconstruction
@@ -19,6 +20,9 @@ from ..errors import C2MFError
 from ._common import Batch, Head, Settings, call_head, check_codes, chunk_size
 
 IGRule = Literal["gausslegendre", "trapezoid"]
+RANKINGS = ("gradcam", "ig", "sobol")  # every importance evaluate can rank concepts by, in table order
+RANKING_LABELS = {"gradcam": "Grad-CAM", "ig": "IG", "sobol": "Sobol"}
+DEFAULT_RANKINGS = ("gradcam", "ig")  # Sobol costs designs x (k + 2) head calls per image: asked for by name
 
 
 def _target_logit_grad(
@@ -143,13 +147,82 @@ def integrated_gradients(
     return IGResult(attr, logit, base, attr.sum(dim=1) - (logit - base))
 
 
+def sobol_masks(k: int, designs: int) -> torch.Tensor:
+    """CRAFT's design for total Sobol indices of k concepts: (designs * (k + 2), k) masks in [0, 1).
+
+    An unscrambled Halton sequence in 2k dimensions gives the sampling matrices A and B (designs x k each);
+    C_i is A with column i taken from B. Rows are A, then B, then C_1 ... C_k (the order the estimator reads).
+    """
+    from scipy.stats import qmc
+
+    if designs < 2:
+        raise C2MFError(f"Sobol indices need at least 2 designs, got {designs}: use 32 (CRAFT's default) or more")
+    ab = qmc.Halton(2 * k, scramble=False).random(designs).astype(np.float32)
+    a, b = ab[:, :k], ab[:, k:]
+    c = np.repeat(a[None], k, axis=0)
+    for i in range(k):
+        c[i, :, i] = b[:, i]
+    return torch.from_numpy(np.concatenate([a, b, c.reshape(-1, k)]))
+
+
+def jansen_total(outputs: torch.Tensor, designs: int, k: int) -> torch.Tensor:
+    """Jansen's estimator of the total Sobol indices from the outputs (m, designs * (k + 2)) on `sobol_masks`.
+
+    ST_i = sum_d (f(A)_d - f(C_i)_d)^2 / (2 designs Var f(A)), Var the unbiased sample variance over A; an output
+    that does not vary (Var = 0: no concept changes it) gives 0 for every concept, not a division by zero.
+    """
+    a = outputs[:, :designs]
+    c = outputs[:, 2 * designs:].reshape(outputs.shape[0], k, designs)
+    var = a.var(dim=1, unbiased=True)
+    num = (a[:, None, :] - c).pow(2).sum(dim=2)
+    st = num / (2 * designs * var.clamp_min(torch.finfo(outputs.dtype).tiny))[:, None]
+    return torch.where(var[:, None] > 0, st, torch.zeros_like(st))
+
+
+def sobol(
+    U: torch.Tensor,
+    head: Head,
+    targets: torch.Tensor,
+    *,
+    designs: int = 32,
+    side: torch.Tensor | None = None,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Total Sobol index of each concept, shape (n, k), as CRAFT estimates it.
+
+    For each image, the codes of concept j are scaled by a mask value at every position (the
+    re-parameterisation CRAFT uses for code maps), over the `sobol_masks` design; the target logit of each
+    perturbed map is fed to Jansen's estimator. The index is the share of the logit's variance that concept j
+    takes part in (alone or with others): unsigned, so it says how much, not in which direction.
+    `designs` * (k + 2) head calls per image (32 designs: CRAFT's default).
+    """
+    U, targets = check_codes(U, targets)
+    n, _, k = U.shape
+    masks = sobol_masks(k, designs).to(device=U.device, dtype=U.dtype)
+    per = masks.shape[0]
+    out = []
+    step = chunk_size(per, batch_size)
+    with torch.no_grad():
+        for s in range(0, n, step):
+            u = U[s : s + step].detach()
+            m = u.shape[0]
+            X = u[:, None] * masks[None, :, None, :]  # (m, N, P, k)
+            rows = torch.arange(m, device=U.device).repeat_interleave(per)
+            logits = call_head(head, X.reshape(m * per, *u.shape[1:]), side[s : s + step] if side is not None
+                               else None, rows)
+            y = logits.gather(1, targets[s : s + step][rows][:, None]).squeeze(1).reshape(m, per)
+            out.append(jansen_total(y.double(), designs, k).to(U.dtype))
+    return torch.cat(out) if out else U.new_zeros((0, k))
+
+
 def ranking(importance: torch.Tensor) -> torch.Tensor:
     """Concepts in decreasing order of importance, per image: (n, k) int64 (stable for ties)."""
     return torch.argsort(importance, dim=1, descending=True, stable=True)
 
 
 class ImportanceMetric:
-    """Evaluate's concept importance (Grad-CAM and IG, target: the model's prediction) and IG's completeness.
+    """Evaluate's concept importance (target: the model's prediction) by every ranking the settings ask for
+    (Grad-CAM, IG and its completeness, Sobol).
 
     Runs on test batches marked `attribute`; hands its per-image importances to later metrics as
     `batch.shared["importance"]` ({ranking name: (n, k)}).
@@ -157,7 +230,8 @@ class ImportanceMetric:
 
     def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
         self._settings = settings
-        self._mean: dict[str, list[torch.Tensor]] = {"gradcam": [], "ig": []}
+        self._names = tuple(getattr(settings, "rankings", DEFAULT_RANKINGS))
+        self._mean: dict[str, list[torch.Tensor]] = {name: [] for name in self._names}
         self._err: list[torch.Tensor] = []
         self._rel: list[torch.Tensor] = []
         self._gap: list[torch.Tensor] = []
@@ -167,29 +241,38 @@ class ImportanceMetric:
             return
         s = self._settings
         targets = batch.model_logits.argmax(1)
-        gc = gradcam(batch.U, batch.head, targets, side=batch.side, batch_size=s.batch_size)
-        ig = integrated_gradients(batch.U, batch.head, targets, steps=s.ig_steps, rule=s.ig_rule,  # type: ignore[arg-type]
-                                  side=batch.side, batch_size=s.batch_size)
-        self._err.append(ig.completeness_error.abs().cpu())
-        self._rel.append(ig.relative_completeness_error().cpu())
-        self._gap.append((ig.logit - ig.baseline_logit).abs().cpu())
-        batch.shared["importance"] = {"gradcam": gc, "ig": ig.attributions}
-        for name, imp in batch.shared["importance"].items():
+        found: dict[str, torch.Tensor] = {}
+        if "gradcam" in self._names:
+            found["gradcam"] = gradcam(batch.U, batch.head, targets, side=batch.side, batch_size=s.batch_size)
+        if "ig" in self._names:
+            ig = integrated_gradients(batch.U, batch.head, targets, steps=s.ig_steps, rule=s.ig_rule,  # type: ignore[arg-type]
+                                      side=batch.side, batch_size=s.batch_size)
+            self._err.append(ig.completeness_error.abs().cpu())
+            self._rel.append(ig.relative_completeness_error().cpu())
+            self._gap.append((ig.logit - ig.baseline_logit).abs().cpu())
+            found["ig"] = ig.attributions
+        if "sobol" in self._names:
+            found["sobol"] = sobol(batch.U, batch.head, targets, designs=getattr(s, "sobol_designs", 32),
+                                   side=batch.side, batch_size=s.batch_size)
+        batch.shared["importance"] = found
+        for name, imp in found.items():
             self._mean[name].append(imp.detach().cpu())
 
     def result(self, classes: Sequence[str]) -> dict[str, Any]:
-        if not self._err:
+        if not any(self._mean.values()):
             return {}
-        err, rel, gap = torch.cat(self._err), torch.cat(self._rel), torch.cat(self._gap)
-        return {"importance": {
-            "target": "model prediction",
-            "gradcam_mean": torch.cat(self._mean["gradcam"]).mean(0).tolist(),
-            "ig_mean": torch.cat(self._mean["ig"]).mean(0).tolist(),
-            "ig_completeness": {
+        out: dict[str, Any] = {"target": "model prediction", "rankings": list(self._names)}
+        for name, parts in self._mean.items():
+            out[f"{name}_mean"] = torch.cat(parts).mean(0).tolist()
+        if self._err:
+            err, rel, gap = torch.cat(self._err), torch.cat(self._rel), torch.cat(self._gap)
+            out["ig_completeness"] = {
                 "mean_abs_error": float(err.mean()),
                 "max_abs_error": float(err.max()),
                 "mean_relative_error": float(rel.mean()),
                 "max_relative_error": float(rel.max()),
                 "mean_abs_logit_gap": float(gap.mean()),
-            },
-        }}
+            }
+        if "sobol" in self._names:
+            out["sobol_designs"] = int(getattr(self._settings, "sobol_designs", 32))
+        return {"importance": out}

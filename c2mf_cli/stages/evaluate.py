@@ -39,6 +39,9 @@ from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
 from ..metrics import (
     ALPHA,
+    DEFAULT_RANKINGS,
+    RANKING_LABELS,
+    RANKINGS,
     EVALUATE_METRICS,
     Batch,
     cluster_concepts,
@@ -55,7 +58,7 @@ ENCODING_TYPE = "c2mf-evaluation"
 ENCODING_VERSION = 2  # 2: references, encodings, capacity, significance
 ENCODINGS = ("true", "predicted", "none")
 # every plot `write_results` may draw (names are fixed, so a rerun into the same folder replaces them)
-PLOT_FILES = tuple(f"insertion_deletion_{r}_{q}.png" for r in ("gradcam", "ig") for q in ("prob", "accuracy")) + (
+PLOT_FILES = tuple(f"insertion_deletion_{r}_{q}.png" for r in RANKINGS for q in ("prob", "accuracy")) + (
     "accuracy_vs_k.png", "confidence_histograms.png")
 
 
@@ -108,6 +111,8 @@ class EvaluateConfig:
     the first) gets every metric, the others the reconstruction. min_agreement: below this agreement with the
     model (mean over classes, headline encoding) a method's reconstruction is said not to preserve the decision.
     attribution: compute importance and insertion/deletion (the costly part; off for a quick fidelity check).
+    rankings: the importances computed and used to rank concepts for insertion/deletion (gradcam, ig, sobol);
+    sobol_designs: the Sobol design size (designs x (k + 2) head calls per image; 32 as CRAFT).
     """
 
     max_images_per_class: int | None = None
@@ -120,6 +125,8 @@ class EvaluateConfig:
     encode_class: tuple[str, ...] = ("predicted", "true")
     min_agreement: float = 0.5
     attribution: bool = True
+    rankings: tuple[str, ...] = DEFAULT_RANKINGS
+    sobol_designs: int = 32
 
     def __post_init__(self) -> None:
         if self.ig_steps < 2:
@@ -132,6 +139,12 @@ class EvaluateConfig:
         if bad or not self.encode_class or len(set(self.encode_class)) != len(self.encode_class):
             raise UsageError(f"--encode-class takes distinct values among {', '.join(ENCODINGS)} (comma-separated), "
                              f"got {','.join(self.encode_class) or 'nothing'}")
+        bad = [r for r in self.rankings if r not in RANKINGS]
+        if bad or not self.rankings or len(set(self.rankings)) != len(self.rankings):
+            raise UsageError(f"--importance takes distinct values among {', '.join(RANKINGS)} (comma-separated), "
+                             f"got {','.join(self.rankings) or 'nothing'}")
+        if self.sobol_designs < 2:
+            raise UsageError(f"--sobol-designs must be at least 2 (32 is CRAFT's default), got {self.sobol_designs}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise UsageError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
 
@@ -144,6 +157,7 @@ class EvaluateConfig:
         d = dataclasses.asdict(self)
         d["cluster_ks"] = list(self.cluster_ks) if self.cluster_ks is not None else None
         d["encode_class"] = list(self.encode_class)
+        d["rankings"] = list(self.rankings)
         return d
 
 
@@ -828,13 +842,14 @@ def write_results(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, s
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     methods = result["methods"]
-    for ranking_name in ("gradcam", "ig"):
+    for ranking_name in RANKINGS:
         for quantity in ("prob", "accuracy"):
-            curves = {m["name"]: m["insertion_deletion"][ranking_name] for m in methods if "insertion_deletion" in m}
+            curves = {m["name"]: m["insertion_deletion"][ranking_name] for m in methods
+                      if ranking_name in m.get("insertion_deletion", {})}
             if curves:
                 p = plots.insertion_deletion_curves(
                     curves, out / f"insertion_deletion_{ranking_name}_{quantity}.png", quantity=quantity,
-                    title=f"concept insertion / deletion, ranked by {'Grad-CAM' if ranking_name == 'gradcam' else 'IG'}",
+                    title=f"concept insertion / deletion, ranked by {RANKING_LABELS[ranking_name]}",
                 )
                 files[f"insertion_deletion_{ranking_name}_{quantity}"] = str(p)
     series: dict[str, list[tuple[int, float, float]]] = {}

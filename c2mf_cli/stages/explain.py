@@ -25,14 +25,14 @@ from ..devices import resolve_device
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
 from ..methods import decode, encode, gates, needs_class
-from ..metrics.importance import gradcam, integrated_gradients
+from ..metrics.importance import RANKING_LABELS, gradcam, integrated_gradients, sobol
 from ..inputs.images import read_image
 from ..inputs.models import LoadedModel, Preprocess, Split, reopen_recorded
 from ..render.figures import ConceptPanel, explanation_figure, save_png
 from ..render.geometry import geometry_for
 
-ImportanceMethod = Literal["gradcam", "ig"]
-IMPORTANCE_LABELS = {"gradcam": "Grad-CAM", "ig": "IG"}
+ImportanceMethod = Literal["gradcam", "ig", "sobol"]
+IMPORTANCE_LABELS = RANKING_LABELS
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,16 @@ class ExplainConfig:
     """How to explain.
 
     Attributes:
-        importance: "gradcam" or "ig" (Integrated Gradients from U = 0, `ig_steps` Gauss-Legendre points).
+        importance: "gradcam", "ig" (Integrated Gradients from U = 0, `ig_steps` Gauss-Legendre points) or
+            "sobol" (CRAFT's total Sobol indices, `sobol_designs` x (k + 2) head calls per image; unsigned, so
+            every drawn concept is evidence for the class: Sobol says how much a concept matters, not which way).
         top: at most this many concepts drawn on each side (evidence for, evidence against the class).
         min_share: a concept is drawn only when its |importance| is at least this fraction of the largest one:
             the rest would be noise drawn at full colour.
         target: the class to explain: a model output index, a class name, or None for the prediction.
         top_classes: classes listed with their probabilities.
         ig_steps: points of the IG path integral.
+        sobol_designs: the Sobol design size (32: CRAFT's default).
         encode_iters: NNLS iterations of the codes.
     """
 
@@ -56,11 +59,12 @@ class ExplainConfig:
     target: int | str | None = None
     top_classes: int = 5
     ig_steps: int = 32
+    sobol_designs: int = 32
     encode_iters: int = 200
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE_LABELS:
-            raise UsageError(f"unknown importance method {self.importance!r}: use gradcam or ig")
+            raise UsageError(f"unknown importance method {self.importance!r}: use gradcam, ig or sobol")
         if self.top < 1:
             raise UsageError(f"--top must be at least 1, got {self.top}")
         if not 0.0 <= self.min_share <= 1.0:
@@ -68,6 +72,8 @@ class ExplainConfig:
                              f"got {self.min_share}")
         if self.ig_steps < 2:
             raise UsageError(f"IG needs at least 2 steps, got {self.ig_steps}")
+        if self.sobol_designs < 2:
+            raise UsageError(f"Sobol needs at least 2 designs, got {self.sobol_designs}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -335,6 +341,8 @@ class Explainer:
             extra: list[dict[str, Any]] = [{} for _ in idx]
             if cfg.importance == "gradcam":
                 imp = gradcam(U, head, t, side=side)
+            elif cfg.importance == "sobol":
+                imp = sobol(U, head, t, designs=cfg.sobol_designs, side=side)
             else:
                 res = integrated_gradients(U, head, t, steps=cfg.ig_steps, side=side)
                 imp = res.attributions
@@ -380,6 +388,9 @@ class Explainer:
             drawn_for, drawn_against = [], []
         else:
             drawn_for, drawn_against = select_concepts(imp_np, cfg.top, cfg.min_share)
+        if cfg.importance == "sobol":
+            notes.append("Sobol indices are unsigned: they say how much a concept matters to this class's logit, "
+                         "not whether it speaks for or against it")
         notes += [w for w in self.warnings]
         pred = int(np.argmax(probs))
         top_cls = np.argsort(-probs, kind="stable")[: cfg.top_classes]
