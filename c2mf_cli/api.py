@@ -92,15 +92,16 @@ def fit(
     return factorize(source, method, device=device, progress=progress, concepts=k, **options)
 
 
-def encode(d: "ConceptDictionary", acts: Any, y: int | str | None = None) -> Any:
+def encode(d: "ConceptDictionary", acts: Any, y: int | str | None = None, *, codes: str = "fit") -> Any:
     """Codes U of activations for class `y` (index or name; None for a shared, ungated dictionary).
 
     `acts` (n, c) gives (n, k); (n, ..., c) gives (n, ..., k). A tensor in gives a tensor out, numpy gives numpy.
+    `codes`: "fit" (the dictionary's own rule), "nnls" (no ridge) or "lstsq" (signed least squares).
     """
     shape = tuple(acts.shape)
     is_tensor = hasattr(acts, "detach")
     rows = acts.reshape(-1, shape[-1]) if is_tensor else _rows(acts)[0]
-    U = encode_rows(d, rows, d.class_index(y) if isinstance(y, str) else y)
+    U = encode_rows(d, rows, d.class_index(y) if isinstance(y, str) else y, codes=codes)
     return U.reshape(*shape[:-1], U.shape[-1])
 
 

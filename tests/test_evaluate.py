@@ -180,3 +180,17 @@ def test_sobol_ranks_concepts_when_asked(tmp_path):
     assert not (tmp_path / "insertion_deletion_ig_prob.png").exists()
     with pytest.raises(Exception, match="--importance takes distinct values"):
         EvaluateConfig(rankings=("shap",))
+
+
+def test_code_rule_is_a_setting():
+    """--codes lstsq: signed least-squares codes on the same decoder (the planted dictionary spans the data, so
+    the reconstruction stays exact), recorded in the settings."""
+    W, tail, train, test = _world()
+    exact, _ = _dicts(W)
+    cfg = EvaluateConfig(codes="lstsq", attribution=False, encode_class=("predicted",))
+    res = evaluate(train, test, [exact], config=cfg, tail=tail, device="cpu")
+    assert res["settings"]["codes"] == "lstsq"
+    assert res["methods"][0]["reconstruction"]["agreement"]["mean"] == 1.0
+    assert res["methods"][0]["fit"]["test"]["r2"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(Exception, match="--codes must be one of fit, nnls, lstsq"):
+        EvaluateConfig(codes="ridge2")

@@ -245,3 +245,34 @@ def test_small_classes_are_read_once_and_fit_in_memory(method):
     with pytest.raises(C2MFError, match="class 'b' has NaN"):
         factorize(ArraySource(bad, classes=["a", "b", "c"], mode=get_method(method).needs), method, device="cpu",
                   **_options(method, batch_size=1000))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_code_rule_solves_against_the_methods_decoder(method):
+    """codes=nnls / lstsq solve against the same decoder as the fit's rule: lstsq reaches the least-squares
+    optimum of the decoder (no worse than any rule), nnls has no ridge and stays non-negative."""
+    src = _source(method)
+    d = factorize(src, method, device="cpu", **_options(method))
+    A = src.load(1)
+    err = {}
+    for rule in ("fit", "nnls", "lstsq"):
+        U = encode(d, A, 1, codes=rule)
+        assert U.shape == (A.shape[0], 4)
+        if rule == "nnls":
+            assert (U >= 0).all()
+        err[rule] = float(np.linalg.norm(decode(d, U, 1) - A))
+    assert err["lstsq"] <= min(err["fit"], err["nnls"]) * (1 + 1e-4), err
+    with pytest.raises(UsageError, match="unknown code rule 'ridge2'"):
+        encode(d, A, 1, codes="ridge2")
+
+
+def test_signed_codes_reconstruct_a_planted_signed_case_exactly():
+    """A signed dictionary and signed codes: lstsq recovers them exactly, the fit's non-negative codes cannot."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((3, 8)).astype(np.float32)
+    U = rng.standard_normal((50, 3)).astype(np.float32)
+    A = U @ W
+    d = ConceptDictionary({"W": torch.from_numpy(W)}, {"method": "semi-nmf", "classes": ["a"], "ridge": 0.0})
+    np.testing.assert_allclose(encode(d, A, codes="lstsq"), U, atol=1e-4)
+    nonneg = decode(d, encode(d, A, iters=500), None)
+    assert np.linalg.norm(nonneg - A) > 0.3 * np.linalg.norm(A)

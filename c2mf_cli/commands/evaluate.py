@@ -212,6 +212,11 @@ def evaluate(
                              "insertion/deletion, comma-separated among gradcam, ig, sobol (CRAFT's total Sobol "
                              "indices: designs x (k + 2) model calls per image, so asked for by name)."),
     sobol_designs: int = option("sobol_designs"),
+    codes: str = typer.Option(
+        "fit", "--codes", metavar="fit|nnls|lstsq",
+        help="How codes of test and train images are solved: fit (the rule the dictionary was fitted with: ridge "
+        "NNLS for c2mf, NNLS for NMF/CRAFT, the projection for PCA, the encoder for an SAE), nnls (no ridge) or "
+        "lstsq (signed least squares)."),
     batch_size: int = option("batch_size", default=1024, help="Rows (image x step) per call of the model's tail."),
     seed: int = option("seed", help="Seed of the clustering ablation's k-means."),
     encode_class: str = typer.Option(
@@ -248,7 +253,7 @@ def evaluate(
                             encode_class=tuple(e.strip() for e in encode_class.split(",") if e.strip()),
                             min_agreement=min_agreement, attribution=attribution,
                             rankings=tuple(r.strip().lower() for r in importance.split(",") if r.strip()),
-                            sobol_designs=sobol_designs)
+                            sobol_designs=sobol_designs, codes=codes.strip().lower())
     train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
     crops_s = ActivationStore.open(crops) if crops is not None else None
     loaded = []

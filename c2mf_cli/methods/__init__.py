@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 
 from .base import (
+    CODE_RULES,
     Method,
     MethodOption,
     basis,
@@ -31,7 +32,7 @@ from .base import (
     register_method,
 )
 
-__all__ = ["Method", "MethodOption", "basis", "check_dictionary", "class_free", "concepts_used", "config_from_options", "decode",
+__all__ = ["CODE_RULES", "Method", "MethodOption", "basis", "check_dictionary", "class_free", "concepts_used", "config_from_options", "decode",
            "encode", "gates", "get_method", "list_methods", "method_of", "method_options", "method_table",
            "needs_class", "register_method"]
 

@@ -322,15 +322,43 @@ def _like(result: torch.Tensor, template: Array) -> Array:
     return result.detach().cpu().numpy() if isinstance(template, np.ndarray) else result
 
 
-def encode(d: ConceptDictionary, A: Array, y: int | None = None, *, iters: int = 100) -> Array:
-    """Codes (n, k) of activations A (n, c) for class y, by the method that made `d` (numpy in, numpy out)."""
+CODE_RULES = ("fit", "nnls", "lstsq")
+"""How codes are solved at encoding: `fit`, the rule the dictionary was fitted with (ridge NNLS for c2mf, NNLS
+for NMF / CRAFT / semi-NMF, the projection for PCA, the encoder for an SAE); `nnls`, non-negative least squares
+without a ridge; `lstsq`, unconstrained (signed) least squares, minimum-norm for an overcomplete dictionary.
+The other two solve against the same decoder, `decode(U) = U B_y + offset_y`, so reconstruction and importance
+read them alike."""
+
+
+def encode(d: ConceptDictionary, A: Array, y: int | None = None, *, iters: int = 100, codes: str = "fit") -> Array:
+    """Codes (n, k) of activations A (n, c) for class y, by the method that made `d` (numpy in, numpy out).
+
+    `codes` picks the code rule (`CODE_RULES`): the fit's own by default.
+    """
+    if codes not in CODE_RULES:
+        raise UsageError(f"unknown code rule {codes!r}: use one of {', '.join(CODE_RULES)}")
     m = method_of(d)
     y = _class_arg(d, y, m)
     a = _to_tensor(A, d.device)
     if a.ndim != 2 or a.shape[1] != d.n_features:
         raise C2MFError(f"activations of shape {tuple(a.shape)} do not match the dictionary's "
                         f"{d.n_features} channels: expected (n, {d.n_features})")
-    return _like(m.encode(d, a, y, iters=iters), A)
+    if codes == "fit":
+        return _like(m.encode(d, a, y, iters=iters), A)
+    return _like(_solve_codes(m, d, a, y, codes, iters), A)
+
+
+def _solve_codes(m: Method, d: ConceptDictionary, a: torch.Tensor, y: int | None, rule: str,
+                 iters: int) -> torch.Tensor:
+    """Codes by `rule` against the method's decoder: decode(U) = U B_y + offset_y, offset_y = decode(0)."""
+    from .solvers.nnls import nnls
+
+    B = m.basis(d, y)
+    offset = m.decode(d, torch.zeros(1, B.shape[0], device=a.device, dtype=a.dtype), y)
+    r = a - offset
+    if rule == "nnls":
+        return nnls(r, B, ridge=0.0, iters=iters)
+    return r @ torch.linalg.pinv(B)  # (c, k): the least-squares codes, minimum-norm when k > c
 
 
 def decode(d: ConceptDictionary, U: Array, y: int | None = None) -> Array:

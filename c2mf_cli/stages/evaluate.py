@@ -51,7 +51,7 @@ from ..metrics import (
     pairwise_mcnemar,
 )
 from ..metrics.reconstruction import per_class_accuracy_from_predictions
-from ..methods import class_free, decode, encode, needs_class
+from ..methods import CODE_RULES, class_free, decode, encode, needs_class
 from ..progress import ProgressFn, no_progress
 
 ENCODING_TYPE = "c2mf-evaluation"
@@ -113,6 +113,8 @@ class EvaluateConfig:
     attribution: compute importance and insertion/deletion (the costly part; off for a quick fidelity check).
     rankings: the importances computed and used to rank concepts for insertion/deletion (gradcam, ig, sobol);
     sobol_designs: the Sobol design size (designs x (k + 2) head calls per image; 32 as CRAFT).
+    codes: how test and train codes are solved (`methods.CODE_RULES`): fit (the dictionary's own rule), nnls
+    (no ridge) or lstsq (signed least squares).
     """
 
     max_images_per_class: int | None = None
@@ -127,6 +129,7 @@ class EvaluateConfig:
     attribution: bool = True
     rankings: tuple[str, ...] = DEFAULT_RANKINGS
     sobol_designs: int = 32
+    codes: str = "fit"
 
     def __post_init__(self) -> None:
         if self.ig_steps < 2:
@@ -143,6 +146,8 @@ class EvaluateConfig:
         if bad or not self.rankings or len(set(self.rankings)) != len(self.rankings):
             raise UsageError(f"--importance takes distinct values among {', '.join(RANKINGS)} (comma-separated), "
                              f"got {','.join(self.rankings) or 'nothing'}")
+        if self.codes not in CODE_RULES:
+            raise UsageError(f"--codes must be one of {', '.join(CODE_RULES)}, got {self.codes!r}")
         if self.sobol_designs < 2:
             raise UsageError(f"--sobol-designs must be at least 2 (32 is CRAFT's default), got {self.sobol_designs}")
         if not 0.0 <= self.min_agreement <= 1.0:
@@ -335,9 +340,10 @@ def _make_head(tail: _Tail, d: DictionaryLike, y: int | None, sp: _Split) -> Cal
     return lambda U, prefix: tail(torch.cat([prefix, rows_of(U)], dim=1))
 
 
-def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None) -> torch.Tensor:
+def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None, codes: str = "fit") -> torch.Tensor:
     n, P, c = rows.shape
-    return torch.as_tensor(encode(d, rows.reshape(n * P, c), y)).reshape(n, P, -1).float()  # type: ignore[arg-type]
+    U = encode(d, rows.reshape(n * P, c), y, codes=codes)  # type: ignore[arg-type]
+    return torch.as_tensor(U).reshape(n, P, -1).float()
 
 
 def _decode(d: DictionaryLike, U: torch.Tensor, y: int | None) -> torch.Tensor:
@@ -448,7 +454,7 @@ def _feed(row: _Row, enc: str, split: str, y: int, sp: _Split, tail: _Tail, mode
     for yd, members in _groups(_index_for(row, enc, y, pred_class)):
         idx = torch.as_tensor(members, device=sp.rows.device)
         sub = _subset(sp, idx)
-        U = _encode(d, sub.rows, yd)
+        U = _encode(d, sub.rows, yd, cfg.codes)
         with torch.no_grad():
             A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd)
         head = _make_head(tail, d, yd, sub)
