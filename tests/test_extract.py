@@ -218,6 +218,8 @@ def test_cli_layers_lists_useful_layers():
     layers = {entry["name"]: entry for entry in json.loads(result.stdout)["layers"]}
     assert {f"blocks.{i}" for i in range(6)} <= set(layers)
     assert layers["blocks.2"]["shape"] == [101, 64] and layers["blocks.2"]["splits"] is True
+    # loading and checking splits takes long on a large model: it is said on stderr first, never on stdout
+    assert result.stderr.startswith("loading test_vit...")
 
 
 def test_datasets_cub_csv_split_and_class_index(tmp_path):

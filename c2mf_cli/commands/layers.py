@@ -33,7 +33,10 @@ def layers(
     from ..inputs.models import list_layers, load_model
     from .extract import model_spec
 
+    # loading a large model and checking every split point takes a while: say what is happening, on stderr
+    err.print(f"loading {name}...", markup=False)
     lm = load_model(model_spec(name, checkpoint, pretrained), preprocess_overrides={"input_size": size} if size else {})
+    err.print("listing its layers and checking where f = h(g(x)) splits exactly...", markup=False)
     infos = list_layers(lm.model, lm.preprocess.input_size)
     shown = infos if all_layers else [i for i in infos if i.useful]
     if json_out:
