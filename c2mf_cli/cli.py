@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from .commands import (atlas, demo, evaluate, explain, extract, factorize, info, layers, methods, report,
-                       verify, version)
+                       sweep, verify, version)
 from .commands._console import err
 from .errors import C2MFError
 
@@ -68,6 +68,7 @@ app.command("extract")(extract.extract)
 app.command("factorize")(factorize.factorize)
 app.command("methods")(methods.methods)
 app.command("evaluate")(evaluate.evaluate)
+app.command("sweep")(sweep.sweep)
 app.command("explain")(explain.explain)
 app.command("atlas")(atlas.atlas)
 app.command("report")(report.report)

@@ -76,7 +76,7 @@ def _dictionaries(work: Path, name: str, train: Path, crops: Path, k: int, signe
     fits = {
         "c2mf": (train, "c2mf", {}),
         "pca --shared": (train, "pca", {"shared": True}),
-        "semi-nmf --shared": (train, "semi_nmf", {"shared": True}),
+        "semi-nmf --shared": (train, "semi-nmf", {"shared": True}),
         "craft (train crops)": (crops, "craft", {"shift": True} if signed else {}),
         "pca (per class)": (train, "pca", {}),
     }
