@@ -36,6 +36,23 @@ class RowSource(Protocol):
         ...
 
 
+def rebatch(blocks: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Row blocks (e.g. one per chunk read) regrouped into batches of exactly `batch_size` rows (the last one
+    shorter), holding at most one block plus one batch."""
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    for rows in blocks:
+        pending.append(rows)
+        n_pending += rows.shape[0]
+        while n_pending >= batch_size:
+            block = np.concatenate(pending, 0) if len(pending) > 1 else pending[0]
+            yield block[:batch_size]
+            rest = block[batch_size:]
+            pending, n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if n_pending:
+        yield np.concatenate(pending, 0) if len(pending) > 1 else pending[0]
+
+
 # A source that several processes can share also offers `shard(index, count) -> RowSource`: the rows of
 # process `index` of `count`, disjoint from the other shards and together all of them (c2mf_cli.distributed).
 

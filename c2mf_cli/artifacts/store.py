@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import zarr
@@ -47,6 +47,10 @@ from .. import __version__
 from ..errors import C2MFError
 from ..inputs.models.spec import ModelSpec, Preprocess, row_layout
 from ..progress import ProgressFn, no_progress
+from .sources import rebatch
+
+if TYPE_CHECKING:
+    from .rows import RegroupedRows
 
 ENCODING_TYPE = "c2mf-activations"
 # 2: crc32c on every chunk, manifest and seal written at finalize. Version 1 stores are refused (re-extract).
@@ -586,30 +590,22 @@ class _StoreRows:
 
     def batches(self, y: int, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[np.ndarray]:
         """Reads one chunk at a time, so memory stays at a chunk plus a batch whatever the store's size."""
-        arr = self._store._group(y)["activations"]
         valid = self._store._valid(y)
         starts, step = self._starts(y)
         rng = np.random.default_rng(seed)
         if shuffle:
             rng.shuffle(starts)
-        pending: list[np.ndarray] = []
-        n_pending = 0
-        for s in starts:
-            v = valid[s : s + step]
-            if not v.any():
-                continue
-            rows = self._flatten(self._store._read(y, "activations", slice(s, s + step))[v].astype(np.float32, copy=False))
-            if shuffle:
-                rows = rows[rng.permutation(rows.shape[0])]
-            pending.append(rows)
-            n_pending += rows.shape[0]
-            while n_pending >= batch_size:
-                block = np.concatenate(pending, 0) if len(pending) > 1 else pending[0]
-                yield block[:batch_size]
-                rest = block[batch_size:]
-                pending, n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
-        if n_pending:
-            yield np.concatenate(pending, 0) if len(pending) > 1 else pending[0]
+
+        def blocks() -> Iterator[np.ndarray]:
+            for s in starts:
+                v = valid[s : s + step]
+                if not v.any():
+                    continue
+                rows = self._flatten(self._store._read(y, "activations", slice(s, s + step))[v].astype(np.float32,
+                                                                                                    copy=False))
+                yield rows[rng.permutation(rows.shape[0])] if shuffle else rows
+
+        return rebatch(blocks(), batch_size)
 
 
 class ActivationStore:
@@ -796,8 +792,17 @@ class ActivationStore:
         rows = [p for p in attrs["paths"] for _ in range(k)]
         return [p for p, v in zip(rows, self._valid(y)) if v]
 
-    def row_source(self, include_prefix_tokens: bool = False) -> _StoreRows:
-        return _StoreRows(self, include_prefix_tokens)
+    def row_source(self, include_prefix_tokens: bool = False, *, rows: str = "positions",
+                   group_by: str = "label") -> "_StoreRows | RegroupedRows":
+        """The rows methods learn from: one per position grouped by label (the default), or pooled per image
+        and / or grouped by the model's prediction (`artifacts.rows`)."""
+        if rows == "positions" and group_by == "label":
+            return _StoreRows(self, include_prefix_tokens)
+        if include_prefix_tokens:
+            raise C2MFError("prefix tokens are kept only with one row per position grouped by label")
+        from .rows import RegroupedRows
+
+        return RegroupedRows(self, rows, group_by)
 
     def _n_units_done(self) -> int:
         d = self.path / PROGRESS_DIR

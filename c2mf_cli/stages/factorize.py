@@ -68,11 +68,12 @@ def factorize(
     return d
 
 
-def open_store_source(path: str | Path) -> RowSource:
-    """The row source of an activation store written by `c2mf extract`."""
+def open_store_source(path: str | Path, *, rows: str = "positions", group_by: str = "label") -> RowSource:
+    """The row source of an activation store written by `c2mf extract`: one row per position (or per image,
+    `rows="pooled"`), grouped by label (or by the model's prediction, `group_by="predicted"`)."""
     from ..artifacts.store import ActivationStore
 
-    return ActivationStore.open(path).row_source()
+    return ActivationStore.open(path).row_source(rows=rows, group_by=group_by)
 
 
 def factorize_store(store: str | Path, method: str, out: str | Path, **kwargs: Any) -> ConceptDictionary:

@@ -1,0 +1,118 @@
+"""Row sources other than the default: pooled rows per image, grouping by the model's prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from c2mf_cli.artifacts.store import ActivationStore
+from c2mf_cli.errors import UsageError
+
+
+COLOUR_NET = '''import torch
+from torch import nn
+
+
+class ColourNet(nn.Module):
+    """Predicts from the mean colour in a shuffled order (red -> 2, green -> 0, blue -> 1); a fourth output, which
+    no store class has, wins where the colour is faint."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer3 = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 4)
+        with torch.no_grad():
+            self.layer3.weight.copy_(torch.eye(3)[:, :, None, None])
+            self.layer3.bias.zero_()
+            self.fc.weight.copy_(torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0], [0.3, 0.3, 0.3]]))
+            self.fc.bias.copy_(torch.tensor([0.0, 0, 0, 0.5]))
+
+    def forward(self, x):
+        return self.fc(self.layer3(x).mean((2, 3)))
+
+
+def net():
+    return ColourNet()
+'''
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return ActivationStore.open(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def colour_store(tmp_path_factory, image_folder):
+    """A store whose model predicts every class of the store but in another order, and an output of none."""
+    from tests.conftest import build_store
+
+    root = tmp_path_factory.mktemp("colour")
+    (root / "colour_net.py").write_text(COLOUR_NET)
+    return ActivationStore.open(build_store(root / "s.zarr", image_folder, model=f"{root / 'colour_net.py'}:net"))
+
+
+def test_default_grouping_by_label_matches_the_store(store):
+    """positions + label through the regrouping source gives exactly the default source's rows."""
+    from c2mf_cli.artifacts.rows import RegroupedRows
+
+    default, regrouped = store.row_source(), RegroupedRows(store, "positions", "label")
+    for y in range(len(store.classes)):
+        assert regrouped.n_rows(y) == default.n_rows(y)
+        np.testing.assert_array_equal(regrouped.load(y), default.load(y))
+        got = np.concatenate(list(regrouped.batches(y, 5)))
+        np.testing.assert_array_equal(got, default.load(y))
+
+
+def test_pooled_rows_are_image_means(store):
+    src = store.row_source(rows="pooled")
+    assert src.info["rows"] == "pooled" and src.info["group_by"] == "label"
+    for y in range(len(store.classes)):
+        a = store.activations(y)  # (n, h, w, c)
+        expected = a.reshape(a.shape[0], -1, a.shape[-1]).mean(axis=1)
+        assert src.n_rows(y) == a.shape[0]
+        np.testing.assert_allclose(src.load(y), expected, rtol=1e-6, atol=1e-6)
+        assert sum(b.shape[0] for b in src.batches(y, 2, shuffle=True, seed=1)) == a.shape[0]
+
+
+def test_grouping_by_prediction_follows_the_stored_logits(colour_store):
+    """Class y gets the rows of every image the model predicts as y (any label); others are counted as left out."""
+    store = colour_store
+    src = store.row_source(rows="pooled", group_by="predicted")
+    out_to_class = {o: y for y, o in enumerate(store.class_indices)}
+    expected = {y: [] for y in range(len(store.classes))}
+    left_out = 0
+    for s in range(len(store.classes)):
+        a = store.activations(s)
+        pooled = a.reshape(a.shape[0], -1, a.shape[-1]).mean(axis=1)
+        for row, o in zip(pooled, store.logits(s).argmax(1)):
+            if int(o) in out_to_class:
+                expected[out_to_class[int(o)]].append(row)
+            else:
+                left_out += 1
+    assert src.info["left_out"] == left_out and 0 < left_out < 18  # the fixture's model: some, not all
+    assert all(len(rows) for rows in expected.values())  # and every class gets images of another label
+    assert sum(src.n_rows(y) for y in expected) + left_out == sum(store.n_images(s) for s in expected)
+    for y, rows in expected.items():
+        got = src.load(y)
+        assert got.shape[0] == len(rows) == src.n_rows(y)
+        if rows:
+            np.testing.assert_allclose(got, np.stack(rows), rtol=1e-6, atol=1e-6)
+
+
+def test_shards_partition_the_rows(colour_store):
+    store = colour_store
+    src = store.row_source(group_by="predicted")
+    shards = [src.shard(i, 3) for i in range(3)]
+    for y in range(len(store.classes)):
+        assert sum(s.n_rows(y) for s in shards) == src.n_rows(y)
+        parts = [s.load(y) for s in shards if s.n_rows(y)]
+        together = np.concatenate(parts) if parts else np.zeros((0, src.n_features), np.float32)
+        key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731  (order-free comparison)
+        np.testing.assert_array_equal(key(together), key(src.load(y)))
+
+
+def test_bad_values_are_named(store):
+    with pytest.raises(UsageError, match="--rows must be positions or pooled"):
+        store.row_source(rows="tokens")
+    with pytest.raises(UsageError, match="--group-by must be label or predicted"):
+        store.row_source(group_by="model")
