@@ -5,6 +5,7 @@
     U = c2mf.encode(d, acts, y=0)                         # or c2mf_cli.methods.encode(d, rows, 0)
     e = c2mf.explain(model, "layer3", images, d)          # images: a preprocessed (m, 3, H, W) tensor
     r = c2mf.evaluate(train_store, test_store, [d])       # stores from `c2mf extract` (paths or opened)
+    r = c2mf.evaluate((train_images, train_labels), (test_images, test_labels), [d], model=model, layer="layer3")
 
 Notation: A activations (rows, c); U codes (rows, k); W the dictionary (k, c); A ~ U W.
 The CLI's `factorize` and `evaluate` call the same stage functions (`stages.factorize`, `stages.evaluate`).
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 
 
 def _numpy(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, on any device
-        x = x.detach().float().cpu().numpy()
+    if hasattr(x, "detach"):  # a torch tensor, on any device; floats as float32 (numpy has no bfloat16)
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy()
     a = np.asarray(x)
     if a.dtype == object:
         raise C2MFError(f"{name} must be a numeric array or tensor")
@@ -209,6 +211,59 @@ def _dictionary_class(d: "ConceptDictionary", y: int | str | None, target: int) 
     return 0
 
 
+class _ImageStore:
+    """What evaluate reads of a store (`stages.evaluate.StoreLike`), over images run through a model split at a
+    layer, in memory: the activations in the store layout, the model's logits, images grouped by label."""
+
+    def __init__(self, split: Any, images: Any, labels: Any, role: str, batch_size: int) -> None:
+        import hashlib
+
+        import torch
+
+        if not hasattr(images, "ndim") or images.ndim != 4:
+            raise C2MFError(f"{role} images must be a preprocessed (m, 3, H, W) tensor, got "
+                            f"{tuple(getattr(images, 'shape', ()))}")
+        lab = _numpy(labels, f"{role} labels").reshape(-1)
+        if lab.shape[0] != images.shape[0] or not np.issubdtype(lab.dtype, np.integer):
+            raise C2MFError(f"{role} labels must be one model output index (int) per image: got {lab.shape[0]} "
+                            f"labels of type {lab.dtype} for {images.shape[0]} images")
+        device = next(iter(split.h.parameters()), torch.empty(0)).device
+        acts, logits = [], []
+        with torch.no_grad():
+            for s in range(0, images.shape[0], batch_size):
+                a = split.g(images[s : s + batch_size].to(device))
+                logits.append(split.h(a).float().cpu().numpy())
+                acts.append(split.to_store(a).float().cpu().numpy())
+        A, L = np.concatenate(acts), np.concatenate(logits)
+        if not np.isfinite(A).all():
+            raise C2MFError(f"the layer's output on the {role} images holds NaN or infinite values")
+        values = sorted(set(lab.tolist()))
+        self.classes = [str(v) for v in values]
+        self._outputs = values
+        self._index = [np.nonzero(lab == v)[0] for v in values]
+        self._acts, self._logits, self._role = A, L, role
+        self.mode, self.layer, self.layout = "full", split.layer, split.layout
+        self.num_prefix_tokens = split.num_prefix_tokens if split.layout != "nchw" else 0
+        digest = hashlib.sha256(np.ascontiguousarray(A).tobytes() + lab.astype(np.int64).tobytes()).hexdigest()
+        self.fingerprint = f"in-memory:{digest[:32]}"
+        self.info = {"layer": split.layer, "fingerprint": self.fingerprint}
+
+    def n_images(self, y: int) -> int:
+        return int(self._index[y].shape[0])
+
+    def activations(self, y: int) -> np.ndarray:
+        return self._acts[self._index[y]]
+
+    def logits(self, y: int) -> np.ndarray:
+        return self._logits[self._index[y]]
+
+    def labels(self, y: int) -> np.ndarray:
+        return np.full(self.n_images(y), self._outputs[y], dtype=np.int64)
+
+    def paths(self, y: int) -> list[str]:
+        return [f"{self._role} image {int(i)}" for i in self._index[y]]
+
+
 def evaluate(
     train: Any,
     test: Any,
@@ -219,27 +274,32 @@ def evaluate(
     device: str = "auto",
     out_dir: str | Path | None = None,
     progress: ProgressFn = no_progress,
-    model: str | None = None,
+    model: "str | nn.Module | None" = None,
+    layer: str | None = None,
     checkpoint: str | Path | None = None,
+    batch_size: int = 64,
     **settings: Any,
 ) -> dict[str, Any]:
     """Every metric of `c2mf evaluate`, as a plain dict (the content of evaluation.json).
 
+    Two ways in:
+    - stores: `train`, `test` (and `crops`) are activation stores from `c2mf extract`, paths or opened; `model`
+      and `checkpoint` (strings) then override the model / weights the stores record (their sha256 is checked),
+      and a model recorded as code (path/file.py:factory) is only run when `model` names it.
+    - in memory: `train` and `test` are `(images, labels)` pairs, images a preprocessed (m, 3, H, W) tensor and
+      labels the model's output index of each image, with `model` an `nn.Module` and `layer` where the
+      dictionaries were fitted. Classes are the label values (as `fit(acts, labels)` names them); the
+      activations and the model's logits are computed here, `batch_size` images at a time.
+
     Args:
-        train, test, crops: activation stores from `c2mf extract`: paths or `ActivationStore.open(...)`.
         dictionaries: `ConceptDictionary` objects (e.g. from `fit`) or paths of saved ones.
         out_dir: where to write evaluation.json and the plots; None writes nothing.
-        model, checkpoint: override the model / weights the stores record (their sha256 is checked). A model
-            recorded as code (path/file.py:factory) is only run when `model` names it.
         settings: fields of `EvaluateConfig` (max_images_per_class=..., ig_steps=..., ...).
     """
     from .artifacts.dictionary import ConceptDictionary
     from .artifacts.store import ActivationStore
     from ._io import jsonable
     from .stages.evaluate import EvaluateConfig, evaluate as run
-
-    def store(s: Any) -> Any:
-        return ActivationStore.open(s) if isinstance(s, (str, Path)) else s
 
     dicts = []
     for x in dictionaries:
@@ -249,8 +309,34 @@ def evaluate(
             dicts.append(loaded)
         else:
             dicts.append(x)
-    result = run(store(train), store(test), dicts, store(crops) if crops is not None else None,
-                 EvaluateConfig(**settings), progress, names=list(names) if names else None, device=device,
-                 model=model, checkpoint=str(checkpoint) if checkpoint is not None else None,
-                 out_dir=Path(out_dir) if out_dir is not None else None)
+    config = EvaluateConfig(**settings)
+    common = dict(names=list(names) if names else None, device=device,
+                  out_dir=Path(out_dir) if out_dir is not None else None)
+    if isinstance(train, tuple) or isinstance(test, tuple):
+        if not (isinstance(train, tuple) and isinstance(test, tuple) and len(train) == len(test) == 2):
+            raise C2MFError("in memory, give train=(images, labels) and test=(images, labels)")
+        if model is None or isinstance(model, str) or layer is None:
+            raise C2MFError("images in memory need the model itself (model=nn.Module) and layer=NAME")
+        if crops is not None:
+            raise C2MFError("crops are read from a crop store: evaluate images in memory without crops")
+        from .inputs.models import split_model
+
+        model = model.eval()
+        split = split_model(model, layer, tuple(train[0].shape[1:]))
+        stores = [_ImageStore(split, *pair, role, batch_size) for pair, role in ((train, "train"), (test, "test"))]
+
+        def tail(a: Any) -> Any:
+            return split.h(split.from_store(a))
+
+        result = run(stores[0], stores[1], dicts, None, config, progress, tail=tail, **common)
+        return jsonable(result)
+
+    def store(s: Any) -> Any:
+        return ActivationStore.open(s) if isinstance(s, (str, Path)) else s
+
+    if model is not None and not isinstance(model, str):
+        raise C2MFError("with stores, model names the model to use instead of the recorded one (a string); an "
+                        "nn.Module goes with images in memory: train=(images, labels), test=(images, labels)")
+    result = run(store(train), store(test), dicts, store(crops) if crops is not None else None, config, progress,
+                 model=model, checkpoint=str(checkpoint) if checkpoint is not None else None, **common)
     return jsonable(result)

@@ -41,3 +41,25 @@ def test_fit_refuses_bad_input():
         c2mf.fit(np.full((3, 4), np.nan), method="pca", k=2)
     with pytest.raises(AttributeError, match="has no attribute 'fitt'"):
         c2mf.fitt
+
+
+def test_evaluate_in_memory_refuses_plausible_mistakes(one_thread):
+    import timm
+    import torch
+
+    import c2mf_cli as c2mf
+    from c2mf_cli.errors import C2MFError
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    images = torch.randn(6, 3, 64, 64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    d = c2mf.fit(np.random.default_rng(0).random((6, 2, 2, 256)), labels, method="pca", k=2)
+    with pytest.raises(C2MFError, match="need the model itself"):
+        c2mf.evaluate((images, labels), (images, labels), [d], model="resnet18", layer="layer4")
+    with pytest.raises(C2MFError, match="one model output index"):
+        c2mf.evaluate((images, labels.float()), (images, labels), [d], model=model, layer="layer4")
+    with pytest.raises(C2MFError, match="the same store"):  # identical train and test images: nothing held out
+        c2mf.evaluate((images, labels), (images, labels), [d], model=model, layer="layer4")
+    with pytest.raises(C2MFError, match="an nn.Module goes with images in memory"):
+        c2mf.evaluate("train.zarr", "test.zarr", [d], model=model)
