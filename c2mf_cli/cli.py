@@ -30,7 +30,8 @@ class _Group(TyperGroup):
 
     def get_command(self, ctx, cmd_name):  # type: ignore[override]
         command = super().get_command(ctx, cmd_name)
-        for p in command.params if command is not None else ():
+        # declared_params: factorize's own, without building its method options (`c2mf --help` stays fast)
+        for p in getattr(command, "declared_params", command.params) if command is not None else ():
             # typer prints an argument's Python type after its name (`IMAGE... <list[Path]>`); the metavar says it
             if p.param_type_name == "argument" and p.metavar is not None:
                 p.display_type_rich = lambda ctx: None
@@ -65,7 +66,7 @@ def _root(
 app.command("demo")(demo.demo)
 app.command("layers")(layers.layers)
 app.command("extract")(extract.extract)
-app.command("factorize")(factorize.factorize)
+app.command("factorize", cls=factorize.FactorizeCommand)(factorize.factorize)
 app.command("methods")(methods.methods)
 app.command("evaluate")(evaluate.evaluate)
 app.command("sweep")(sweep.sweep)

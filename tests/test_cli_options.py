@@ -148,3 +148,13 @@ def test_defaults_shown_without_importing_the_library_match_it():
 
     timeout = next(p for p in _commands()["factorize"].params if p.name == "timeout")
     assert float(timeout.show_default) == DEFAULT_TIMEOUT_S
+
+
+def test_the_method_options_manifest_matches_the_registry():
+    """`c2mf factorize --help` reads the methods' options from methods/options.json (no torch): it must say what
+    the registry says."""
+    from c2mf_cli.methods.base import OPTIONS_MANIFEST, options_manifest
+
+    assert json.loads(OPTIONS_MANIFEST.read_text()) == options_manifest(), (
+        "methods/options.json is stale: run python -c 'from c2mf_cli.methods.base import write_options_manifest; "
+        "write_options_manifest()'")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import typer.main
 import zarr
 from typer.testing import CliRunner
 
@@ -150,3 +153,71 @@ def test_nan_in_store_is_an_error(tiny_store: Path, tmp_path: Path):
              "--out", tmp_path / "d.safetensors")
     assert r.exit_code == 1, r.output
     assert "NaN or infinite activations" in _error_line(r)
+
+
+def test_sae_options_through_the_cli(tiny_store: Path, tmp_path: Path):
+    """The SAE's own options (declared only in its config) reach its fit from the command line."""
+    out = tmp_path / "sae.safetensors"
+    r = _run("factorize", "-s", tiny_store, "--method", "sae", "-k", 8, "--top-k", 2, "--lr", "0.01",
+             "--resample-after", 3, "--iterations", 2, "-b", 16, "--seed", 1, "--device", "cpu", "--json", "--out", out)
+    assert r.exit_code == 0, r.output
+    config = json.loads(r.stdout)["config"]
+    assert (config["top_k"], config["lr"], config["resample_after"]) == (2, 0.01, 3)
+    assert (config["iterations"], config["batch_size"], config["seed"]) == (2, 16, 1)
+    assert ConceptDictionary.load(out).meta["top_k"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "c2mf", "--top-k", "2"], "Error: --top-k does not apply to --method c2mf (it takes --alpha, "),
+        (["--method", "pca", "--lr", "0.1"], "; --lr is an option of sae"),
+        (["--method", "sae", "--shift"], "; --shift/--no-shift is an option of craft, nmf"),
+        (["--method", "sae", "--lr", "fast"], "Error: --lr must be float, got 'fast'"),
+        (["--method", "sae", "--top-k", "9"], "Error: --top-k must be between 1 and --concepts (3), got 9"),
+        (["--method", "sae", "--top-k", "2.5"], "Error: --top-k must be int, got '2.5'"),
+    ],
+)
+def test_method_options_are_checked_by_name(tiny_store: Path, tmp_path: Path, args, message):
+    r = _run("factorize", "-s", tiny_store, *args, "-k", 3, "--quiet", "--out", tmp_path / "d.safetensors")
+    assert r.exit_code == 2, r.output
+    assert message in _error_line(r)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_help_lists_every_method_option_with_the_methods_that_take_it():
+    from c2mf_cli.methods import method_options
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["factorize"].params}  # type: ignore[attr-defined]
+    for opt in method_options():
+        p = params[opt.name]
+        flags = "/".join(p.opts) + ("/" + "/".join(p.secondary_opts) if p.secondary_opts else "")
+        assert set(opt.flag.split("/")) <= set(flags.split("/")), (opt.flag, flags)
+        if len(opt.defaults) < len(list_methods()):
+            assert p.help.startswith(", ".join(opt.defaults) + ": "), p.help
+        assert p.show_default == opt.default_text()
+    text = " ".join(_run("factorize", "--help").stdout.split())
+    assert "--top-k N sae: Latents active per row. [default: (min(32, k / 4))]" in text
+    assert "-b, --batch-size N Rows per streamed batch" in text  # the shared table's short flag
+
+
+def test_factorize_help_does_not_import_torch():
+    code = ("import sys; from c2mf_cli.cli import app\n"
+            "try:\n    app(['factorize', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--top-k" in r.stdout and r.stderr.strip() == "False"
+
+
+def test_a_stale_options_manifest_gives_way_to_the_registry(tmp_path: Path, monkeypatch):
+    """The manifest is used while it names the folder's modules; once they differ, the live registry answers."""
+    from c2mf_cli.commands import factorize as command
+    from c2mf_cli.methods.base import options_manifest
+
+    (tmp_path / "mine.py").write_text("")
+    fake = [{"name": "planted"}]
+    (tmp_path / "options.json").write_text(json.dumps({"modules": ["mine"], "options": fake}))
+    monkeypatch.setattr(command, "_METHODS_DIR", tmp_path)
+    assert command.method_option_specs() == fake
+    (tmp_path / "theirs.py").write_text("")
+    assert command.method_option_specs() == options_manifest()["options"]

@@ -1,17 +1,116 @@
-"""`c2mf factorize`: learn a concept dictionary from an activation store."""
+"""`c2mf factorize`: learn a concept dictionary from an activation store.
+
+Besides its own options (store, method, k, output, device, checkpoints, output format), `c2mf factorize` takes
+every option the registered methods declare in their config dataclasses (`methods.base.option`), generated
+from the registry: a new method's options appear here with no edit. They are added to the command the first
+time its parameters are read (parsing, --help, completion), from methods/options.json (the registry's options
+written out, checked against it by a test) so that neither `c2mf --help` nor `c2mf factorize --help` imports the
+methods and torch; a methods folder whose modules differ from the manifest's is read from the live registry.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import pkgutil
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import typer.main
+from typer.core import TyperCommand
 
 from ._console import Reporter, check_output_file, err, out, print_json
 from ..errors import C2MFError, UsageError
-from .options import (REQUIRED, check_input, complete_method, deprecated, deprecated_argument, method_names,
-                      option, resolve)
+from .options import (REQUIRED, SPECS, check_input, complete_method, deprecated, deprecated_argument,
+                      method_names, option, resolve)
+
+_METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+_META_KEY = "c2mf.method_options"  # where FactorizeCommand hands the method options' values to the callback
+
+
+def method_option_specs() -> list[dict[str, Any]]:
+    """The options the registered methods declare, as `methods.base.options_manifest` writes them.
+
+    Read from methods/options.json while it names the folder's modules (cheap: no import); a module added or
+    removed since makes it stale, and the live registry (torch) answers instead.
+    """
+    modules = sorted(i.name for i in pkgutil.iter_modules([str(_METHODS_DIR)]))
+    manifest_path = _METHODS_DIR / "options.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest is None or manifest.get("modules") != modules:
+        from ..methods.base import options_manifest
+
+        manifest = options_manifest()
+    return manifest["options"]
+
+
+def _method_params() -> list[Any]:
+    """click options for `method_option_specs`, built by typer from a synthetic signature.
+
+    Values stay raw (a string, or a bool for a flag) and None when not given: `config_from_options` parses them
+    with the method's own types and names the option in every refusal. An option the shared table defines
+    (`--batch-size/-b`, `--seed`) takes the table's flags and metavar.
+    """
+    specs = method_option_specs()
+    every = {m for spec in specs for m in spec["defaults"]}
+    params = []
+    for spec in specs:
+        table = SPECS.get(spec["name"])
+        from_table = table is not None and table.flags[0] == spec["flag"]
+        flag = spec["value_types"] == ["bool"]
+        methods = list(spec["defaults"])
+        scope = "" if set(methods) == every else f"{', '.join(methods)}: "
+        info = typer.Option(None, *(table.flags if from_table else (spec["flag"],)), help=scope + spec["help"],
+                            show_default=spec["default_text"],
+                            metavar=None if flag else table.metavar if from_table else spec["metavar"])
+        params.append(inspect.Parameter(spec["name"], inspect.Parameter.KEYWORD_ONLY, default=info,
+                                        annotation=Optional[bool] if flag else Optional[str]))
+
+    def declared(**values: Any) -> None:
+        """Only its signature is read."""
+
+    declared.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    declared.__annotations__ = {p.name: p.annotation for p in params}
+    holder = typer.Typer(add_completion=False)
+    holder.command()(declared)
+    return list(typer.main.get_command(holder).params)
+
+
+class FactorizeCommand(TyperCommand):
+    """`c2mf factorize` with the registry's method options, added when its parameters are first read.
+
+    `c2mf --help` only reads each command's short help, so it never builds them. Their values reach the
+    callback in `ctx.meta`, not as arguments (the callback's signature holds its own options only).
+    """
+
+    @property  # type: ignore[override]
+    def params(self) -> list[Any]:
+        if not self._methods_added:
+            self._methods_added = True
+            self._own.extend(_method_params())
+        return self._own
+
+    @params.setter
+    def params(self, value: list[Any]) -> None:
+        self._own = value
+        self._methods_added = False
+
+    @property
+    def declared_params(self) -> list[Any]:
+        """The options the callback declares, without reading the registry."""
+        return [p for p in self._own if p.name in _callback_names()]
+
+    def invoke(self, ctx: Any) -> Any:
+        own = _callback_names()
+        ctx.meta[_META_KEY] = {k: ctx.params.pop(k) for k in list(ctx.params) if k not in own}
+        return super().invoke(ctx)
+
+
+def _callback_names() -> set[str]:
+    return set(inspect.signature(factorize).parameters)
+
 
 def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
     """The method's config from the options the user gave (None = not given); the methods check the rest."""
@@ -21,6 +120,7 @@ def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
 
 
 def factorize(
+    ctx: typer.Context,
     store: Optional[Path] = option("store", help="Activation store written by `c2mf extract` (required)."),
     store_positional: Optional[Path] = deprecated_argument("STORE"),
     method: Optional[str] = option("method", help="Factorization method: c2mf, craft, pca, ... (the list: `c2mf methods`; required).",
@@ -29,29 +129,8 @@ def factorize(
     concepts: int = option("concepts", default=REQUIRED),
     out_path: Path = option("out", default=REQUIRED, help="Dictionary file to write (.safetensors); an existing "
                             "file is replaced, atomically, once the fit has succeeded."),
-    alpha: Optional[str] = typer.Option(
-        None, "--alpha", metavar="auto|F", show_default="auto",
-        help="c2mf: L1 weight on the gates, larger = fewer concepts per class: a number (relative squared error a "
-        "concept must explain) or 'auto' (alpha-scale x the energy an average concept explains, E_k / k)."),
-    alpha_scale: Optional[float] = typer.Option(None, "--alpha-scale", metavar="F", show_default="0.3",
-                                                help="c2mf with --alpha auto: the multiple of E_k / k."),
-    beta: Optional[float] = typer.Option(None, "--beta", metavar="F", show_default="0.1",
-                                         help="c2mf: ridge on the codes."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", metavar="N", show_default="the method's",
-                                             help="Passes over the data (max)."),
-    batch_size: Optional[int] = option("batch_size", default=None, show_default="the method's",
-                                       help="Rows per streamed batch."),
     full_batch: bool = typer.Option(False, "--full-batch", help="Load each class whole (small stores)."),
-    tol: Optional[float] = typer.Option(None, "--tol", metavar="F", show_default="the method's",
-                                        help="Stop when a pass improves the objective by less."),
-    seed: Optional[int] = option("seed", default=None, show_default="0", help="Seed of the initial dictionary."),
-    shared: Optional[bool] = typer.Option(None, "--shared/--per-class", show_default="the method's",
-                                          help="pca, nmf, semi-nmf: one dictionary for all classes or one each."),
-    shift: bool = typer.Option(False, "--shift", help="craft, nmf: fit on A - min(A) when the layer is signed."),
     device: str = option("device"),
-    checkpoint_every: Optional[int] = typer.Option(
-        None, "--checkpoint-every", metavar="N", help="Checkpoint to OUT.ckpt every N passes (kept until the fit "
-        "ends)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from OUT.ckpt."),
     timeout: Optional[float] = typer.Option(
         None, "--timeout", metavar="S", show_default="600",  # distributed.DEFAULT_TIMEOUT_S, read when run
@@ -76,11 +155,9 @@ def factorize(
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UsageError(f"unknown --method {name!r}: {hint}use one of {', '.join(known)} (see `c2mf methods`)")
-    if full_batch and batch_size is not None:
+    options: dict[str, Any] = ctx.meta[_META_KEY]  # the method options, None where not given
+    if full_batch and options.get("batch_size") is not None:
         raise UsageError("give --batch-size or --full-batch, not both")
-    options = {"alpha": alpha, "alpha_scale": alpha_scale, "beta": beta, "iterations": iterations,
-               "batch_size": batch_size, "tol": tol, "seed": seed, "shared": shared,
-               "shift": True if shift else None, "checkpoint_every": checkpoint_every}
     config = build_config(name, concepts, options)
     if full_batch:
         if not any(f.name == "batch_size" for f in dataclasses.fields(config)):
@@ -90,7 +167,7 @@ def factorize(
     check_output_file(out_path)
     replacing = out_path.is_file()
     ckpt = out_path.with_name(out_path.name + ".ckpt")
-    use_ckpt = checkpoint_every is not None or resume
+    use_ckpt = options.get("checkpoint_every") is not None or resume
     if use_ckpt and not hasattr(config, "checkpoint_every"):
         raise UsageError(f"--method {name} fits in one pass: it has nothing to checkpoint or resume")
     from .. import distributed

@@ -67,7 +67,7 @@ class FactorizationConfig:
     code_iters: int = 10
     code_solver: str = "hals"
     subsample_rows: int = 20000
-    checkpoint_every: int = option(10, help="With a checkpoint (--checkpoint-every / --resume): passes between checkpoints.", metavar="N")
+    checkpoint_every: int = option(10, help="Checkpoint to OUT.ckpt every N passes (kept until the fit ends; --resume continues from it).", metavar="N")
 
     def __post_init__(self) -> None:
         check_common(self)

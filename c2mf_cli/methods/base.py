@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pkgutil
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -236,9 +237,36 @@ def config_from_options(method: str, concepts: int, given: dict[str, Any]) -> An
             raise UsageError(f"unknown option {name!r} for --method {method}")
         if name not in fields:
             takes = ", ".join(o.flag for o in options.values() if o.name in fields) or "only --concepts"
-            raise UsageError(f"{opt.flag} does not apply to --method {method} (it takes {takes})")
+            raise UsageError(f"{opt.flag} does not apply to --method {method} (it takes {takes}); "
+                             f"{opt.flag} is an option of {', '.join(opt.defaults)}")
         values[name] = opt.parse(raw)
     return m.make_config(concepts=concepts, **values)
+
+
+# The registry's options as JSON, kept beside this file so that `c2mf factorize --help` can list them without
+# importing the methods (and torch, ~3 s); tests/test_cli_options.py checks it against the live registry.
+OPTIONS_MANIFEST = Path(__file__).with_name("options.json")
+
+
+def options_manifest() -> dict[str, Any]:
+    """The method modules and every option they declare (`method_options`), as plain JSON."""
+    return {
+        "methods": list_methods(),
+        # every module of the folder: a file added or removed since makes the manifest stale
+        "modules": sorted(i.name for i in pkgutil.iter_modules([str(OPTIONS_MANIFEST.parent)])),
+        "options": [
+            {"name": o.name, "flag": o.flag, "help": o.help, "value_types": [t.__name__ for t in o.value_types],
+             "metavar": o.metavar, "defaults": o.defaults, "shown": o.shown, "default_text": o.default_text()}
+            for o in method_options()
+        ],
+    }
+
+
+def write_options_manifest() -> Path:
+    """Rewrite `OPTIONS_MANIFEST` from the live registry (after adding a method or changing an option)."""
+    from .._io import write_json
+
+    return write_json(OPTIONS_MANIFEST, options_manifest())
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -94,7 +94,7 @@ class C2MFConfig:
     gate_init: float = 0.5
     warmup: int = 10
     subsample_rows: int = 20000
-    checkpoint_every: int = option(10, help="With a checkpoint (--checkpoint-every / --resume): passes between checkpoints.", metavar="N")
+    checkpoint_every: int = option(10, help="Checkpoint to OUT.ckpt every N passes (kept until the fit ends; --resume continues from it).", metavar="N")
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, str):

@@ -75,7 +75,7 @@ class SAEConfig:
         500, metavar="N", help="Resample a latent that has not fired for N steps toward the worst-"
         "reconstructed rows (0: never).")
     checkpoint_every: int = option(
-        10, help="With a checkpoint (--checkpoint-every / --resume): passes between checkpoints.", metavar="N")
+        10, help="Checkpoint to OUT.ckpt every N passes (kept until the fit ends; --resume continues from it).", metavar="N")
 
     def __post_init__(self) -> None:
         if self.top_k is not None and not 1 <= self.top_k <= self.concepts:
