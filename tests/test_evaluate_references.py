@@ -167,7 +167,8 @@ def test_overlapping_train_and_test_stores_are_refused():
 def test_tables_mark_significance_warn_on_lost_decisions_and_split_capacity():
     from rich.console import Console
 
-    from c2mf_cli.commands.evaluate import _pairs, _significant_best, tables
+    from c2mf_cli.commands.evaluate import tables
+    from c2mf_cli.report.tables import evaluation_tables
 
     res = _run([_leaky(), _shared()], encode_class=("true",), min_agreement=0.9)
     leaky, shared = res["methods"]
@@ -184,13 +185,12 @@ def test_tables_mark_significance_warn_on_lost_decisions_and_split_capacity():
     for ref in ("the model itself", "true class's train mean only", "global train mean only", "chance (1 / classes)"):
         assert f"reference: {ref}" in text
     # 1.000 against 0.750 on 12 images is 3 discordant images (p = 0.25): not significant, so not bolded
-    rows = [leaky, shared]
-    assert _significant_best(rows, "accuracy", _pairs(res, "accuracy"), 0.05) is None
-    strong = {("a", "b"): {"a": "a", "b": "b", "p": 0.01, "better": "a"}}
-    strong[("b", "a")] = strong[("a", "b")]
-    fake = [{"name": "a", "reconstruction": {"accuracy": {"mean": 0.9}}},
-            {"name": "b", "reconstruction": {"accuracy": {"mean": 0.5}}}]
-    assert _significant_best(fake, "accuracy", strong, 0.05) == "a"
+    summary = [t for t in evaluation_tables(dict(res, methods=[dict(m, capacity="shared") for m in res["methods"]]))
+               if t.key == "reconstruction"][0]
+    paired = [j for j, c in enumerate(summary.cols) if c.paired]
+    values = [[r.cells[j].value for j in paired] for r in summary.rows if not r.reference]
+    assert values[0] != values[1]  # a difference there is, but not a significant one
+    assert not any(r.cells[j].bold for r in summary.rows for j in paired)
 
 
 def test_pca_cosine_is_zero_by_construction_and_said_so():

@@ -293,3 +293,78 @@ def test_report_embeds_only_files_inside_their_folder(tmp_path):
         assert name in shown.group(1)
     linked = build_report(tmp_path / "elsewhere", atlas_dir=atlas, explain_dir=explain, embed=False).read_text()
     assert list(referenced_files(linked)) == ["../run/atlas/concept_000.png"]
+
+
+class _BoldCells(HTMLParser):
+    """(table title, row label, column) of every bold cell, for the tables under an <h3> title."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bold: set[tuple[str, str, int]] = set()
+        self.title, self.tag, self.label, self.col, self.best = "", "", "", -1, False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tag = tag
+        if tag == "tr":
+            self.col, self.label = -1, ""
+        elif tag == "td":
+            self.col += 1
+            self.best = ("class", "best") in attrs
+
+    def handle_data(self, data: str) -> None:
+        if self.tag == "h3":
+            self.title = data
+        elif self.tag == "td" and self.col == 0:
+            self.label += data
+        elif self.tag == "td" and self.best:
+            self.bold.add((self.title, self.label, self.col - 1))
+            self.best = False
+
+    def handle_endtag(self, tag: str) -> None:
+        self.tag = ""
+        if tag == "table":
+            self.title = ""  # a table not under a title of its own (the per-class details) is not counted
+
+
+def test_terminal_and_report_bold_the_same_cells_with_significance(tmp_path):
+    """`c2mf evaluate` (rich) and `c2mf report` (HTML) draw one builder's tables: the same cells are bold, and a
+    best value that is not significantly better than the rest (exact McNemar) is bold in neither."""
+    from rich.table import Table
+
+    from c2mf_cli.commands.evaluate import tables
+
+    ev = write_run(tmp_path, None)
+    record = json.loads((ev / "evaluation.json").read_text())
+    for m, cap in zip(record["methods"], ("shared", "per-class", "per-class")):
+        m["capacity"] = cap
+    record["methods"][2]["reconstruction"]["agreement"]["mean"] = 0.7  # pca best agreement of its block too
+
+    def pair(measure, a, b, p, better):
+        return {"measure": measure, "a": a, "b": b, "p": p, "better": better}
+
+    record["significance"] = {"alpha": 0.05, "pairs": [
+        pair("accuracy", "c2mf", "craft", 0.001, "a"), pair("accuracy", "c2mf", "pca", 0.2, None),
+        pair("accuracy", "craft", "pca", 0.01, "b"),
+        *(pair("agreement", a, b, 0.5, None) for a, b in (("c2mf", "craft"), ("c2mf", "pca"), ("craft", "pca")))]}
+    (ev / "evaluation.json").write_text(json.dumps(record))
+
+    terminal: set[tuple[str, str, int]] = set()
+    titles = []
+    for t in tables(record):
+        t = t if isinstance(t, Table) else t.renderables[0]  # a table with notes under it
+        titles.append(t.title)
+        labels = [cell.plain for cell in t.columns[0]._cells]
+        for j, col in enumerate(t.columns[1:]):
+            terminal |= {(t.title, labels[i], j) for i, cell in enumerate(col._cells) if cell.style == "bold"}
+    page = build_report(tmp_path, evaluate_dir=ev).read_text()
+    parser = _BoldCells()
+    parser.feed(page)
+    html = {b for b in parser.bold if b[0] in titles}
+    assert terminal == html and terminal  # the same cells, and some
+    block = "k per class: k x classes directions (not the same capacity as the block above)"
+    bold_in_block = {(label, j) for title, label, j in terminal if title == block}
+    # pca's accuracy is significantly better than craft's: bold; its agreement (0.7 vs 0.6, p = 0.5) is not
+    assert ("pca", 5) in bold_in_block and ("pca", 4) not in bold_in_block
+    # "At a glance": c2mf has the best accuracy but not significantly better than pca's: not bold
+    summary = page[page.index("id='summary'"):page.index("id='metrics'")]
+    assert "<td data-v='0.95'>0.950" in summary and "class='best' data-v='0.95'" not in summary

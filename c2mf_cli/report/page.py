@@ -30,19 +30,20 @@ from ..errors import C2MFError
 from .tables import (
     DASH,
     IMPORTANCE,
-    OOD,
     RANKING_NAMES,
     SUMMARY,
+    Built,
     Col,
+    Significance,
     TableSpec,
     best_rows,
-    clustering,
+    build,
+    evaluation_tables,
     fmt,
     get,
     is_num,
     keeps_decision,
     method_label,
-    method_tables,
     summarise_list,
     used_paths,
 )
@@ -156,31 +157,27 @@ def table(
     keep_empty: bool = False,
     sortable: bool = False,
     table_id: str = "",
+    significance: Significance | None = None,
 ) -> str:
-    """Rows (label, record) against columns; columns no row has are left out; the best of each column in bold.
+    """Rows (label, record) against columns as HTML (`tables.build` decides the cells and the bold ones).
 
-    `compare[i]` False keeps row i out of the best-value contest (yardsticks); `ref_rows[i]` draws it in italics
-    below a rule. `sortable` lets a reader sort by clicking a header (the page's script); each numeric cell
-    carries its exact value for that.
+    `caption` is HTML. `compare[i]` False keeps row i out of the best-value contest (yardsticks); `ref_rows[i]`
+    draws it in italics below a rule. `sortable` lets a reader sort by clicking a header (the page's script).
     """
-    compare = list(compare) if compare is not None else [True] * len(rows)
-    ref_rows = list(ref_rows) if ref_rows is not None else [False] * len(rows)
-    cols = [c for c in cols if keep_empty or any(c.value(r) is not None for _, r in rows)]
-    if not rows or not cols:
+    built = build(rows, cols, first=first, compare=compare, ref_rows=ref_rows, keep_empty=keep_empty,
+                  significance=significance)
+    return html_table(built, caption_html=caption, sortable=sortable, table_id=table_id)
+
+
+def html_table(t: Built, *, caption_html: str | None = None, sortable: bool = False, table_id: str = "") -> str:
+    """A built table as HTML: bold cells of class 'best', flagged numbers marked (!), references in italics
+    below a rule, notes under the table; each numeric cell carries its exact value for sorting."""
+    if not t.rows or not t.cols:
         return ""
-    grid = [[c.value(r) for c in cols] for _, r in rows]
-    text_col = [all(isinstance(row[j], str) or row[j] is None for row in grid)
-                and any(isinstance(row[j], str) for row in grid) for j in range(len(cols))]
-    decided = [keeps_decision(r) for _, r in rows]
-    bold: list[set[int]] = []
-    for j, c in enumerate(cols):
-        idx = [i for i in range(len(rows)) if compare[i] and (decided[i] or not c.needs_decision)]
-        best = best_rows([grid[i][j] for i in idx], c.better)
-        bold.append({idx[b] for b in best})
     head = ""
-    if any(c.group for c in cols):
+    if any(c.group for c in t.cols):
         spans: list[tuple[str, int]] = []
-        for c in cols:
+        for c in t.cols:
             if spans and spans[-1][0] == c.group:
                 spans[-1] = (c.group, spans[-1][1] + 1)
             else:
@@ -188,37 +185,40 @@ def table(
         head = "<tr><th></th>" + "".join(
             f"<th class='grp' colspan='{n}'>{_esc(g)}</th>" if g else f"<th colspan='{n}'></th>" for g, n in spans
         ) + "</tr>"
-    head += f"<tr><th class='k'>{_esc(first)}</th>" + "".join(
+    text_col = [t.text_column(j) for j in range(len(t.cols))]
+    head += f"<tr><th class='k'>{_esc(t.first)}</th>" + "".join(
         f"<th{' class=t' if text_col[j] else ''}{f' title={chr(39)}{_esc(c.tip)}{chr(39)}' if c.tip else ''}>"
-        f"{_esc(c.header())}</th>" for j, c in enumerate(cols)) + "</tr>"
+        f"{_esc(c.header())}</th>" for j, c in enumerate(t.cols)) + "</tr>"
     body = []
-    for i, (label, rec) in enumerate(rows):
-        sep = " class='sep'" if ref_rows[i] and (i == 0 or not ref_rows[i - 1]) else ""
+    for i, row in enumerate(t.rows):
+        sep = " class='sep'" if row.reference and (i == 0 or not t.rows[i - 1].reference) else ""
         cells = []
-        for j, c in enumerate(cols):
-            v = grid[i][j]
-            text = _esc(fmt(v))
-            sd = c.spread(rec)
-            if is_num(v) and is_num(sd):
-                text += f" <span class='muted'>&plusmn; {_esc(fmt(sd))}</span>"
-            if c.needs_decision and not decided[i] and is_num(v):
+        for cell in row.cells:
+            text = _esc(cell.text)
+            if cell.std:
+                text += f" <span class='muted'>&plusmn; {_esc(cell.std)}</span>"
+            if cell.flagged:
                 text += " <span class='bad' title='h(UW) disagrees with the model: not the model&#39;s reasons'>(!)</span>"
-            cls = "best" if i in bold[j] else ("t" if isinstance(v, str) else "")
-            data = f" data-v='{float(v)!r}'" if sortable and is_num(v) else ""
+            cls = "best" if cell.bold else ("t" if cell.value is None and cell.text != DASH else "")
+            data = f" data-v='{cell.value!r}'" if sortable and cell.value is not None else ""
             cells.append(f"<td class='{cls}'{data}>{text}</td>" if cls else f"<td{data}>{text}</td>")
-        kcls = "k ref" if ref_rows[i] else "k"
-        body.append(f"<tr{sep}><td class='{kcls}'>{_esc(label)}</td>{''.join(cells)}</tr>")
+        kcls = "k ref" if row.reference else "k"
+        body.append(f"<tr{sep}><td class='{kcls}'>{_esc(row.label)}</td>{''.join(cells)}</tr>")
+    caption = _esc(t.caption) if caption_html is None else caption_html
     cap = f"<caption>{caption}</caption>" if caption else ""
     attrs = (" class='sortable'" if sortable else "") + (f" id='{_esc(table_id)}'" if table_id else "")
+    notes = "".join(f"<p class='bad'>{_esc(n)}</p>" for n in t.notes)
     return (f"<div class='scroll'><table{attrs}>{cap}<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
-            "</div>")
+            f"</div>{notes}")
 
 
 def spec_table(spec: TableSpec, rows: Sequence[tuple[str, Any]], *, extra: Sequence[Col] = (),
-               caption_extra: str = "", sortable: bool = False, first: str = "method") -> str:
+               caption_extra: str = "", sortable: bool = False, first: str = "method",
+               significance: Significance | None = None) -> str:
     """An HTML table from a shared `TableSpec` (plus optional extra columns)."""
     caption = _esc(spec.caption) + (" " + caption_extra if caption_extra else "")
-    return table(rows, [*spec.cols, *extra], caption=caption, sortable=sortable, first=first)
+    return table(rows, [*spec.cols, *extra], caption=caption, sortable=sortable, first=first,
+                 significance=significance)
 
 
 def _generic_cols(flats: list[dict[str, Any]], strip: str = "") -> list[Col]:
@@ -616,35 +616,29 @@ def _metrics_sections(ev: dict, ev_dir: Path, embed: bool, out: Path, extension:
     if says:
         secs.append(Section("says", "What this says", says))
     if methods:
-        glance = spec_table(SUMMARY, rows, extra=extension.summary_cols, sortable=True)
+        glance = spec_table(SUMMARY, rows, extra=extension.summary_cols, sortable=True,
+                            significance=Significance.of(ev))
         secs.append(Section("summary", "At a glance", glance))
     secs += list(extension.sections)
     body = []
+    built = evaluation_tables(ev)  # the tables `c2mf evaluate` prints, drawn here in HTML
+    last_block = max((i for i, t in enumerate(built) if t.key == "reconstruction"), default=None)
+    for i, t in enumerate(built):
+        body.append(f"<h3>{_esc(t.title)}</h3>" + html_table(t, sortable=True))
+        if i == last_block:  # after the reconstruction blocks: every class's numbers
+            body += [
+                _details("accuracy of every class", _per_class_table(
+                    methods, labels, "reconstruction.accuracy.per_class",
+                    "h(UW) accuracy per class, test images; click a header to sort.", "per-class-accuracy")),
+                _details("agreement of every class", _per_class_table(
+                    methods, labels, "reconstruction.agreement.per_class",
+                    "h(UW) agreement per class, test images; click a header to sort.", "per-class-agreement")),
+            ]
     if methods:
-        specs = method_tables(methods)
-        for spec in specs:
-            body.append(f"<h3>{_esc(spec.title)}</h3>" + spec_table(spec, rows, sortable=True))
-            if spec.key == "reconstruction":
-                body += [
-                    _details("accuracy of every class", _per_class_table(
-                        methods, labels, "reconstruction.accuracy.per_class",
-                        "h(UW) accuracy per class, test images; click a header to sort.", "per-class-accuracy")),
-                    _details("agreement of every class", _per_class_table(
-                        methods, labels, "reconstruction.agreement.per_class",
-                        "h(UW) agreement per class, test images; click a header to sort.", "per-class-agreement")),
-                ]
-        used = used_paths(c for spec in [*specs, IMPORTANCE] for c in spec.cols) | _SHOWN_ELSEWHERE
+        used = used_paths(c for t in built for c in t.cols) | used_paths(IMPORTANCE.cols) | _SHOWN_ELSEWHERE
         other = _other_measures(methods, labels, used)
         if other:
             body.append("<h3>Other measures</h3>" + other)
-    clusters = [c for c in ev.get("clustering") or [] if isinstance(c, dict)]
-    if clusters:
-        spec = clustering(clusters)
-        body.append(f"<h3>{_esc(spec.title)}</h3>" + spec_table(
-            spec, [(f"K = {c.get('K', '?')}", c) for c in clusters], first="K"))
-    ood = ev.get("ood") if isinstance(ev.get("ood"), dict) else None
-    if ood:
-        body.append(f"<h3>{_esc(OOD.title)}</h3>" + spec_table(OOD, [("whole images vs crops", ood)], first=""))
     plots = sorted(_pngs(ev_dir, refused), key=_plot_order)
     if plots:
         body.append("<h3>Plots</h3><div class='plots'>" + "".join(

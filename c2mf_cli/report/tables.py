@@ -1,8 +1,11 @@
-"""The paper's tables, described once: columns, labels, arrows and number formatting.
+"""The paper's tables, built once: columns, labels, arrows, number formatting and which cells are bold.
 
-`c2mf evaluate` prints them in the terminal (rich) and `c2mf report` draws them in HTML, both from the
-`TableSpec`s here, so a column added, renamed or re-formatted changes both. One row per method, one column
-per measure; `better` says which direction wins (the arrow in the header, the bold best value in HTML).
+`evaluation_tables(result)` builds the evaluation's tables (`Built`: rows of `Cell`s, bold decided here);
+`c2mf evaluate` draws them in the terminal (rich) and `c2mf report` in HTML, so a column added, renamed,
+re-formatted or bolded differently changes both. One row per method, one column per measure; `better` says
+which direction wins (the arrow in the header, the bold best value). Accuracy and agreement are bold only
+where the best method is significantly better than every other of its table (exact McNemar on the same test
+images, evaluate's `significance`).
 
 A column reads its value by a dotted path into each method's record of evaluation.json (or a function); a
 missing value shows as a dash, so an older or partial evaluation still renders.
@@ -79,6 +82,8 @@ class Col:
         arrow: show the direction arrow in the header.
         needs_decision: the measure only means something when the reconstruction keeps the model's decision
             (insertion / deletion): a method whose h(UW) disagrees with the model is kept out of its contest.
+        paired: the measure evaluate tested image by image between methods ("accuracy", "agreement"): its best
+            is bold only when significantly better than every other row.
     """
 
     title: str
@@ -89,6 +94,7 @@ class Col:
     group: str = ""
     arrow: bool = True
     needs_decision: bool = False
+    paired: str | None = None
 
     def value(self, rec: Any) -> Any:
         return self.path(rec) if callable(self.path) else get(rec, self.path)
@@ -168,24 +174,6 @@ MSE = "MSE(A, UW)"
 REL = "relative error \u2016A \u2212 UW\u2016 / \u2016A\u2016"
 RANKING_NAMES = {"gradcam": "Grad-CAM", "ig": "IG", "sobol": "Sobol"}
 
-SIMILARITY = TableSpec("similarity", "Concept similarity", (
-    Col("|Pearson r|", "similarity.pearson_mean", "low", std="similarity.pearson_std",
-        tip="mean |Pearson r| over pairs of dictionary rows (paper: sparsity)"),
-    Col("|cosine|", "similarity.cosine_mean", "low", std="similarity.cosine_std"),
-    Col("pairs", "similarity.n_pairs"),
-    Col("degenerate rows", "similarity.n_degenerate"),
-), "Mean \u00b1 std over pairs of concepts of |Pearson r| and |cosine| between dictionary rows (the paper's "
-   "\u201csparsity\u201d); lower means more distinct concepts. PCA is 0 by construction.")
-
-RECONSTRUCTION = TableSpec("reconstruction", "Per-class reconstruction", (
-    Col("accuracy", "reconstruction.accuracy.mean", "high", std="reconstruction.accuracy.std",
-        tip="accuracy of h(UW) against the labels, mean over classes"),
-    Col("agreement", "reconstruction.agreement.mean", "high", std="reconstruction.agreement.std",
-        tip="agreement of h(UW) with the model's prediction, mean over classes"),
-    Col("test images", "reconstruction.n_images"),
-), "Test activations projected on each dictionary and fed through the rest of the model, h(UW): accuracy "
-   "against the labels and agreement with the model's own prediction, mean \u00b1 std over classes.")
-
 FIT = TableSpec("fit", "Consistency and fit", (
     Col("train", "consistency.train_mse", "low", group=MSE),
     Col("test", "consistency.test_mse", "low", group=MSE),
@@ -240,8 +228,9 @@ def insertion(methods: Sequence[dict]) -> TableSpec:
 
 SUMMARY = TableSpec("summary", "At a glance", (
     Col("|Pearson r|", "similarity.pearson_mean", "low"),
-    Col("class accuracy", "reconstruction.accuracy.mean", "high", std="reconstruction.accuracy.std"),
-    Col("agreement", "reconstruction.agreement.mean", "high"),
+    Col("class accuracy", "reconstruction.accuracy.mean", "high", std="reconstruction.accuracy.std",
+        paired="accuracy"),
+    Col("agreement", "reconstruction.agreement.mean", "high", paired="agreement"),
     Col("train \u2212 test MSE", "consistency.difference", "abs_low"),
     Col("test rel. error", "fit.test.relative_error", "low"),
     Col("insertion AUC", "insertion_deletion.gradcam.insertion.prob_auc", "high",
@@ -250,15 +239,8 @@ SUMMARY = TableSpec("summary", "At a glance", (
         tip="probability of the class, concepts ranked by Grad-CAM", needs_decision=True),
 ), "One row per method; \u2191 higher is better, \u2193 lower, |\u2193| closest to 0; the best of each column in "
    "bold. Accuracy and agreement: h(UW) on the test images, mean over classes (\u00b1 std). Insertion / deletion: "
-   "area under the probability curve, concepts ranked by Grad-CAM.")
-
-
-def method_tables(methods: Sequence[dict]) -> list[TableSpec]:
-    """The per-method tables of an evaluation, in reading order (IG completeness only when it was measured)."""
-    specs = [SIMILARITY, RECONSTRUCTION, FIT, insertion(methods)]
-    if any(get(m, "importance.ig_completeness") for m in methods):
-        specs.append(IMPORTANCE)
-    return specs
+   "area under the probability curve, concepts ranked by Grad-CAM. Accuracy and agreement are bold only when "
+   "significantly better than every other method (exact McNemar, p < 0.05).")
 
 
 def used_paths(cols: Iterable[Col]) -> set[str]:
@@ -281,3 +263,262 @@ def clustering(records: Sequence[dict]) -> TableSpec:
 
 def _shared(name: str, what: str) -> Callable[[dict], Any]:
     return lambda r: ((r.get("shared") or {}).get(name) or {}).get(what)
+
+
+# ---------------------------------------------------------------------------------------------- built tables
+# One builder for both renderers: `build` decides every cell's text and which cells are bold; the terminal
+# (commands/evaluate.py, rich) and the report (report/page.py, HTML) only draw what it decided.
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell as both renderers draw it.
+
+    Attributes:
+        text: the value as a reader wants it (`fmt`), a dash when missing.
+        std: its spread, drawn after a ± ("" when none).
+        value: the exact number (the report sorts by it), None for text.
+        bold: the best of its column (significantly so where the column is paired, see `Col.paired`).
+        flagged: a number from a reconstruction that does not keep the model's decision (never bold).
+    """
+
+    text: str
+    std: str = ""
+    value: float | None = None
+    bold: bool = False
+    flagged: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    cells: tuple[Cell, ...]
+    reference: bool = False  # a yardstick (the model, class means, chance): below a rule, never in the contest
+
+
+@dataclass(frozen=True)
+class Built:
+    """A table ready to draw: title, caption, the columns present, rows of cells, and notes under it."""
+
+    title: str
+    cols: tuple[Col, ...]
+    rows: tuple[Row, ...]
+    caption: str = ""
+    first: str = "method"
+    notes: tuple[str, ...] = ()
+    key: str = ""  # which table it is ("reconstruction" for both capacity blocks, else the spec's key)
+
+    def text_column(self, j: int) -> bool:
+        """Whether column j holds text (left-aligned) rather than numbers."""
+        cells = [r.cells[j] for r in self.rows]
+        return all(c.value is None for c in cells) and any(c.text != DASH for c in cells)
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Paired tests between the rows of an evaluation (exact McNemar on per-image correctness).
+
+    `pairs[(measure, a, b)]` is the test of row a against row b on `measure` ("accuracy" / "agreement"), with its
+    `p` and `better` ("a", "b" or None); both orders are keys.
+    """
+
+    alpha: float
+    pairs: dict[tuple[str, str, str], dict[str, Any]]
+
+    @classmethod
+    def of(cls, result: dict) -> "Significance | None":
+        """The evaluation's tests, or None for an evaluation made before they were recorded."""
+        sig = result.get("significance") if isinstance(result, dict) else None
+        if not isinstance(sig, dict) or not isinstance(sig.get("pairs"), list):
+            return None
+        pairs = {}
+        for p in sig["pairs"]:
+            if isinstance(p, dict) and {"measure", "a", "b", "p"} <= set(p):
+                pairs[(p["measure"], p["a"], p["b"])] = pairs[(p["measure"], p["b"], p["a"])] = p
+        return cls(float(sig.get("alpha", 0.05)), pairs)
+
+    def beats(self, measure: str, a: str, b: str) -> bool:
+        """Whether row a is significantly better than row b on `measure`."""
+        p = self.pairs.get((measure, a, b))
+        return p is not None and p["p"] < self.alpha and p.get("better") == ("a" if p["a"] == a else "b")
+
+    def p(self, measure: str, a: str, b: str) -> float | None:
+        p = self.pairs.get((measure, a, b))
+        return None if p is None else float(p["p"])
+
+
+def build(rows: Sequence[tuple[str, Any]], cols: Sequence[Col], *, title: str = "", caption: str = "",
+          first: str = "method", compare: Sequence[bool] | None = None, ref_rows: Sequence[bool] | None = None,
+          keep_empty: bool = False, significance: Significance | None = None,
+          notes: Sequence[str] = (), key: str = "") -> Built:
+    """Rows (label, record) against columns: the cells, and the best of each column in bold.
+
+    Columns no row has are left out (unless `keep_empty`). `compare[i]` False keeps row i out of the contest
+    (yardsticks); `ref_rows[i]` marks it a reference. A `needs_decision` column leaves out the rows whose
+    reconstruction does not keep the model's decision (their numbers are flagged). A `paired` column, when
+    `significance` is given, bolds its best row only when that row is significantly better than every other row
+    of the contest (exact McNemar, p < alpha): a difference that is not significant is not bold.
+    """
+    compare = list(compare) if compare is not None else [True] * len(rows)
+    ref_rows = list(ref_rows) if ref_rows is not None else [False] * len(rows)
+    cols = [c for c in cols if keep_empty or any(c.value(r) is not None for _, r in rows)]
+    grid = [[c.value(r) for c in cols] for _, r in rows]
+    decided = [keeps_decision(r) for _, r in rows]
+    bold: list[set[int]] = []
+    for j, c in enumerate(cols):
+        idx = [i for i in range(len(rows)) if compare[i] and (decided[i] or not c.needs_decision)]
+        best = {idx[b] for b in best_rows([grid[i][j] for i in idx], c.better)}
+        if c.paired and significance is not None and best:
+            best = _significantly_best(best, idx, [row_name(r) for _, r in rows], grid, j, c.paired, significance)
+        bold.append(best)
+    built_rows = []
+    for i, (label, rec) in enumerate(rows):
+        cells = []
+        for j, c in enumerate(cols):
+            v, sd = grid[i][j], c.spread(rec)
+            cells.append(Cell(fmt(v), fmt(sd) if is_num(v) and is_num(sd) else "",
+                              float(v) if is_num(v) else None, i in bold[j],
+                              c.needs_decision and not decided[i] and is_num(v)))
+        built_rows.append(Row(label, tuple(cells), ref_rows[i]))
+    return Built(title, tuple(cols), tuple(built_rows), caption, first, tuple(notes), key)
+
+
+def _significantly_best(best: set[int], idx: list[int], names: list[str | None], grid: list[list[Any]], j: int,
+                        measure: str, significance: Significance) -> set[int]:
+    """{the best row} when it is significantly better than every other contested row with a value, else {}."""
+    if len(best) != 1:
+        return set()  # a tie is not a win
+    (b,) = best
+    others = [i for i in idx if i != b and is_num(grid[i][j])]
+    if names[b] is None or any(names[i] is None or not significance.beats(measure, names[b], names[i])
+                               for i in others):
+        return set()
+    return best
+
+
+def row_name(rec: Any) -> str | None:
+    """The name the evaluation's paired tests know a method by."""
+    return rec.get("name") if isinstance(rec, dict) and isinstance(rec.get("name"), str) else None
+
+
+# ---------------------------------------------------------------------------------------------- the evaluation's tables
+
+ENCODING_LABELS = {"predicted": "predicted class", "true": "true class (paper's protocol)", "none": "no class"}
+REFERENCE_ROWS = ("model", "class_mean_true", "class_mean_predicted", "global_mean", "chance")
+SHARED_TITLE = "Same capacity: shared dictionaries (k directions), per-class reconstruction of test images"
+PER_CLASS_TITLE = "k per class: k x classes directions (not the same capacity as the block above)"
+
+
+def capacity(m: dict) -> str:
+    """"shared" (k directions for every class) or "per-class" (k x classes), as evaluate recorded it."""
+    return m.get("capacity") or ("per-class" if m.get("per_class_dictionary") else "shared")
+
+
+def _block_cols(others: Sequence[str]) -> list[Col]:
+    cols = [
+        Col("k", "k"), Col("directions", lambda r: r.get("directions", r.get("k"))),
+        Col("|Pearson|", "similarity.pearson_mean", "low", std="similarity.pearson_std",
+            tip="mean |Pearson r| over pairs of dictionary rows (paper: sparsity)"),
+        Col("|cosine|", lambda r: "0 (by construction)" if get(r, "similarity.cosine_by_construction")
+            else get(r, "similarity.cosine_mean"), "low", std="similarity.cosine_std"),
+        Col("agreement (model)", "reconstruction.agreement.mean", "high", std="reconstruction.agreement.std",
+            tip="agreement of h(UW) with the model's prediction, mean over classes", paired="agreement"),
+        Col("accuracy (labels)", "reconstruction.accuracy.mean", "high", std="reconstruction.accuracy.std",
+            tip="accuracy of h(UW) against the labels, mean over classes", paired="accuracy"),
+    ]
+    for e in others:
+        cols.append(Col(f"acc / agr, {ENCODING_LABELS.get(e, e)}", _other_encoding(e)))
+    cols.append(Col("p", "p_vs_best", tip="exact McNemar p-value of the agreement against the best of the table"))
+    return cols
+
+
+def _other_encoding(e: str) -> Callable[[dict], Any]:
+    def cell(r: dict) -> Any:
+        entry = (r.get("by_encoding") or {}).get(e)
+        if not isinstance(entry, dict):
+            return None
+        if "skipped" in entry:
+            return "skipped"
+        acc, agr = get(entry, "reconstruction.accuracy.mean"), get(entry, "reconstruction.agreement.mean")
+        return f"{fmt(acc)} / {fmt(agr)}" if acc is not None or agr is not None else None
+    return cell
+
+
+def _p_text(p: float | None, alpha: float) -> str | None:
+    if p is None:
+        return None
+    return (f"{p:.2g}" if p >= 1e-3 else f"{p:.0e}") + ("" if p < alpha else " n.s.")
+
+
+def capacity_block(result: dict, methods: Sequence[dict], title: str,
+                   significance: Significance | None) -> Built:
+    """Accuracy and agreement of h(UW) for the methods of one capacity, read against the references."""
+    settings = result.get("settings") or {}
+    enc = settings.get("headline_encoding", "true")
+    others = [e for e in settings.get("encode_class") or [] if e != enc]
+    n, chance = result.get("n_test_images"), result.get("chance")
+    bold = ("bold = significantly best of its table (exact McNemar, p < 0.05); p: against the best agreement"
+            if significance is not None else "bold = best value (this evaluation records no paired tests)")
+    caption = (f"n = {fmt(n)} test images, {round(1 / chance) if is_num(chance) and chance else '?'} classes, "
+               f"chance = {fmt(chance)}; codes under the {ENCODING_LABELS.get(enc, enc)}; {bold}")
+    scored = [m for m in methods if is_num(get(m, "reconstruction.agreement.mean"))]
+    best = max(scored, key=lambda m: get(m, "reconstruction.agreement.mean")) if scored else None
+    rows: list[tuple[str, Any]] = []
+    for m in methods:
+        p = None
+        if significance is not None and best is not None and m is not best:
+            p = _p_text(significance.p("agreement", best.get("name"), m.get("name")), significance.alpha)
+        rows.append((str(m.get("name")), dict(m, p_vs_best="best" if m is best else p)))
+    refs = result.get("references") or {}
+    for key in REFERENCE_ROWS:
+        ref = refs.get(key)
+        if not isinstance(ref, dict):
+            continue
+        label = f"reference: {ref.get('label', key)}"
+        if "skipped" in ref:
+            rows.append((f"{label} (skipped: {ref['skipped']})", {}))
+        else:
+            rows.append((label, {"k": 0 if key.startswith(("class", "global")) else None,
+                                 "reconstruction": {"agreement": ref.get("agreement"),
+                                                    "accuracy": ref.get("accuracy")}}))
+    refs_at = [i >= len(methods) for i in range(len(rows))]
+    return build(rows, _block_cols(others), title=title, caption=caption, compare=[not r for r in refs_at],
+                 ref_rows=refs_at, significance=significance, key="reconstruction")
+
+
+def evaluation_tables(result: dict) -> list[Built]:
+    """The evaluation's tables in reading order, as the terminal and the report both draw them.
+
+    Headline: shared dictionaries (k directions each: c2mf, PCA / semi-NMF --shared, CRAFT clustered to K = k),
+    then per-class ones (k x classes directions), each read against the references (the model, class means
+    alone, the global mean, chance). Then consistency and fit, insertion / deletion (a method whose
+    reconstruction does not keep the model's decision is flagged and never bold), IG completeness where
+    measured, the clustering ablation and the out-of-distribution view.
+    """
+    methods = [m for m in result.get("methods") or [] if isinstance(m, dict)]
+    significance = Significance.of(result)
+    out = []
+    shared = [m for m in methods if capacity(m) == "shared"]
+    per_class = [m for m in methods if capacity(m) != "shared"]
+    if shared:
+        out.append(capacity_block(result, shared, SHARED_TITLE, significance))
+    if per_class:
+        out.append(capacity_block(result, per_class, PER_CLASS_TITLE, significance))
+    labelled = [(method_label(m, i), m) for i, m in enumerate(methods)]
+    specs = [FIT, insertion(methods)] + ([IMPORTANCE] if any(get(m, "importance.ig_completeness") for m in methods)
+                                         else [])
+    for spec in specs:
+        notes = [f"\u26a0 {m.get('name')}: {w}" for m in methods for w in m.get("warnings") or []] \
+            if spec.key == "insertion" else []
+        if methods and spec.present(methods):
+            out.append(build(labelled, spec.cols, title=spec.title, caption=spec.caption, notes=notes,
+                             key=spec.key))
+    clusters = [c for c in result.get("clustering") or [] if isinstance(c, dict)]
+    if clusters:
+        spec = clustering(clusters)
+        out.append(build([(f"K = {c.get('K', '?')}", c) for c in clusters], spec.cols, title=spec.title,
+                         caption=spec.caption, first="K", key=spec.key))
+    if isinstance(result.get("ood"), dict):
+        out.append(build([("whole images vs crops", result["ood"])], OOD.cols, title=OOD.title,
+                         caption=OOD.caption, first="", key=OOD.key))
+    return out
