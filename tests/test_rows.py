@@ -116,3 +116,15 @@ def test_bad_values_are_named(store):
         store.row_source(rows="tokens")
     with pytest.raises(UsageError, match="--group-by must be label or predicted"):
         store.row_source(group_by="model")
+
+
+def test_a_fit_on_predicted_groups_records_its_rows(colour_store, store):
+    from c2mf_cli.stages.factorize import factorize
+
+    d = factorize(colour_store.row_source(rows="pooled", group_by="predicted"), "pca", concepts=2, device="cpu")
+    info = d.meta["source"]["info"]
+    assert info["rows"] == "pooled" and info["group_by"] == "predicted" and info["left_out"] > 0
+    assert d.meta["source"]["n_rows"] == [colour_store.row_source(rows="pooled", group_by="predicted").n_rows(y)
+                                          for y in range(3)]
+    with pytest.raises(UsageError, match="3 of 3 classes get no image"):  # the tiny random model predicts none
+        store.row_source(group_by="predicted")

@@ -65,6 +65,18 @@ def test_sweep_refuses_what_it_did_not_make(stores, tmp_path):
             "--device", "cpu", "-q", "-o", tmp_path / "sw"]
     r = _run(*base)
     assert r.exit_code == 0, r.output
+    # the same folder with other rows (pooled per image): the fits there are not these, so refused
+    r = _run(*base, "--rows", "pooled")
+    assert r.exit_code == 1 and "pca-k2.safetensors was not fitted by this sweep" in r.output
+    r = _run(*base[:-2], "-o", tmp_path / "pooled", "--rows", "pooled", "--json")
+    assert r.exit_code == 0, r.output
+    from c2mf_cli.artifacts.dictionary import ConceptDictionary
+
+    info = ConceptDictionary.load(tmp_path / "pooled" / "dicts" / "pca-k2.safetensors").meta["source"]["info"]
+    assert info["rows"] == "pooled" and info["group_by"] == "label"
+    # the tiny random model predicts none of the store's classes: grouping by prediction says so
+    r = _run(*base[:-2], "-o", tmp_path / "pred", "--group-by", "predicted")
+    assert r.exit_code == 2 and "3 of 3 classes get no image" in r.output
     # a dictionary of another k at the path this sweep would reuse: refused by name, never overwritten
     os.replace(tmp_path / "sw" / "dicts" / "pca-k2.safetensors", tmp_path / "keep.safetensors")
     r = _run("factorize", "-s", stores["train"], "--method", "pca", "-k", 3, "--device", "cpu", "-q",

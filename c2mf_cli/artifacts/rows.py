@@ -46,6 +46,14 @@ class RegroupedRows:
         positions = int(np.prod(store.row_shape[:-1])) - self._skip if len(store.row_shape) > 1 else 1
         self._per_image = 1 if rows == "pooled" else positions
         self._plan, left_out = self._make_plan()
+        if group_by == "predicted" and part[1] == 1:
+            empty = [self.classes[y] for y in range(len(self.classes)) if not self._plan[y]]
+            if empty:
+                raise UsageError(
+                    f"grouped by the model's prediction, {len(empty)} of {len(self.classes)} classes get no image "
+                    f"(e.g. {', '.join(map(repr, empty[:3]))}: the model predicts them for none of the store's images; "
+                    f"{left_out} images are predicted as no class of the store): group by label, or use a store "
+                    "whose images the model predicts as its classes")
         self.info = dict(store.describe_source(), rows=rows, group_by=group_by, left_out=left_out)
 
     def _make_plan(self) -> tuple[list[list[tuple[int, int, np.ndarray]]], int]:

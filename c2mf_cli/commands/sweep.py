@@ -71,6 +71,10 @@ def sweep(
                                   "as code (path/file.py:factory)."),
     checkpoint: Optional[Path] = option("checkpoint", help="Override the weights file the stores record."),
     max_images: Optional[int] = option("max_images_per_class"),
+    rows: str = typer.Option("positions", "--rows", metavar="positions|pooled", help="What whole-image methods "
+                             "learn from: one row per position, or per image (the mean over its positions)."),
+    group_by: str = typer.Option("label", "--group-by", metavar="label|predicted", help="Group training rows by "
+                                 "the image's label or by the model's prediction (the C2MF paper's wording)."),
     codes: str = typer.Option("fit", "--codes", metavar="fit|nnls|lstsq", help="How codes are solved (see "
                               "c2mf evaluate --help)."),
     attribution: bool = typer.Option(False, "--attribution/--no-attribution", help="Also compute importance and "
@@ -97,7 +101,7 @@ def sweep(
     from ..stages.sweep import sweep as run_sweep, sweep_config
 
     config = sweep_config(_ks(concepts), methods or ("c2mf", "craft", "pca"), target=target, seed=seed,
-                          iterations=iterations,
+                          iterations=iterations, rows=rows, group_by=group_by,
                           max_images_per_class=max_images, codes=codes.strip().lower(), attribution=attribution)
     reporter = Reporter(quiet)
     with reporter.session():

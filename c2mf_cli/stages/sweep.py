@@ -42,7 +42,9 @@ class SweepConfig:
     """What a sweep fits and how it reads the result.
 
     ks: the numbers of concepts, increasing. methods: registered method names (each at its defaults, with
-    `concepts` = k, `seed`, and `iterations` when given, for the methods that take them). target: the agreement with the model (headline encoding, mean over classes)
+    `concepts` = k, `seed`, and `iterations` when given, for the methods that take them). rows, group_by: the
+    rows whole-image methods learn from (`ActivationStore.row_source`: positions or pooled, by label or by the
+    model's prediction); crop methods learn from their crops. target: the agreement with the model (headline encoding, mean over classes)
     that defines `smallest_k`. evaluate: the settings of every k's evaluation (attribution off by default: the
     sweep is about fidelity against k; turn it on for insertion/deletion against k).
     """
@@ -53,6 +55,8 @@ class SweepConfig:
     seed: int = 0
     evaluate: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(attribution=False))
     iterations: int | None = None
+    rows: str = "positions"
+    group_by: str = "label"
 
     def __post_init__(self) -> None:
         if not self.ks or any(k < 1 for k in self.ks) or list(self.ks) != sorted(set(self.ks)):
@@ -64,26 +68,34 @@ class SweepConfig:
                              f"{', '.join(self.methods) or 'nothing'}")
         if not 0.0 < self.target <= 1.0:
             raise UsageError(f"--target must be in (0, 1], got {self.target}")
+        if self.rows not in ("positions", "pooled") or self.group_by not in ("label", "predicted"):
+            raise UsageError(f"--rows takes positions or pooled and --group-by label or predicted, got "
+                             f"{self.rows!r} and {self.group_by!r}")
         if self.iterations is not None and self.iterations < 1:
             raise UsageError(f"--iterations must be at least 1, got {self.iterations}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"ks": list(self.ks), "methods": list(self.methods), "target": self.target, "seed": self.seed,
-                "iterations": self.iterations, "evaluate": self.evaluate.to_dict()}
+                "iterations": self.iterations, "rows": self.rows, "group_by": self.group_by,
+                "evaluate": self.evaluate.to_dict()}
 
 
 def _fit_path(out: Path, method: str, k: int) -> Path:
     return out / "dicts" / f"{method}-k{k}.safetensors"
 
 
-def _reuse_fit(path: Path, method: str, options: dict[str, Any], fingerprint: str) -> ConceptDictionary | None:
-    """The dictionary at `path` if it is this fit (method, options, store); None when absent; else an error."""
+def _reuse_fit(path: Path, method: str, options: dict[str, Any], source: Any) -> ConceptDictionary | None:
+    """The dictionary at `path` if it is this fit (method, options, store and rows); None when absent; else an
+    error."""
     if not path.exists():
         return None
     d = ConceptDictionary.load(path)  # checks its checksum and tensors: a damaged file is refused by name
     info = (d.meta.get("source") or {}).get("info") or {}
     recorded = d.meta.get("config") or {}
-    same = (d.method == method and d.n_concepts == options["concepts"] and info.get("fingerprint") == fingerprint
+    same = (d.method == method and d.n_concepts == options["concepts"]
+            and info.get("fingerprint") == source.info.get("fingerprint")
+            and info.get("rows", "positions") == source.info.get("rows", "positions")
+            and info.get("group_by", "label") == source.info.get("group_by", "label")
             and all(recorded.get(key) == value for key, value in options.items()))
     if not same:
         wanted = ", ".join(f"{key} {value}" for key, value in options.items())
@@ -166,17 +178,19 @@ def sweep(
         raise C2MFError(f"the output folder {str(out)!r} is a file: give a folder path")
     (out / "dicts").mkdir(parents=True, exist_ok=True)
 
+    sources = {"full": train_s.row_source(rows=config.rows, group_by=config.group_by),
+               "crops": crops_s.row_source() if crops_s is not None else None}
     by_k: dict[int, list[dict[str, Any]]] = {}
     for k in config.ks:
         dicts = []
         for method in config.methods:
-            store = crops_s if get_method(method).needs == "crops" else train_s
+            source = sources[get_method(method).needs]
             path = _fit_path(out, method, k)
             options = _fit_options(method, k, config)
-            d = _reuse_fit(path, method, options, store.fingerprint)
+            d = _reuse_fit(path, method, options, source)
             if d is None:
                 say(f"fitting {method} at k = {k}")
-                fitted = factorize(store.row_source(), method, device=device, progress=progress, **options)
+                fitted = factorize(source, method, device=device, progress=progress, **options)
                 fitted.save(path)
                 d = ConceptDictionary.load(path)
             else:
@@ -256,11 +270,13 @@ def _plots(summary: dict[str, Any], config: SweepConfig, out: Path) -> dict[str,
 
 
 def sweep_config(ks: Sequence[int], methods: Sequence[str], *, target: float = 0.9, seed: int = 0,
-                 iterations: int | None = None, **evaluate_settings: Any) -> SweepConfig:
+                 iterations: int | None = None, rows: str = "positions", group_by: str = "label",
+                 **evaluate_settings: Any) -> SweepConfig:
     """A SweepConfig from plain values; `evaluate_settings` are fields of `EvaluateConfig`."""
     known = {f.name for f in dataclasses.fields(EvaluateConfig)}
     unknown = sorted(set(evaluate_settings) - known)
     if unknown:
         raise UsageError(f"unknown evaluate settings: {', '.join(unknown)}")
     evaluate_settings.setdefault("attribution", False)
-    return SweepConfig(tuple(ks), tuple(methods), target, seed, EvaluateConfig(**evaluate_settings), iterations)
+    return SweepConfig(tuple(ks), tuple(methods), target, seed, EvaluateConfig(**evaluate_settings), iterations,
+                       rows, group_by)
