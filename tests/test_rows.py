@@ -128,3 +128,21 @@ def test_a_fit_on_predicted_groups_records_its_rows(colour_store, store):
                                           for y in range(3)]
     with pytest.raises(UsageError, match="3 of 3 classes get no image"):  # the tiny random model predicts none
         store.row_source(group_by="predicted")
+
+
+def test_factorize_cli_takes_rows_and_grouping(tiny_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from c2mf_cli.artifacts.dictionary import ConceptDictionary
+    from c2mf_cli.cli import app
+
+    out = tmp_path / "pooled.safetensors"
+    r = CliRunner().invoke(app, ["factorize", "-s", str(tiny_store), "--method", "pca", "-k", "2", "--rows", "pooled",
+                                 "--device", "cpu", "-q", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    d = ConceptDictionary.load(out)
+    assert d.meta["source"]["info"]["rows"] == "pooled" and d.meta["source"]["n_rows"] == [6, 6, 6]
+    r = CliRunner().invoke(app, ["factorize", "-s", str(tiny_store), "--method", "pca", "-k", "2", "--group-by",
+                                 "labels", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "--group-by must be label or predicted, got 'labels'" in r.output
+    assert not (tmp_path / "x.safetensors").exists()

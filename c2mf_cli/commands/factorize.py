@@ -129,6 +129,8 @@ def factorize(
     concepts: int = option("concepts", default=REQUIRED),
     out_path: Path = option("out", default=REQUIRED, help="Dictionary file to write (.safetensors); an existing "
                             "file is replaced, atomically, once the fit has succeeded."),
+    rows: str = option("rows"),
+    group_by: str = option("group_by"),
     full_batch: bool = typer.Option(False, "--full-batch", help="Load each class whole (small stores)."),
     device: str = option("device"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from OUT.ckpt."),
@@ -174,7 +176,7 @@ def factorize(
     from ..stages.describe import describe_dictionary
     from ..stages.factorize import factorize as run_factorize, open_store_source
 
-    source = open_store_source(store)
+    source = open_store_source(store, rows=rows.strip().lower(), group_by=group_by.strip().lower())
     rank_device = distributed.start(device, distributed.DEFAULT_TIMEOUT_S if timeout is None else timeout)
     try:
         writer = distributed.is_writer()

@@ -84,6 +84,10 @@ SPECS: dict[str, OptionSpec] = {
                              "indices: unsigned, designs x (k + 2) model calls per image).", "gradcam|ig|sobol",
                              "gradcam"),
     "ig_steps": OptionSpec(("--ig-steps",), "Integrated Gradients steps (>= 32 advised).", "N", 32),
+    "rows": OptionSpec(("--rows",), "What whole-image methods learn from: one row per position, or one per image "
+                       "(pooled: the mean over its positions).", "positions|pooled", "positions"),
+    "group_by": OptionSpec(("--group-by",), "Group training rows by the image's label, or by the model's prediction "
+                           "(the C2MF paper's wording).", "label|predicted", "label"),
     "sobol_designs": OptionSpec(("--sobol-designs",), "Sobol design size: designs x (k + 2) model calls per image "
                                 "(32: CRAFT's default).", "N", 32),
 }

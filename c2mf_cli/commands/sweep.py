@@ -71,10 +71,8 @@ def sweep(
                                   "as code (path/file.py:factory)."),
     checkpoint: Optional[Path] = option("checkpoint", help="Override the weights file the stores record."),
     max_images: Optional[int] = option("max_images_per_class"),
-    rows: str = typer.Option("positions", "--rows", metavar="positions|pooled", help="What whole-image methods "
-                             "learn from: one row per position, or per image (the mean over its positions)."),
-    group_by: str = typer.Option("label", "--group-by", metavar="label|predicted", help="Group training rows by "
-                                 "the image's label or by the model's prediction (the C2MF paper's wording)."),
+    rows: str = option("rows"),
+    group_by: str = option("group_by"),
     codes: str = typer.Option("fit", "--codes", metavar="fit|nnls|lstsq", help="How codes are solved (see "
                               "c2mf evaluate --help)."),
     attribution: bool = typer.Option(False, "--attribution/--no-attribution", help="Also compute importance and "
