@@ -368,3 +368,35 @@ def test_terminal_and_report_bold_the_same_cells_with_significance(tmp_path):
     # "At a glance": c2mf has the best accuracy but not significantly better than pca's: not bold
     summary = page[page.index("id='summary'"):page.index("id='metrics'")]
     assert "<td data-v='0.95'>0.950" in summary and "class='best' data-v='0.95'" not in summary
+
+
+def test_explanations_by_every_dictionary_side_by_side(tmp_path: Path):
+    """Several explain folders in a run (one per dictionary): each image's explanations in one row, one column per
+    dictionary, matched by the image's path; an image one dictionary did not explain is said so."""
+    from typer.testing import CliRunner
+
+    from c2mf_cli.cli import app
+
+    run = tmp_path / "run"
+    for name, images in (("c2mf", ["birds/a.jpg", "birds/b.jpg"]), ("pca", ["birds/a.jpg"])):
+        ex = run / f"explain-{name}"
+        ex.mkdir(parents=True)
+        items = []
+        for i, img in enumerate(images):
+            Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(ex / f"{i:02d}.png")
+            items.append({"png": f"{i:02d}.png", "image": img, "prediction": {"label": "wren"},
+                          "explained": {"label": "wren", "probability": 0.9}})
+        (ex / "explain.json").write_text(json.dumps({"dictionary": f"/x/{name}.safetensors", "explained": items,
+                                                     "config": {"importance": "gradcam"}}))
+    r = CliRunner().invoke(app, ["report", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["explain_dir"] == [str(run / "explain-c2mf"), str(run / "explain-pca")]
+    page = (run / "report.html").read_text()
+    well_formed(page)
+    rows = re.findall(r"<div class='side'>(.*?)</div>", page, flags=re.S)
+    assert len(rows) == 2  # a.jpg, b.jpg
+    assert rows[0].count("<figure>") == 2 and "<b>c2mf</b>" in rows[0] and "<b>pca</b>" in rows[0]
+    assert rows[1].count("<figure>") == 1 and "<b>pca</b>: not explained here" in rows[1]
+    # one folder: as before, no side-by-side rows
+    one = build_report(tmp_path / "one", explain_dir=run / "explain-pca").read_text()
+    assert "<div class='side'>" not in one and one.count("<figure>") == 1

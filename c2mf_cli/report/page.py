@@ -75,6 +75,7 @@ img{max-width:100%;height:auto}
 .card{border:1px solid var(--line);border-radius:6px;padding:.7em .8em;background:#fbfbfc}
 .card h3{margin:.1em 0 .2em;font-size:1.05em}.card .name{color:var(--best)}
 figure{margin:1.2em 0}figcaption{font-size:.9em;color:var(--muted);margin-top:.3em}
+.side{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1em;align-items:start}
 details{margin:.8em 0}summary{cursor:pointer;color:var(--best)}
 .ok{color:#1a7f37}.bad{color:#b42318}
 th.sort{cursor:pointer}th.sort:after{content:" \\2195";color:#b9b9c0;font-size:.8em}
@@ -450,39 +451,93 @@ def _atlas_section(at: Path, embed: bool, out: Path, refused: list[str]) -> str:
     return "\n".join(body)
 
 
-def _explain_section(ex: Path, embed: bool, out: Path, refused: list[str]) -> str:
+def _explain_items(ex: Path, refused: list[str]) -> tuple[dict, list[dict]]:
     summary = _read_json(ex / "explain.json") if (ex / "explain.json").is_file() else {}
-    body = []
-    cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
-    if summary.get("dictionary") or cfg.get("importance"):
-        body.append(f"<p class='lead'>dictionary <b>{_esc(summary.get('dictionary', '?'))}</b>; concept importance "
-                    f"by {_esc(RANKING_NAMES.get(str(cfg.get('importance')), cfg.get('importance', '?')))} for "
-                    "the explained class; the heatmaps are the codes of the top concepts on the model's grid, "
-                    "upsampled onto the image.</p>")
+    summary = summary if isinstance(summary, dict) else {}
     items = summary.get("explained") or [{"png": p.name, "image": p.stem} for p in _pngs(ex, refused)]
-    for e in items:
-        png = _inside(ex, e.get("png", ""), refused)
-        if png is None or not png.is_file():
-            continue
-        cap = f"<b>{_esc(_short_path(e.get('image', png.stem)))}</b>"
-        pred = e.get("prediction") if isinstance(e.get("prediction"), dict) else {}
-        expl = e.get("explained") if isinstance(e.get("explained"), dict) else {}
-        if pred.get("label") is not None:
-            cap += f" &middot; predicted {_esc(pred['label'])}"
-        if expl.get("label") is not None:
-            cap += f" &middot; explained {_esc(expl['label'])}"
-            if is_num(expl.get("probability")):
-                cap += f" (p = {fmt(float(expl['probability']))})"
-        if e.get("dictionary_class") is not None:  # whose gates / dictionary the codes used
-            cap += f" &middot; codes of class {_esc(e['dictionary_class'])}"
-        if isinstance(e.get("top_concepts"), list):
-            cap += " &middot; concepts drawn " + _esc(", ".join(map(str, e["top_concepts"])) or "none")
-        for note in e.get("notes") or []:
-            cap += f"<br><span class='bad'>{_esc(note)}</span>"
-        body.append(f"<figure>{_img(png, png.stem, embed, out)}<figcaption>{cap}</figcaption></figure>")
-    for f in summary.get("failed") or []:
-        body.append(f"<p class='muted'>failed: {_esc(f.get('image'))}: {_esc(f.get('error'))}</p>")
+    return summary, [e for e in items if isinstance(e, dict)]
+
+
+def _explain_figure(ex: Path, e: dict, embed: bool, out: Path, refused: list[str], title: str = "") -> str | None:
+    """One explained image as a figure with its caption; None when its PNG is missing or outside `ex`."""
+    png = _inside(ex, e.get("png", ""), refused)
+    if png is None or not png.is_file():
+        return None
+    cap = f"<b>{_esc(title)}</b> &middot; " if title else ""
+    cap += f"<b>{_esc(_short_path(e.get('image', png.stem)))}</b>"
+    pred = e.get("prediction") if isinstance(e.get("prediction"), dict) else {}
+    expl = e.get("explained") if isinstance(e.get("explained"), dict) else {}
+    if pred.get("label") is not None:
+        cap += f" &middot; predicted {_esc(pred['label'])}"
+    if expl.get("label") is not None:
+        cap += f" &middot; explained {_esc(expl['label'])}"
+        if is_num(expl.get("probability")):
+            cap += f" (p = {fmt(float(expl['probability']))})"
+    if e.get("dictionary_class") is not None:  # whose gates / dictionary the codes used
+        cap += f" &middot; codes of class {_esc(e['dictionary_class'])}"
+    if isinstance(e.get("top_concepts"), list):
+        cap += " &middot; concepts drawn " + _esc(", ".join(map(str, e["top_concepts"])) or "none")
+    for note in e.get("notes") or []:
+        cap += f"<br><span class='bad'>{_esc(note)}</span>"
+    return f"<figure>{_img(png, png.stem, embed, out)}<figcaption>{cap}</figcaption></figure>"
+
+
+def _explain_lead(summary: dict) -> str:
+    cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    if not (summary.get("dictionary") or cfg.get("importance")):
+        return ""
+    return (f"dictionary <b>{_esc(summary.get('dictionary', '?'))}</b>; concept importance by "
+            f"{_esc(RANKING_NAMES.get(str(cfg.get('importance')), cfg.get('importance', '?')))}")
+
+
+def _explain_section(folders: Sequence[Path], embed: bool, out: Path, refused: list[str]) -> str:
+    """Explained images; with several explain folders (one per dictionary), each image's explanations side by
+    side, matched by the image's path, one column per folder."""
+    read = [(ex, *_explain_items(ex, refused)) for ex in folders]
+    body = []
+    if len(read) == 1:
+        ex, summary, items = read[0]
+        lead = _explain_lead(summary)
+        if lead:
+            body.append(f"<p class='lead'>{lead} for the explained class; the heatmaps are the codes of the top "
+                        "concepts on the model's grid, upsampled onto the image.</p>")
+        body += [f for f in (_explain_figure(ex, e, embed, out, refused) for e in items) if f]
+    else:
+        titles = _unique_titles([Path(str(summary.get("dictionary") or ex.name)).stem or ex.name
+                                 for ex, summary, _ in read])
+        body.append("<p class='lead'>The same images explained with each dictionary, side by side (one column per "
+                    "explain folder): " + "; ".join(f"<b>{_esc(t)}</b>: {_explain_lead(summary) or _esc(ex.name)}"
+                                                    for t, (ex, summary, _) in zip(titles, read)) + ".</p>")
+        order: list[str] = []
+        by_image: list[dict[str, dict]] = []
+        for _, _, items in read:
+            index = {}
+            for e in items:
+                key = str(e.get("image", e.get("png", "")))
+                index[key] = e
+                if key not in order:
+                    order.append(key)
+            by_image.append(index)
+        for key in order:
+            cells = []
+            for title, (ex, _, _), index in zip(titles, read, by_image):
+                fig = _explain_figure(ex, index[key], embed, out, refused, title) if key in index else None
+                cells.append(fig or f"<p class='muted'><b>{_esc(title)}</b>: not explained here</p>")
+            body.append(f"<div class='side'>{''.join(cells)}</div>")
+    for ex, summary, _ in read:
+        for f in summary.get("failed") or []:
+            body.append(f"<p class='muted'>failed ({_esc(ex.name)}): {_esc(f.get('image'))}: "
+                        f"{_esc(f.get('error'))}</p>")
     return "\n".join(body)
+
+
+def _unique_titles(titles: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for t in titles:
+        seen[t] = seen.get(t, 0) + 1
+        out.append(t if seen[t] == 1 else f"{t} ({seen[t]})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -689,25 +744,31 @@ def find_parts(
     *,
     evaluate_dir: str | os.PathLike[str] | None = None,
     atlas_dir: str | os.PathLike[str] | None = None,
-    explain_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, Path | None]:
-    """The evaluate / atlas / explain folders of a run: given ones, else sub-folders recognised by their JSON."""
+    explain_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+) -> dict[str, Any]:
+    """The evaluate / atlas / explain folders of a run: given ones, else sub-folders recognised by their JSON.
+
+    Every explain folder found (one per dictionary) is kept, in name order: the report shows them side by side.
+    """
     run = Path(run_dir)
     if not run.is_dir():
         raise C2MFError(f"run folder {str(run)!r} does not exist")
-    found: dict[str, Path | None] = {"evaluate_dir": None, "atlas_dir": None, "explain_dir": None}
+    found: dict[str, Any] = {"evaluate_dir": None, "atlas_dir": None, "explain_dir": None}
     marks = {"evaluate_dir": "evaluation.json", "atlas_dir": "atlas.json", "explain_dir": "explain.json"}
+    candidates = [run, *sorted(p for p in run.iterdir() if p.is_dir())]
     for key, mark in marks.items():
-        for cand in [run, *sorted(p for p in run.iterdir() if p.is_dir())]:
-            if (cand / mark).is_file():
-                found[key] = cand
-                break
+        hits = [cand for cand in candidates if (cand / mark).is_file()]
+        if hits:
+            found[key] = hits if key == "explain_dir" else hits[0]
     given = {"evaluate_dir": evaluate_dir, "atlas_dir": atlas_dir, "explain_dir": explain_dir}
     for key, value in given.items():
-        if value is not None:
-            if not Path(value).is_dir():
-                raise C2MFError(f"{key.replace('_dir', '')} folder {str(value)!r} does not exist")
-            found[key] = Path(value)
+        if value is None or (key == "explain_dir" and isinstance(value, (list, tuple)) and not value):
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if not Path(v).is_dir():
+                raise C2MFError(f"{key.replace('_dir', '')} folder {str(v)!r} does not exist")
+        found[key] = [Path(v) for v in values] if key == "explain_dir" else Path(values[0])
     if not any(found.values()):
         raise C2MFError(f"nothing to report in {str(run)!r}: it has no evaluation.json, atlas.json or explain.json "
                         "(give --evaluate/--atlas/--explain)")
@@ -718,7 +779,7 @@ def build_report(
     out_dir: str | os.PathLike[str],
     evaluate_dir: str | os.PathLike[str] | None = None,
     atlas_dir: str | os.PathLike[str] | None = None,
-    explain_dir: str | os.PathLike[str] | None = None,
+    explain_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     *,
     title: str = "c2mf report",
     embed: bool = True,
@@ -734,7 +795,8 @@ def build_report(
         out_dir: where report.html goes.
         evaluate_dir: a `c2mf evaluate` output (evaluation.json + plots).
         atlas_dir: a `c2mf atlas` output (atlas.json, concept_NNN.png, overview.png).
-        explain_dir: a `c2mf explain` output (explain.json, <image>.png/.json).
+        explain_dir: a `c2mf explain` output (explain.json, <image>.png/.json), or several (one per dictionary,
+            shown side by side image by image).
         embed: embed images as data URIs (one portable file); False links them relative to out_dir.
         extension: what a caller adds (the demo passes its ground-truth recovery).
     """
@@ -759,7 +821,8 @@ def build_report(
         sections.append(Section("atlas", "Concept atlas", _atlas_section(Path(atlas_dir), embed, out, refused)
                                 or "<p class='muted'>empty folder</p>"))
     if explain_dir is not None:
-        sections.append(Section("explain", "Explained images", _explain_section(Path(explain_dir), embed, out, refused)
+        folders = [Path(p) for p in explain_dir] if isinstance(explain_dir, (list, tuple)) else [Path(explain_dir)]
+        sections.append(Section("explain", "Explained images", _explain_section(folders, embed, out, refused)
                                 or "<p class='muted'>empty folder</p>"))
     if details:
         sections.append(Section("details", "Run details", details))
