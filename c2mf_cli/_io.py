@@ -113,3 +113,13 @@ def _fsync_dir(folder: Path) -> None:
         # some network file systems do not support fsync on a folder; the rename itself is still atomic there
         if e.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """The names, with a repeat numbered ("pca", "pca #2"): rows, columns and files must be told apart."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return out

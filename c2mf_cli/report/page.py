@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .._io import write_text
+from .._io import unique_names, write_text
 from ..errors import C2MFError
 from .tables import (
     DASH,
@@ -503,7 +503,7 @@ def _explain_section(folders: Sequence[Path], embed: bool, out: Path, refused: l
                         "concepts on the model's grid, upsampled onto the image.</p>")
         body += [f for f in (_explain_figure(ex, e, embed, out, refused) for e in items) if f]
     else:
-        titles = _unique_titles([Path(str(summary.get("dictionary") or ex.name)).stem or ex.name
+        titles = unique_names([Path(str(summary.get("dictionary") or ex.name)).stem or ex.name
                                  for ex, summary, _ in read])
         body.append("<p class='lead'>The same images explained with each dictionary, side by side (one column per "
                     "explain folder): " + "; ".join(f"<b>{_esc(t)}</b>: {_explain_lead(summary) or _esc(ex.name)}"
@@ -529,15 +529,6 @@ def _explain_section(folders: Sequence[Path], embed: bool, out: Path, refused: l
             body.append(f"<p class='muted'>failed ({_esc(ex.name)}): {_esc(f.get('image'))}: "
                         f"{_esc(f.get('error'))}</p>")
     return "\n".join(body)
-
-
-def _unique_titles(titles: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for t in titles:
-        seen[t] = seen.get(t, 0) + 1
-        out.append(t if seen[t] == 1 else f"{t} ({seen[t]})")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the page

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from .._io import write_json
+from .._io import unique_names, write_json
 from .. import __version__
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
@@ -207,15 +207,6 @@ def _label(d: DictionaryLike, i: int, names: Sequence[str] | None) -> str:
     return f"{d.method} k={d.n_concepts}"
 
 
-def _unique_labels(labels: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for lab in labels:
-        seen[lab] = seen.get(lab, 0) + 1
-        out.append(lab if seen[lab] == 1 else f"{lab} #{seen[lab]}")
-    return out
-
-
 def _class_map(d: DictionaryLike, store: StoreLike, label: str) -> list[int | None]:
     """For each store class, the class index y to give the dictionary (None where it takes no class)."""
     needs_y = _needs_class(d)
@@ -366,7 +357,7 @@ def _class_free(d: DictionaryLike) -> tuple[DictionaryLike | None, str]:
 
 def _rows_to_head(tail: _Tail, sp: _Split, rows_hat: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Logits of h on reconstructed rows (n, P, c) placed back in the store layout (prefix tokens as stored)."""
-    n, c = rows_hat.shape[0], rows_hat.shape[-1]
+    n = rows_hat.shape[0]
     if sp.prefix is None:
         full = rows_hat.reshape(n, *sp.shape)
     else:
@@ -508,7 +499,7 @@ def evaluate(
         raise C2MFError(f"{len(names)} names for {len(dictionaries)} dictionaries")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    labels = _unique_labels([_label(d, i, names) for i, d in enumerate(dictionaries)])
+    labels = unique_names([_label(d, i, names) for i, d in enumerate(dictionaries)])
     _check_inputs(train_store, test_store, crops_store, dictionaries, labels)
     class_maps = [_class_map(d, test_store, lab) for d, lab in zip(dictionaries, labels)]
     dicts = [d.to(dev) for d in dictionaries]
