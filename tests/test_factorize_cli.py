@@ -100,10 +100,17 @@ def test_other_methods_on_full_store(tiny_store: Path, tmp_path: Path, args):
 def test_craft_on_crop_store(tiny_crop_store: Path, tmp_path: Path):
     out = tmp_path / "craft.safetensors"
     r = _run("factorize", "-s", tiny_crop_store, "--method", "craft", "--concepts", 3, "--iterations", 5, "--shift",
-             "--device", "cpu", "--quiet", "--out", out)
+             "--tol", 0, "--device", "cpu", "--quiet", "--out", out)
     assert r.exit_code == 0, r.output
     d = ConceptDictionary.load(out)
     assert d.per_class and d.meta["source"]["mode"] == "crops"
+    # one fit per class: --iterations bounds each, and the count says so (it once summed the classes' passes)
+    n = len(d.classes)
+    assert n > 1 and all(h["passes"] == 5 for h in d.meta["history"])
+    assert f"up to 5 passes per class ({5 * n} in all)" in r.output
+    info = _run("info", out, "--json")
+    summary = json.loads(info.output)
+    assert (summary["passes"], summary["passes_total"], summary["fits"]) == (5, 5 * n, n)
 
 
 @pytest.mark.parametrize(

@@ -232,7 +232,9 @@ class _CountingSource(ArraySource):
 def test_small_classes_are_read_once_and_fit_in_memory(method):
     """A class that fits in one batch is read once (plus the start's sample), however many passes its fit takes,
     and the fit is the one streaming in small batches gives."""
-    arrays = _data(n=48)
+    rng = np.random.default_rng(5)
+    # noise well above float rounding: at tol 0 the stopping pass must not hang on the objective's last bits
+    arrays = [a + rng.random(a.shape, dtype=np.float32) for a in _data(n=48)]
     src = _CountingSource(arrays, classes=["a", "b", "c"], mode=get_method(method).needs)
     d = factorize(src, method, device="cpu", **_options(method, iterations=30, tol=0.0, batch_size=1000))
     assert sum(h["passes"] for h in d.meta["history"]) == 90
@@ -276,3 +278,42 @@ def test_signed_codes_reconstruct_a_planted_signed_case_exactly():
     np.testing.assert_allclose(encode(d, A, codes="lstsq"), U, atol=1e-4)
     nonneg = decode(d, encode(d, A, iters=500), None)
     assert np.linalg.norm(nonneg - A) > 0.3 * np.linalg.norm(A)
+
+
+@pytest.mark.parametrize("method", ["craft", "semi-nmf"])
+def test_per_class_fits_together_equal_one_class_at_a_time(method):
+    """Per-class dictionaries fitted together (batched code and dictionary steps) are each class's own fit:
+    class i alone, seeded as the joint fit seeds it (seed + i), gives the same dictionary and passes."""
+    rng = np.random.default_rng(9)
+    arrays = [a + 0.5 * rng.random(a.shape, dtype=np.float32) for a in _data(n=60, classes=3)]
+    arrays[1] = arrays[1][:37]  # unequal classes: the shorter ones are padded in the joint solves
+    opts = _options(method, iterations=25, tol=1e-4, batch_size=1000)
+    together = factorize(_source(method, arrays), method, device="cpu", **opts)
+    for i, a in enumerate(arrays):
+        alone = factorize(ArraySource([a], classes=["x"], mode=get_method(method).needs), method, device="cpu",
+                          **dict(opts, seed=opts["seed"] + i))
+        assert together.meta["history"][i]["passes"] == alone.meta["history"][0]["passes"]
+        torch.testing.assert_close(together.tensors["W"][i], alone.tensors["W"][0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["c2mf", "craft"])
+def test_the_cache_budget_changes_reads_not_the_answer(method):
+    """Rows above --cache-gb are streamed from the source on every pass (memory flat in the rows); below it they
+    are read once. The dictionary is the same bit for bit (c2mf) or to float rounding (craft, whose classes are
+    then fitted one after another instead of together)."""
+    arrays = _data(n=48)
+    opts = _options(method, iterations=6, tol=0.0, batch_size=20, subsample_rows=0)
+    held = _CountingSource(arrays, classes=["a", "b", "c"], mode=get_method(method).needs)
+    streamed = _CountingSource(arrays, classes=["a", "b", "c"], mode=get_method(method).needs)
+    d_held = factorize(held, method, device="cpu", **opts)
+    d_streamed = factorize(streamed, method, device="cpu", **dict(opts, cache_gb=0.0))
+    sample = 3 * 48  # the start's sample: every row of these small classes
+    assert held.rows_read == sample + 3 * 48
+    assert streamed.rows_read == sample + 6 * 3 * 48
+    for name, t in d_held.tensors.items():
+        if method == "c2mf":
+            assert torch.equal(t, d_streamed.tensors[name]), name
+        else:
+            torch.testing.assert_close(t, d_streamed.tensors[name], atol=1e-4, rtol=1e-4)
+    with pytest.raises(UsageError, match="--cache-gb must be >= 0"):
+        factorize(held, method, device="cpu", **dict(opts, cache_gb=-1.0))

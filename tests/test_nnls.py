@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import nnls as scipy_nnls
 
 from c2mf_cli.errors import C2MFError
-from c2mf_cli.methods.solvers.nnls import gram, nnls, nnls_gram
+from c2mf_cli.methods.solvers.nnls import gram, nnls, nnls_gram, nnls_gram_batched
 
 
 def _problem(seed: int, n: int = 40, k: int = 6, c: int = 20):
@@ -58,3 +58,19 @@ def test_unknown_solver_is_an_error():
     G = gram(torch.from_numpy(W))
     with pytest.raises(C2MFError, match="unknown NNLS solver 'cg'"):
         nnls_gram(G, torch.from_numpy(A) @ torch.from_numpy(W).T, solver="cg")  # type: ignore[arg-type]
+
+
+def test_batched_problems_padded_with_zero_rows_equal_one_at_a_time():
+    """Several problems in one solve (each its own G), shorter ones padded with zero rows: each gets its own
+    answer, and the padding rows get codes of exactly 0."""
+    problems = [_problem(s, n=n) for s, n in ((6, 30), (7, 12), (8, 25))]
+    G = torch.stack([gram(torch.from_numpy(W), 0.1) for _, W in problems])
+    B = torch.zeros(3, 30, 6)
+    for e, (A, W) in enumerate(problems):
+        B[e, : A.shape[0]] = torch.from_numpy(A) @ torch.from_numpy(W).T
+    for solver in ("hals", "fista"):
+        U = nnls_gram_batched(G, B, iters=40, solver=solver)
+        for e, (A, W) in enumerate(problems):
+            alone = nnls(torch.from_numpy(A), torch.from_numpy(W), ridge=0.1, iters=40, solver=solver)
+            torch.testing.assert_close(U[e, : A.shape[0]], alone, atol=1e-5, rtol=1e-5)
+            assert (U[e, A.shape[0] :] == 0).all()

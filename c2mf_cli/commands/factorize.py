@@ -112,6 +112,13 @@ def _callback_names() -> set[str]:
     return set(inspect.signature(factorize).parameters)
 
 
+def _passes(summary: dict[str, Any]) -> str:
+    """"40 passes", or for per-class fits "up to 40 passes per class (1,210 in all)": --iterations bounds each."""
+    if summary.get("fits", 1) > 1:
+        return f"up to {summary['passes']} passes per class ({summary['passes_total']:,} in all)"
+    return f"{summary['passes']} passes"
+
+
 def build_config(method: str, concepts: int, options: dict[str, Any]) -> Any:
     """The method's config from the options the user gave (None = not given); the methods check the rest."""
     from ..methods import config_from_options
@@ -201,7 +208,7 @@ def factorize(
     rel = summary["relative_error"]
     out.print(
         f"{name}: {summary['concepts']} concepts ({summary['dictionary']}), {summary['classes']} classes, "
-        f"relative error {rel:.4f}, {summary['passes']} passes in {summary['fit_seconds']:.1f} s "
+        f"relative error {rel:.4f}, {_passes(summary)} in {summary['fit_seconds']:.1f} s "
         f"on {summary['device']} -> {out_path}" if rel is not None else f"{name} -> {out_path}",
         markup=False, soft_wrap=True,
     )

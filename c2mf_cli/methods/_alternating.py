@@ -8,7 +8,12 @@ One pass over the data = one iteration:
   2. accumulate the sufficient statistics S_i = sum U^T U (k, k), R_i = sum U^T A (k, c), ||A_i||^2, n_i;
   3. dictionary step: the method updates W (and the gates) from the statistics alone, with exact block
      updates that lower the objective; several sweeps cost only O(k^2 c) each, no data pass.
-Memory is one batch plus the (k, c) statistics per class, flat in the number of rows. Under torch.distributed
+The code step solves pieces of many classes at once (padded with zero rows, whose codes are exactly 0), so a pass
+costs a few batched kernels, not some per class. Rows up to `cache_bytes` are read once and held on the device
+(the same pieces a streamed pass makes, so the same answer bit for bit); above it each pass streams them and
+memory is one batch plus one solve's pieces plus the (k, c) statistics per class, flat in the number of rows.
+One-class groups (per-class dictionaries) whose rows fit the budget together are fitted together: stacked
+dictionaries (G, k, c), batched steps, each group its own history and stopping test. Under torch.distributed
 each process streams its share of the rows and the statistics are all-reduced after step 2 (the dictionary
 step then sees every row); the initial dictionary comes from the same seeded sample on every rank and is
 broadcast from rank 0, as is each update, so every rank holds the same dictionary. Codes are solved from a
@@ -21,12 +26,13 @@ The objective is evaluated exactly from the statistics (never forming U W):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
@@ -35,10 +41,10 @@ from .._io import atomic_path, dumps
 from ..distributed import all_reduce_min, all_reduce_sum, broadcast, is_writer, share
 from ..errors import C2MFError
 from ..progress import ProgressFn
-from ..artifacts.sources import ArraySource, RowSource
+from ..artifacts.sources import RowSource
 from .base import check_batch, to_device
 from .solvers.kmeans import kmeans_pp as solvers_kmeans_pp
-from .solvers.nnls import gram, nnls_gram
+from .solvers.nnls import code_block_elements, nnls_gram_batched
 
 State = dict[str, torch.Tensor]  # "W" (k, c) and, for gated models, "g" (m, k) gate values in (0, 1)
 CHECKPOINT_TYPE = "c2mf-checkpoint"
@@ -71,6 +77,7 @@ class EngineSettings:
     nonneg_hint: str
     checkpoint_every: int
     config: dict[str, Any]  # the method's resolved config, recorded in checkpoints
+    cache_bytes: int = 0  # rows of a fit up to this size are held on the device across passes
     warmup: int = 0  # passes over which alpha ramps up linearly from 0 (no early stop before the end)
     subsample_rows: int = 0  # fit first on this many sampled rows, then refine on all rows (0: off)
 
@@ -88,9 +95,28 @@ class GroupResult:
     subsample: dict[str, Any] | None = None  # summary of the subsample fit that started this one
 
 
-def basis(state: State, i: int) -> torch.Tensor:
+def bases(state: State, idx: torch.Tensor) -> torch.Tensor:
+    """The (b, k, c) dictionaries D_i of the classes at positions idx: W, diag(g_i) W, or W[i] when the state
+    stacks one dictionary per class (several per-class fits at once)."""
     W = state["W"]
-    return state["g"][i][:, None] * W if "g" in state else W
+    if W.ndim == 3:
+        return W[idx]
+    if "g" in state:
+        return state["g"][idx][:, :, None] * W
+    return W.expand(idx.shape[0], *W.shape)
+
+
+def grams(state: State, idx: torch.Tensor) -> torch.Tensor:
+    """D_i D_i^T (b, k, k) for the classes at positions idx, from one k x k product where W is shared."""
+    W = state["W"]
+    if W.ndim == 3:
+        Wi = W[idx]
+        return torch.bmm(Wi, Wi.mT)
+    M = W @ W.T
+    if "g" in state:
+        g = state["g"][idx]
+        return g[:, :, None] * M * g[:, None, :]
+    return M.expand(idx.shape[0], *M.shape)
 
 
 def _batches(source: RowSource, y: int, batch_size: int | None):
@@ -134,28 +160,94 @@ def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return solvers_kmeans_pp(X, k, torch.Generator().manual_seed(seed))
 
 
-def pass_stats(source: RowSource, classes: list[int], state: State, st: EngineSettings, device: torch.device,
-               shift: float) -> Stats:
-    """Step 1-2: codes per batch given the current dictionary, accumulated into the statistics."""
-    k, c, m = st.k, source.n_features, len(classes)
+class Rows:
+    """The rows a pass reads, class by class, in pieces of at most `block` rows: streamed from the source in
+    batches (checked for NaN / inf / sign as they come) on every pass, or, when `keep`, held on the device after
+    the first read. Kept pieces are the streamed ones, so both give the same statistics bit for bit."""
+
+    def __init__(self, source: RowSource | None, n_features: int, st: EngineSettings, device: torch.device,
+                 shift: float, keep: bool) -> None:
+        self.source, self.n_features, self.st, self.device, self.shift = source, n_features, st, device, shift
+        self.block = max(512, code_block_elements(device) // st.k)
+        self.kept: dict[int, list[torch.Tensor]] | None = {} if keep else None
+
+    @classmethod
+    def of_tensors(cls, parts: list[torch.Tensor], st: EngineSettings, device: torch.device) -> "Rows":
+        """Rows already on the device (the subsample), class y = parts[y]."""
+        rows = cls(None, int(parts[0].shape[1]), st, device, 0.0, keep=True)
+        rows.kept = {y: [(a, sq_norm(a)) for a in torch.split(p, rows.block)] for y, p in enumerate(parts)}
+        return rows
+
+    def pieces(self, classes: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(position e in `classes`, rows of class classes[e], their ||.||^2) for every piece, class after class."""
+        for e, y in enumerate(classes):
+            if self.kept is not None and y in self.kept:
+                for a, sq in self.kept[y]:
+                    yield e, a, sq
+                continue
+            if self.source is None:
+                raise ValueError(f"class {y} is not among the rows held")
+            got = []
+            for b in _batches(self.source, y, self.st.batch_size):
+                a = to_device(b, self.device)
+                check_batch(a, self.source.classes[y], nonnegative=self.st.nonnegative, hint=self.st.nonneg_hint)
+                if self.shift:
+                    a = a + self.shift
+                for piece in torch.split(a, self.block):
+                    got.append((piece, sq_norm(piece)))
+                    yield e, *got[-1]
+            if self.kept is not None:
+                self.kept[y] = got
+
+
+def pass_stats(rows: Rows, classes: list[int], state: State, st: EngineSettings, device: torch.device) -> Stats:
+    """Steps 1-2: codes of every row given the current dictionaries, accumulated into the statistics.
+
+    Class e of the statistics is `classes[e]` of `rows`, coded on the dictionary at position e of `state`.
+    Pieces of many classes are solved together (padded with zero rows, whose codes are exactly 0 and add
+    nothing), up to `code_block_elements` codes per solve: a few kernel launches per pass, not some per class.
+    """
+    k, c, m = st.k, rows.n_features, len(classes)
     S = torch.zeros((m, k, k), device=device)
     R = torch.zeros((m, k, c), device=device)
+    norms: list[torch.Tensor] = []
+    owners: list[int] = []
+    counts = [0] * m
+    budget = code_block_elements(device)
+    eye = torch.eye(k, device=device)
+
+    def solve(chunk: list[tuple[int, torch.Tensor]]) -> None:
+        idx = torch.tensor([e for e, _ in chunk], device=device)
+        D = bases(state, idx)
+        G = grams(state, idx) + st.ridge * eye if st.ridge else grams(state, idx)
+        B = torch.zeros((len(chunk), max(a.shape[0] for _, a in chunk), k), device=device)
+        for j, (_, a) in enumerate(chunk):
+            B[j, : a.shape[0]] = a @ D[j].T
+        U = nnls_gram_batched(G, B, iters=st.code_iters, solver=st.code_solver)  # type: ignore[arg-type]
+        S.index_add_(0, idx, torch.bmm(U.mT, U))  # a class appears once per chunk: no accumulation race
+        for j, (e, a) in enumerate(chunk):
+            R[e].addmm_(U[j, : a.shape[0]].T, a)
+
+    chunk: list[tuple[int, torch.Tensor]] = []
+    widest = 0
+    for e, a, sq in rows.pieces(classes):
+        counts[e] += a.shape[0]
+        norms.append(sq)
+        owners.append(e)
+        if not a.shape[0]:
+            continue
+        wide = max(widest, a.shape[0])
+        if chunk and ((len(chunk) + 1) * wide * k > budget or chunk[-1][0] == e):
+            solve(chunk)
+            chunk, wide = [], a.shape[0]
+        chunk.append((e, a))
+        widest = wide
+    if chunk:
+        solve(chunk)
     a2 = torch.zeros(m, dtype=torch.float64, device=device)
-    n = torch.zeros(m, dtype=torch.float64, device=device)
-    for i, y in enumerate(classes):
-        D = basis(state, i)
-        G = gram(D, st.ridge)
-        for b in _batches(source, y, st.batch_size):
-            a = to_device(b, device)
-            check_batch(a, source.classes[y], nonnegative=st.nonnegative, hint=st.nonneg_hint)
-            if shift:
-                a = a + shift
-            U = nnls_gram(G, a @ D.T, iters=st.code_iters, solver=st.code_solver)  # type: ignore[arg-type]
-            S[i] += U.T @ U
-            R[i] += U.T @ a
-            a2[i] += sq_norm(a)
-            n[i] += a.shape[0]
-    return Stats(S, R, a2, n)
+    if norms:
+        a2.index_add_(0, torch.tensor(owners, device=device), torch.stack(norms))
+    return Stats(S, R, a2, torch.tensor(counts, dtype=torch.float64, device=device))
 
 
 def sq_norm(a: torch.Tensor) -> torch.Tensor:
@@ -173,41 +265,53 @@ def class_weights(stats: Stats, weighting: str) -> torch.Tensor:
     return (torch.ones_like(stats.a2) / total).float()
 
 
+def class_terms(state: State, stats: Stats, st: EngineSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, ||A_i - U_i D_i||^2 = ||A_i||^2 - 2 <R_i, D_i> + <S_i, D_i D_i^T> and the ridge term
+    ridge * tr(S_i), exactly, in float64 (m,), for all classes at once."""
+    idx = torch.arange(stats.S.shape[0], device=stats.S.device)
+    W = state["W"]
+    if W.ndim == 3:
+        cross = torch.einsum("mkc,mkc->m", stats.R, W)
+    else:
+        rw = torch.einsum("mkc,kc->mk", stats.R, W)
+        cross = (rw * state["g"]).sum(1) if "g" in state else rw.sum(1)
+    quad = (stats.S * grams(state, idx)).sum((1, 2))
+    recon = (stats.a2 - 2 * cross.double() + quad.double()).clamp_min(0.0)
+    return recon, st.ridge * torch.diagonal(stats.S, dim1=1, dim2=2).sum(1).double()
+
+
 def objective(state: State, stats: Stats, st: EngineSettings, alpha: float) -> dict[str, float]:
     """The method's objective and the relative reconstruction error ||A - U D||_F / ||A||_F, exactly."""
     w = class_weights(stats, st.weighting)
-    recon = []
-    for i in range(stats.S.shape[0]):
-        D = basis(state, i)
-        r = stats.a2[i] - 2 * (stats.R[i] * D).sum().double() + (stats.S[i] * (D @ D.T)).sum().double()
-        recon.append(r.clamp_min(0.0))
-    recon_t = torch.stack(recon)
-    ridge = st.ridge * torch.diagonal(stats.S, dim1=1, dim2=2).sum(1).double()
-    obj = float((w.double() * (recon_t + ridge)).sum())
+    recon, ridge = class_terms(state, stats, st)
+    obj = (w.double() * (recon + ridge)).sum()
     if "g" in state:
-        obj += alpha * float(state["g"].sum())
-    rel = float(torch.sqrt(recon_t.sum() / stats.a2.sum().clamp_min(1e-30)))
-    return {"objective": obj, "relative_error": rel}
+        obj = obj + alpha * state["g"].sum().double()
+    rel = torch.sqrt(recon.sum() / stats.a2.sum().clamp_min(1e-30))
+    out = torch.stack([obj, rel]).tolist()  # one device sync per pass
+    return {"objective": out[0], "relative_error": out[1]}
 
 
 # ----- checkpoints -----
-def _save_checkpoint(path: Path, done: list[GroupResult], current: GroupResult, passes: int,
+def _save_checkpoint(path: Path, results: list[GroupResult], wave_start: int, passes: int,
                      st: EngineSettings, fingerprint: dict[str, Any]) -> None:
+    """Every group started so far: those before `wave_start` are done, the others are being fitted together
+    and have made `passes` passes (fewer where one converged)."""
     tensors: dict[str, torch.Tensor] = {}
     groups = []
-    for gi, res in enumerate(done + [current]):
+    for gi, res in enumerate(results):
         for name, t in res.state.items():
             tensors[f"{gi}.{name}"] = t.detach().cpu().contiguous()
         groups.append({"classes": res.classes, "history": res.history, "converged": res.converged,
                        "subsample": res.subsample})
     meta = {"encoding-type": CHECKPOINT_TYPE, "config": st.config, "source": fingerprint,
-            "groups": groups, "passes": passes, "alpha": st.alpha}
+            "groups": groups, "wave_start": wave_start, "passes": passes, "alpha": st.alpha}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"c2mf": dumps(meta)})
 
 
 def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any],
-                     device: torch.device) -> tuple[list[GroupResult], int, float | None]:
+                     device: torch.device) -> tuple[list[GroupResult], int, int, float | None]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("c2mf", "{}"))
@@ -228,43 +332,95 @@ def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any]
         state = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.split(".", 1)[0] == str(gi)}
         results.append(GroupResult(g["classes"], state, history=g["history"], converged=g["converged"],
                                    subsample=g.get("subsample")))
-    return results, int(meta["passes"]), meta.get("alpha")
+    # a checkpoint of a fit that made its groups one at a time: the last one is the one in progress
+    wave_start = int(meta.get("wave_start", len(results) - 1))
+    return results, wave_start, int(meta["passes"]), meta.get("alpha")
 
 
-def _run_passes(source: RowSource, classes: list[int], res: GroupResult, st: EngineSettings,
-                update: Callable[[State, Stats, torch.Tensor, float], None], device: torch.device, shift: float,
-                start_pass: int, on_pass: Callable[[int], None], local: bool = False) -> None:
-    """Alternate code and dictionary steps from `start_pass` until `tol` or `st.iterations` passes.
+def _stack(results: list[GroupResult]) -> State:
+    """The state passes work on: the group's own, or the per-class groups' dictionaries stacked (G, k, c)."""
+    if len(results) == 1:
+        return results[0].state
+    return {name: torch.stack([r.state[name] for r in results]) for name in results[0].state}
 
-    `source` holds this process's share of the rows, reduced over the processes after each pass, unless
-    `local` (rows every process holds alike, e.g. the subsample).
+
+def _unstack(state: State, results: list[GroupResult]) -> None:
+    if len(results) > 1:
+        for gi, r in enumerate(results):
+            r.state = {name: t[gi] for name, t in state.items()}
+
+
+def _finished(res: GroupResult, st: EngineSettings) -> bool:
+    return res.converged or len(res.history) >= st.iterations
+
+
+def _run_passes(rows: Rows, results: list[GroupResult], members: list[list[int]], state: State,
+                st: EngineSettings, update: Callable[[State, Stats, torch.Tensor, float], None],
+                device: torch.device, start_pass: int, on_pass: Callable[[int, list[int]], None],
+                local: bool = False) -> None:
+    """Alternate code and dictionary steps from `start_pass` until every group meets `tol` or has made
+    `st.iterations` passes.
+
+    `results` are fitted together: one group over the classes `members[0]` of `rows` (state: its own), or
+    several one-class groups (state: their dictionaries stacked, group gi coded on `members[gi][0]`), each
+    with its own history and stopping test. `rows` holds this process's share of the rows, and the statistics
+    are reduced over the processes after each pass, unless `local` (rows every process holds alike, e.g. the
+    subsample). `on_pass(p, groups that made pass p)` follows each pass.
     """
+    several = len(results) > 1
     for p in range(start_pass, st.iterations):
         t0 = time.perf_counter()
-        stats = pass_stats(source, classes, res.state, st, device, shift)
+        active = [gi for gi, r in enumerate(results) if not _finished(r, st)]
+        if not active:
+            return
+        if several:
+            idx = torch.tensor(active, device=device)
+            sub = {name: t[idx] for name, t in state.items()}
+            classes = [members[gi][0] for gi in active]
+        else:
+            sub, classes = state, members[0]
+        stats = pass_stats(rows, classes, sub, st, device)
         if not local:
             all_reduce_sum(stats.S, stats.R, stats.a2, stats.n)
         alpha = st.alpha_at(p)
-        update(res.state, stats, class_weights(stats, st.weighting), alpha)
+        # several groups: each class is its own group, weighted by its own ||A||^2
+        w = (1.0 / stats.a2.clamp_min(1e-30)).float() if several else class_weights(stats, st.weighting)
+        update(sub, stats, w, alpha)
         # the layout a checkpoint restores (a solver may return column-major W, whose products round differently)
-        res.state.update({name: t.contiguous() for name, t in res.state.items()})
+        sub.update({name: t.contiguous() for name, t in sub.items()})
+        if several:
+            for name, t in sub.items():
+                state[name][idx] = t
         if not local:
-            broadcast(res.state)  # ranks agree bit for bit, whatever their float rounding
-        rec = objective(res.state, stats, st, alpha)
-        rec["seconds"] = time.perf_counter() - t0
-        res.history.append(rec)
-        prev = res.history[-2]["objective"] if len(res.history) > 1 else None
-        if prev is not None and p > st.warmup and prev - rec["objective"] <= st.tol * abs(rec["objective"]):
-            res.converged = True
-        on_pass(p)
-        if res.converged:
-            return
+            broadcast(state)  # ranks agree bit for bit, whatever their float rounding
+        seconds = time.perf_counter() - t0
+        if several:
+            recon, ridge = class_terms(sub, stats, st)
+            obj = (w.double() * (recon + ridge)).tolist()
+            rel = torch.sqrt(recon / stats.a2.clamp_min(1e-30)).tolist()
+            recs = [{"objective": o, "relative_error": r} for o, r in zip(obj, rel)]
+        else:
+            recs = [objective(sub, stats, st, alpha)]
+        for gi, rec in zip(active, recs):
+            res = results[gi]
+            rec["seconds"] = seconds
+            res.history.append(rec)
+            prev = res.history[-2]["objective"] if len(res.history) > 1 else None
+            if prev is not None and p > st.warmup and prev - rec["objective"] <= st.tol * abs(rec["objective"]):
+                res.converged = True
+        on_pass(p, active)
 
 
-def _pass_note(res: GroupResult, p: int, gi: int, n_groups: int, tol: float) -> str:
+def _pass_note(results: list[GroupResult], first: int, p: int, n_groups: int, tol: float) -> str:
     """What a progress line shows after a pass: where the fit is and how far from converged."""
+    if len(results) > 1:
+        fitting = sum(not r.converged for r in results)
+        last = [r.history[-1]["relative_error"] for r in results if r.history]
+        return (f"groups {first + 1}-{first + len(results)} of {n_groups} together, pass {p + 1}, "
+                f"{fitting} still fitting, mean rel. error {sum(last) / max(1, len(last)):.4f}")
+    res = results[0]
     h = res.history
-    group = f"group {gi + 1}/{n_groups}, " if n_groups > 1 else ""
+    group = f"group {first + 1}/{n_groups}, " if n_groups > 1 else ""
     note = f"{group}pass {p + 1}, rel. error {h[-1]['relative_error']:.4f}"
     if len(h) > 1 and h[-1]["objective"]:
         change = (h[-2]["objective"] - h[-1]["objective"]) / abs(h[-1]["objective"])
@@ -272,20 +428,52 @@ def _pass_note(res: GroupResult, p: int, gi: int, n_groups: int, tol: float) -> 
     return note + (": converged" if res.converged else "")
 
 
-def _subsample_fit(source: RowSource, classes: list[int], parts: list[torch.Tensor], state: State,
+def _subsample_fit(parts: list[list[torch.Tensor]], results: list[GroupResult], state: State,
                    st: EngineSettings, update: Callable[[State, Stats, torch.Tensor, float], None],
-                   device: torch.device) -> dict[str, Any]:
-    """Fit on the (in-memory) sample first: passes over it are cheap, and the dictionary it gives is close to
-    the full-data one, so the full passes only refine it (most of the speed on large stores)."""
-    sub = ArraySource([p.cpu().numpy() for p in parts], classes=[source.classes[y] for y in classes])
-    res = GroupResult(list(range(len(parts))), state)
+                   device: torch.device) -> None:
+    """Fit on the (in-memory) samples of these groups first: passes over them are cheap, and the dictionary they
+    give is close to the full-data one, so the full passes only refine it (most of the speed on large stores).
+    `state` is updated in place; each group records a summary in `subsample`."""
+    flat = [p for ps in parts for p in ps]
+    sub_results = [GroupResult(r.classes, r.state) for r in results]
+    members, start = [], 0
+    for ps in parts:
+        members.append(list(range(start, start + len(ps))))
+        start += len(ps)
     t0 = time.perf_counter()
     # a looser tolerance: the sample's optimum differs from the full data's by more than 1e-3 anyway
     sub_st = replace(st, batch_size=None, nonnegative=False, tol=max(st.tol, SUBSAMPLE_TOL))
-    _run_passes(sub, res.classes, res, sub_st, update, device, 0.0, 0, lambda p: None, local=True)
-    last = res.history[-1] if res.history else {}
-    return {"rows": int(sum(p.shape[0] for p in parts)), "passes": len(res.history), "converged": res.converged,
-            "relative_error": last.get("relative_error"), "seconds": time.perf_counter() - t0}
+    _run_passes(Rows.of_tensors(flat, sub_st, device), sub_results, members, state, sub_st, update, device, 0,
+                lambda p, active: None, local=True)
+    seconds = time.perf_counter() - t0
+    for r, s, ps in zip(results, sub_results, parts):
+        last = s.history[-1] if s.history else {}
+        r.subsample = {"rows": int(sum(p.shape[0] for p in ps)), "passes": len(s.history),
+                       "converged": s.converged, "relative_error": last.get("relative_error"), "seconds": seconds}
+
+
+def _waves(source: RowSource, groups: list[list[int]], start: int, budget: int) -> Iterator[tuple[int, int]]:
+    """Runs [a, b) of groups fitted together: consecutive one-class groups whose rows fit the cache budget
+    together (held on the device across their passes); a shared group, or one too large, alone."""
+    a = start
+    while a < len(groups):
+        b, size = a + 1, _bytes(source, groups[a])
+        if len(groups[a]) == 1 and size <= budget:
+            while b < len(groups) and len(groups[b]) == 1 and size + _bytes(source, groups[b]) <= budget:
+                size += _bytes(source, groups[b])
+                b += 1
+        yield a, b
+        a = b
+
+
+def _bytes(source: RowSource, classes: list[int]) -> int:
+    return sum(source.n_rows(y) for y in classes) * source.n_features * 4
+
+
+def checkpoint_config(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint must match to be resumed: all of them but the cache budget, which changes
+    where the rows are held, not the answer."""
+    return {"method": method, **{k: v for k, v in config.items() if k != "cache_gb"}}
 
 
 def fit_groups(
@@ -305,9 +493,15 @@ def fit_groups(
 ) -> list[GroupResult]:
     """Fit each group of classes (one shared dictionary per group) by alternating code and dictionary steps.
 
+    One-class groups (per-class dictionaries) whose rows fit the cache budget together are fitted together:
+    every pass codes all their classes in the same batched solves and updates their dictionaries in one
+    batched step, each group keeping its own history and stopping test (the answer is each group's own fit).
+
     Args:
         init: (sample rows, group index) -> initial state.
-        update: (state, stats, class weights, alpha of this pass) -> None; lowers the objective in place.
+        update: (state, stats, class weights, alpha of this pass) -> None; lowers the objective in place. For
+            groups fitted together the state holds their dictionaries stacked (G, k, c) and the statistics one
+            class per group.
         shift: offset added to every batch (NMF on A - min(A)).
         resolve_alpha: (sample rows of the first group) -> alpha, when alpha depends on the data ("auto"); the
             resolved value is kept in the checkpoint, so a resumed fit uses the same one. Read it back from
@@ -316,99 +510,83 @@ def fit_groups(
     fingerprint = {"classes": list(source.classes), "n_rows": [int(source.n_rows(y)) for y in range(len(source.classes))],
                    "n_features": int(source.n_features), "info": str(source.info.get("fingerprint", ""))}
     mine = share(source)  # the rows this process streams; decisions below use the counts of all rows
-    done: list[GroupResult] = []
-    start_pass = 0
-    current: GroupResult | None = None
+    results: list[GroupResult] = []
+    wave_start, start_pass = 0, 0
+    resumed: list[GroupResult] = []
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise C2MFError(f"--resume given but there is no checkpoint at {checkpoint_path}: drop --resume")
-        results, passes, alpha = _load_checkpoint(checkpoint_path, st, fingerprint, device)
+        loaded, wave_start, start_pass, alpha = _load_checkpoint(checkpoint_path, st, fingerprint, device)
         if resolve_alpha is not None and alpha is not None:
             st = replace(st, alpha=alpha)
             resolve_alpha = None
-        done, current = results[:-1], results[-1]
-        start_pass = passes
-        if current.converged or passes >= st.iterations:
-            done, current, start_pass = results, None, 0
-    planned = [st.iterations * len(groups)]  # passes still possible; lowered when a group converges early
+        results, resumed = loaded[:wave_start], loaded[wave_start:]
+        if all(_finished(r, st) for r in resumed):
+            results, resumed, start_pass = loaded, [], 0
+    # passes still possible; lowered when a group converges early
+    planned = [st.iterations * len(groups) - sum(st.iterations - len(r.history) for r in results + resumed
+                                                 if r.converged)]
     advance = progress(label, planned[0])
-    advance(len(done) * st.iterations + start_pass)
-    for gi in range(len(done), len(groups)):
-        classes = groups[gi]
-        if current is None:
-            n_sample = st.subsample_rows if st.subsample_rows > 0 else 20000
-            parts = sample_rows(source, classes, n_sample, st.seed + gi, device, shift)
-            if resolve_alpha is not None:
-                st = replace(st, alpha=float(resolve_alpha(torch.cat(parts))))
-                resolve_alpha = None
-            current = GroupResult(classes, init(torch.cat(parts), gi))
+    advance(sum(len(r.history) for r in results + resumed))
+    waves: Iterator[tuple[int, int]] = iter([(wave_start, wave_start + len(resumed))] if resumed else [])
+    first_new = len(results) + len(resumed)
+    # waves from the counts of all rows: every process must make the same ones
+    for a, b in itertools.chain(waves, _waves(source, groups, first_new, st.cache_bytes)):
+        wave = resumed if resumed else []
+        if not wave:
+            parts: list[list[torch.Tensor]] = []
+            for gi in range(a, b):
+                n_sample = st.subsample_rows if st.subsample_rows > 0 else 20000
+                parts.append(sample_rows(source, groups[gi], n_sample, st.seed + gi, device, shift))
+                if resolve_alpha is not None:
+                    st = replace(st, alpha=float(resolve_alpha(torch.cat(parts[-1]))))
+                    resolve_alpha = None
+                wave.append(GroupResult(groups[gi], init(torch.cat(parts[-1]), gi)))
             start_pass = 0
-            total = sum(source.n_rows(y) for y in classes)
-            if st.subsample_rows > 0 and total > 2 * sum(p.shape[0] for p in parts):
-                advance(0, note=f"group {gi + 1}/{len(groups)}: first a fit on "
-                                f"{sum(p.shape[0] for p in parts):,} sampled rows")
-                current.subsample = _subsample_fit(source, classes, parts, current.state, st, update, device)
-            broadcast(current.state)
-        group_st = replace(st, warmup=0) if current.subsample is not None else st  # alpha ramped on the sample
-        rows = mine
-        if fits_one_batch(source, classes, st.batch_size):
-            # the whole group fits in one batch: read it once and make every pass in memory (many small classes,
-            # e.g. CRAFT's crops, would otherwise re-read the store on each of their passes)
-            rows = in_memory(mine, classes, st, device, shift)
-
-        def on_pass(p: int, res: GroupResult = current, gi: int = gi) -> None:
-            if res.converged:  # the passes it will not make leave the total: the count ends at 100%, no leap
-                planned[0] -= st.iterations - p - 1
-            advance(1, total=planned[0], note=_pass_note(res, p, gi, len(groups), st.tol))
-            if checkpoint_path is not None and is_writer() and (res.converged or (p + 1) % st.checkpoint_every == 0
-                                                or p + 1 == st.iterations):
-                _save_checkpoint(checkpoint_path, done, res, p + 1, st, fingerprint)
-
-        if rows is mine:
-            _run_passes(mine, classes, current, group_st, update, device, shift, start_pass, on_pass)
+            state = _stack(wave)
+            big = [i for i, gi in enumerate(range(a, b)) if st.subsample_rows > 0
+                   and sum(source.n_rows(y) for y in groups[gi]) > 2 * sum(p.shape[0] for p in parts[i])]
+            if big:
+                advance(0, note=f"group {a + 1}/{len(groups)}: first a fit on "
+                                f"{sum(p.shape[0] for i in big for p in parts[i]):,} sampled rows" if b - a == 1
+                        else f"groups {a + 1}-{b} of {len(groups)}: first fits on samples of {len(big)} of them")
+                sel = torch.tensor(big, device=device)
+                sub = state if b - a == 1 else {name: t[sel] for name, t in state.items()}
+                _subsample_fit([parts[i] for i in big], [wave[i] for i in big], sub, st, update, device)
+                if b - a > 1:
+                    for name, t in sub.items():
+                        state[name][sel] = t
+            del parts
+            broadcast(state)
         else:
-            _run_passes(rows, list(range(len(classes))), current, replace(group_st, nonnegative=False, batch_size=None),
-                        update, device, 0.0, start_pass, on_pass)
-        current.alpha = st.alpha
-        done.append(current)
-        current = None
+            state = _stack(wave)
+        resumed = []
+        _unstack(state, wave)
+        group_st = replace(st, warmup=0) if any(r.subsample is not None for r in wave) else st  # alpha ramped on the sample
+        # rows held on the device across passes when they fit the budget; otherwise streamed (flat memory)
+        rows = Rows(mine, int(source.n_features), group_st, device, shift,
+                    keep=sum(_bytes(mine, groups[gi]) for gi in range(a, b)) <= st.cache_bytes)
+
+        def on_pass(p: int, active: list[int], wave: list[GroupResult] = wave, a: int = a,
+                    state: State = state) -> None:
+            done = all(_finished(r, st) for r in wave)
+            # saved before the progress call, which may be where an interruption lands
+            if checkpoint_path is not None and is_writer() and (done or (p + 1) % st.checkpoint_every == 0):
+                _unstack(state, wave)
+                _save_checkpoint(checkpoint_path, results + wave, a, p + 1, st, fingerprint)
+            for gi in active:  # the passes a converged group will not make leave the total: no leap at the end
+                if wave[gi].converged:
+                    planned[0] -= st.iterations - p - 1
+            advance(len(active), total=planned[0], note=_pass_note(wave, a, p, len(groups), st.tol))
+
+        _run_passes(rows, wave, [groups[gi] for gi in range(a, b)], state, group_st, update, device,
+                    start_pass, on_pass)
+        _unstack(state, wave)
+        for r in wave:
+            r.alpha = st.alpha
+        results.extend(wave)
         start_pass = 0
-    return done
-
-
-FULL_BATCH_CACHE_BYTES = 1 << 30  # --full-batch keeps a group in memory across passes below this size
-
-
-def fits_one_batch(source: RowSource, classes: list[int], batch_size: int | None) -> bool:
-    """Whether the rows of these classes together fit in one batch (the memory the user allowed for a batch)."""
-    total = sum(source.n_rows(y) for y in classes)
-    if batch_size is None:
-        return total * source.n_features * 4 <= FULL_BATCH_CACHE_BYTES
-    return total <= batch_size
-
-
-class _TensorRows:
-    """The rows of a few classes held as tensors on the device (shift applied, checked once)."""
-
-    def __init__(self, parts: list[torch.Tensor], names: list[str], n_features: int) -> None:
-        self.parts, self.classes, self.n_features, self.mode, self.info = parts, names, n_features, "", {}
-
-    def n_rows(self, y: int) -> int:
-        return int(self.parts[y].shape[0])
-
-    def load(self, y: int) -> torch.Tensor:
-        return self.parts[y]
-
-
-def in_memory(source: RowSource, classes: list[int], st: EngineSettings, device: torch.device,
-              shift: float) -> _TensorRows:
-    """Read the classes once (checking NaN / inf / sign as a pass would) and keep them on the device."""
-    parts = []
-    for y in classes:
-        a = to_device(source.load(y), device)
-        check_batch(a, source.classes[y], nonnegative=st.nonnegative, hint=st.nonneg_hint)
-        parts.append(a + shift if shift else a)
-    return _TensorRows(parts, [source.classes[y] for y in classes], int(source.n_features))
+    return results
 
 
 def history_of(results: list[GroupResult], source: RowSource) -> list[dict[str, Any]]:

@@ -17,10 +17,14 @@ from ..artifacts.dictionary import ConceptDictionary
 from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
 from ..artifacts.sources import RowSource
-from ._alternating import EngineSettings, Stats, State, fit_groups, global_min, history_of, kmeans_pp
+from ._alternating import (EngineSettings, Stats, State, checkpoint_config, fit_groups, global_min, history_of,
+                           kmeans_pp)
 from .base import Method, check_batch, check_source, option, source_summary
 from .solvers.nnls import nnls as nnls_codes
 
+CACHE_GB = 4.0  # default budget for holding a fit's rows on its device across passes
+CACHE_HELP = ("Hold the rows on the device across passes when they take at most this many GB per process (0: "
+              "stream every pass from the store); changes the speed, not the answer.")
 SHIFT_HINT = ("Pass --shift to fit on A - min(A) (the shift the C2MF paper analyses), or use --method c2mf or "
               "semi-nmf, which take signed activations.")
 
@@ -35,6 +39,8 @@ def check_common(cfg: Any) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be at least 1, got {cfg.checkpoint_every}")
+    if not cfg.cache_gb >= 0:  # also refuses NaN
+        raise UsageError(f"--cache-gb must be >= 0, got {cfg.cache_gb}")
     if cfg.subsample_rows < 0:
         raise UsageError(f"subsample_rows must be >= 0, got {cfg.subsample_rows}")
     if cfg.code_solver not in ("hals", "fista"):
@@ -49,8 +55,10 @@ class FactorizationConfig:
         concepts: k per dictionary.
         iterations: passes over the data.
         tol: stop when a pass lowers the relative squared error by less than tol times its value.
-        batch_size: rows per streamed batch; None loads each class whole. A group of classes that fits in one
-            batch is read once and every pass runs in memory.
+        batch_size: rows per streamed batch; None loads each class whole.
+        cache_gb: rows up to this many GB (per process) are read once and held on the fitting device for every
+            pass (per-class fits that fit together are also fitted together); above it each pass streams them
+            in batches (memory flat in the rows). Changes the speed, not the answer.
         seed: seeds the initial dictionary (k-means++ rows of a sample).
         code_iters: HALS sweeps of the NNLS code step per batch.
         code_solver: "hals" or "fista".
@@ -64,6 +72,7 @@ class FactorizationConfig:
     tol: float = option(1e-5, help="Stop when a pass lowers the objective by less than this fraction.", metavar="F")
     batch_size: int | None = option(32768, help="Rows per streamed batch (--full-batch: each class whole).", metavar="N")
     seed: int = option(0, help="Seed of the initial dictionary.", metavar="INT")
+    cache_gb: float = option(CACHE_GB, metavar="GB", help=CACHE_HELP)
     code_iters: int = 10
     code_solver: str = "hals"
     subsample_rows: int = 20000
@@ -105,25 +114,34 @@ class FactorizationMethod(Method):
                                  checkpoint_path=checkpoint_path, resume=resume)
 
 
-def update_nmf(state: State, stats: Stats, w: torch.Tensor, sweeps: int) -> None:
-    """HALS on W >= 0 from the pooled statistics (exact minimisation per row, others fixed)."""
+def _per_dictionary(state: State, stats: Stats, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W, S, R) stacked per dictionary: the group's one W with its classes' statistics pooled (weights w), or
+    the stacked per-class dictionaries (G, k, c) of one-class groups fitted together, each with its own."""
     W = state["W"]
-    S = (w[:, None, None] * stats.S).sum(0)
-    R = (w[:, None, None] * stats.R).sum(0)
-    diag = torch.diagonal(S).tolist()  # one device sync, not one per row and sweep
-    rows = [j for j in range(W.shape[0]) if diag[j] > 0]
+    if W.ndim == 3:
+        return W, stats.S, stats.R
+    return W[None], (w[:, None, None] * stats.S).sum(0, keepdim=True), (w[:, None, None] * stats.R).sum(0, keepdim=True)
+
+
+def update_nmf(state: State, stats: Stats, w: torch.Tensor, sweeps: int) -> None:
+    """HALS on W >= 0 from the statistics (exact minimisation per row, others fixed), every dictionary at once."""
+    W, S, R = _per_dictionary(state, stats, w)  # W: a view, updated in place
+    diag = torch.diagonal(S, dim1=1, dim2=2)
+    used = diag > 0  # a row no code uses has S_jj = 0 and R_j = 0: its step is multiplied by 0, W_j stays
+    inv = torch.where(used, 1.0 / torch.where(used, diag, torch.ones_like(diag)), torch.zeros_like(diag))
     for _ in range(sweeps):
-        for j in rows:
-            W[j].add_(R[j] - S[j] @ W, alpha=1.0 / diag[j]).clamp_min_(0.0)  # in place on the row view
+        for j in range(W.shape[1]):
+            step = (R[:, j] - torch.bmm(S[:, j : j + 1], W)[:, 0]) * inv[:, j : j + 1]
+            W[:, j].add_(step).clamp_min_(0.0)
 
 
 def update_semi(state: State, stats: Stats, w: torch.Tensor) -> None:
-    """Signed W: the least-squares solution (S + jitter) W = R given the codes."""
-    S = (w[:, None, None] * stats.S).sum(0)
-    R = (w[:, None, None] * stats.R).sum(0)
-    k = S.shape[0]
-    jitter = 1e-7 * (torch.trace(S) / k).clamp_min(1e-30)
-    state["W"] = torch.linalg.solve(S + jitter * torch.eye(k, device=S.device), R)
+    """Signed W: the least-squares solution (S + jitter) W = R given the codes, every dictionary at once."""
+    W, S, R = _per_dictionary(state, stats, w)
+    k = S.shape[-1]
+    jitter = 1e-7 * (torch.diagonal(S, dim1=1, dim2=2).sum(1) / k).clamp_min(1e-30)
+    new = torch.linalg.solve(S + jitter[:, None, None] * torch.eye(k, device=S.device), R)
+    state["W"] = new if state["W"].ndim == 3 else new[0]
 
 
 def fit_factorization(method: Method, source: RowSource, config: Any, *, signed: bool, shared: bool,
@@ -142,8 +160,8 @@ def fit_factorization(method: Method, source: RowSource, config: Any, *, signed:
         k=config.concepts, iterations=config.iterations, tol=config.tol, batch_size=config.batch_size,
         seed=config.seed, code_iters=config.code_iters, code_solver=config.code_solver, ridge=0.0, alpha=0.0,
         weighting="pooled", nonnegative=not signed and not shift_opt, nonneg_hint=SHIFT_HINT,
-        checkpoint_every=config.checkpoint_every, config={"method": method.name, **config.to_dict()},
-        subsample_rows=config.subsample_rows,
+        checkpoint_every=config.checkpoint_every, config=checkpoint_config(method.name, config.to_dict()),
+        subsample_rows=config.subsample_rows, cache_bytes=int(config.cache_gb * 1e9),
     )
 
     def init(sample: torch.Tensor, gi: int) -> State:

@@ -28,8 +28,8 @@ from ..artifacts.dictionary import ConceptDictionary
 from ..errors import UsageError
 from ..progress import ProgressFn, no_progress
 from ..artifacts.sources import RowSource
-from ._alternating import EngineSettings, Stats, State, fit_groups, history_of, kmeans_pp
-from ._factorization import check_common
+from ._alternating import EngineSettings, Stats, State, checkpoint_config, fit_groups, history_of, kmeans_pp
+from ._factorization import CACHE_GB, CACHE_HELP, check_common
 from .base import Method, check_source, option, register_method, source_summary
 from .solvers.lowrank import rank_k_energy
 from .solvers.nnls import nnls
@@ -65,6 +65,9 @@ class C2MFConfig:
         iterations: passes over the data (each pass: codes for every batch, then a dictionary update).
         tol: stop when a pass lowers the objective by less than tol times its value.
         batch_size: rows per batch streamed from the store; None loads each class whole (full batch).
+        cache_gb: rows up to this many GB (per process) are read once and held on the fitting device for every
+            pass; above it each pass streams them in batches (memory flat in the rows). Changes the speed, not
+            the answer.
         seed: seeds the initial dictionary (k-means++ rows of a sample).
         code_iters: HALS sweeps of the NNLS code step per batch.
         code_solver: "hals" or "fista".
@@ -88,6 +91,7 @@ class C2MFConfig:
     tol: float = option(1e-5, help="Stop when a pass lowers the objective by less than this fraction.", metavar="F")
     batch_size: int | None = option(32768, help="Rows per streamed batch (--full-batch: each class whole).", metavar="N")
     seed: int = option(0, help="Seed of the initial dictionary.", metavar="INT")
+    cache_gb: float = option(CACHE_GB, metavar="GB", help=CACHE_HELP)
     code_iters: int = 10
     code_solver: str = "hals"
     dict_sweeps: int = 5
@@ -184,8 +188,8 @@ class C2MF(Method):
             k=config.concepts, iterations=config.iterations, tol=config.tol, batch_size=config.batch_size,
             seed=config.seed, code_iters=config.code_iters, code_solver=config.code_solver, ridge=config.beta,
             alpha=0.0, weighting="class", nonnegative=False, nonneg_hint="",
-            checkpoint_every=config.checkpoint_every, config={"method": self.name, **config.to_dict()},
-            warmup=config.warmup, subsample_rows=config.subsample_rows,
+            checkpoint_every=config.checkpoint_every, config=checkpoint_config(self.name, config.to_dict()),
+            warmup=config.warmup, subsample_rows=config.subsample_rows, cache_bytes=int(config.cache_gb * 1e9),
         )
 
         def init(sample: torch.Tensor, gi: int) -> State:

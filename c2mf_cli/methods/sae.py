@@ -41,12 +41,12 @@ from ..artifacts.sources import RowSource
 from ..distributed import world_size
 from ..errors import C2MFError, UsageError
 from ..progress import ProgressFn, no_progress
-from ._alternating import FULL_BATCH_CACHE_BYTES, sample_rows
+from ._alternating import sample_rows
 from .base import Method, check_batch, check_source, option, register_method, source_summary, to_device
 
 CHECKPOINT_TYPE = "c2mf-sae-checkpoint"
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-IN_MEMORY_BYTES = FULL_BATCH_CACHE_BYTES  # rows below this size are read once and shuffled on the device
+IN_MEMORY_BYTES = 1 << 30  # rows below this size are read once and shuffled on the device
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,10 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
         "concepts_used_per_class": (f"{min(counts)}-{max(counts)} (mean {sum(counts) / len(counts):.1f})"
                                     if counts else "-"),
         "relative_error": round(sum(rel) / len(rel), 5) if rel else None,
-        "passes": sum(h.get("passes", 0) for h in history),
+        # the passes of one fit (the longest, for per-class dictionaries): what --iterations bounds
+        "passes": max((h.get("passes", 0) for h in history), default=0),
+        "passes_total": sum(h.get("passes", 0) for h in history),
+        "fits": len(history),
         # None where a method has no stopping tolerance (it runs its passes): nothing to say about convergence
         "converged": (None if not history or any(h.get("converged") is None for h in history)
                       else all(h["converged"] for h in history)),

@@ -33,62 +33,75 @@ def gram(W: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     return G
 
 
+CODE_BLOCK_ELEMENTS = 1 << 18  # codes (rows x k) per HALS block on the CPU (~1 MB): stays in cache for all sweeps
+CODE_BLOCK_ELEMENTS_GPU = 1 << 22  # on a GPU the cost is kernel launches, not cache: larger blocks
+
+
+def code_block_elements(device: torch.device) -> int:
+    """How many codes (rows x k, over every problem of a batch) one call of `nnls_gram_batched` should hold."""
+    return CODE_BLOCK_ELEMENTS if device.type == "cpu" else CODE_BLOCK_ELEMENTS_GPU
+
+
 def _start(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Clamped least-squares start max(0, B G^-1); a tiny jitter keeps a rank-deficient G solvable."""
-    k = G.shape[0]
-    jitter = 1e-6 * (torch.trace(G) / k).clamp_min(1e-12)
+    """Clamped least-squares start max(0, B G^-1) per problem; a tiny jitter keeps a rank-deficient G solvable."""
+    k = G.shape[-1]
+    jitter = 1e-6 * (torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) / k).clamp_min(1e-12)
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    U = torch.linalg.solve(G + jitter * eye, B.T).T
+    U = torch.linalg.solve(G + jitter[:, None, None] * eye, B.mT).mT
     return U.clamp_min_(0.0)
 
 
-def nnls_gram(
-    G: torch.Tensor,
-    B: torch.Tensor,
-    *,
-    iters: int = 20,
-    solver: Solver = "hals",
-    U0: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Solve min_{U>=0} <U^T U, G> - 2 <U, B> for every row of B at once.
+def nnls_gram_batched(G: torch.Tensor, B: torch.Tensor, *, iters: int = 20, solver: Solver = "hals") -> torch.Tensor:
+    """Solve b independent problems min_{U_e>=0} <U_e^T U_e, G_e> - 2 <U_e, B_e> at once (one kernel per step for
+    all of them, not one per problem: many small classes cost a few launches, not thousands).
 
     Args:
-        G: (k, k) Gram matrix W W^T (+ ridge I), symmetric positive semi-definite.
-        B: (n, k) right-hand sides A W^T.
+        G: (b, k, k) Gram matrices W_e W_e^T (+ ridge I), symmetric positive semi-definite.
+        B: (b, n, k) right-hand sides A_e W_e^T; rows of zeros (padding) get zero codes exactly.
         iters: HALS sweeps or FISTA steps.
         solver: "hals" (coordinate descent, fast per sweep in k) or "fista".
-        U0: optional warm start (n, k); default the clamped least-squares solution.
+    Returns:
+        U (b, n, k) >= 0.
     """
     if solver not in SOLVERS:
         raise C2MFError(f"unknown NNLS solver {solver!r}: choose one of {', '.join(SOLVERS)}")
-    U = _start(G, B) if U0 is None else U0.clamp_min(0.0).clone()
+    U = _start(G, B)
     if solver == "hals":
-        diag = torch.diagonal(G).tolist()
-        active = [j for j in range(G.shape[0]) if diag[j] > 0]
-        rows = max(512, 262144 // max(1, G.shape[0]))  # a block of codes (~1 MB) stays in cache for all sweeps
-        out = torch.empty_like(U)
-        for s in range(0, U.shape[0], rows):
-            # codes stored transposed (k, rows): each column update reads and writes contiguous memory
-            Ut, Bt = U[s : s + rows].T.contiguous(), B[s : s + rows].T.contiguous()
-            for j in range(G.shape[0]):
-                if j not in active:
-                    Ut[j] = 0.0
-            for _ in range(iters):
-                for j in active:
-                    # exact minimisation over column j with the others fixed
-                    r = Bt[j] - G[j] @ Ut
-                    Ut[j].add_(r, alpha=1.0 / diag[j]).clamp_(min=0.0)
-            out[s : s + rows] = Ut.T
-        return out
-    # FISTA with step 1/L, L = largest eigenvalue of G
-    L = float(torch.linalg.eigvalsh(G)[-1].clamp_min(1e-12))
+        diag = torch.diagonal(G, dim1=1, dim2=2)
+        # a concept with a zero row in G (a zero dictionary row, no ridge) keeps code 0: its step is multiplied by 0
+        used = diag > 0
+        inv = torch.where(used, 1.0 / torch.where(used, diag, torch.ones_like(diag)), torch.zeros_like(diag))
+        # codes stored transposed (b, k, n): each column update reads and writes contiguous memory
+        Ut = U.mT.contiguous().mul_(used[:, :, None])
+        Bt = B.mT.contiguous()
+        for _ in range(iters):
+            for j in range(G.shape[1]):
+                # exact minimisation over column j with the others fixed, for every problem at once
+                if len(G) == 1:  # one problem (a large class): a matrix-vector product beats a batch of one
+                    r = Bt[0, j] - G[0, j] @ Ut[0]
+                else:
+                    r = Bt[:, j] - torch.bmm(G[:, j : j + 1], Ut)[:, 0]
+                Ut[:, j].addcmul_(r, inv[:, j : j + 1]).clamp_(min=0.0)
+        return Ut.mT
+    # FISTA with step 1/L, L = largest eigenvalue of each G
+    L = torch.linalg.eigvalsh(G)[:, -1].clamp_min(1e-12)[:, None, None]
     Y, t = U.clone(), 1.0
     for _ in range(iters):
-        U_next = (Y - (Y @ G - B) / L).clamp_min_(0.0)
+        U_next = (Y - (torch.bmm(Y, G) - B) / L).clamp_min_(0.0)
         t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
         Y = U_next + ((t - 1.0) / t_next) * (U_next - U)
         U, t = U_next, t_next
     return U
+
+
+def nnls_gram(G: torch.Tensor, B: torch.Tensor, *, iters: int = 20, solver: Solver = "hals") -> torch.Tensor:
+    """Solve min_{U>=0} <U^T U, G> - 2 <U, B> for every row of B (n, k) with one G (k, k), in blocks of rows
+    that stay in cache for all sweeps."""
+    rows = max(512, code_block_elements(B.device) // max(1, G.shape[0]))
+    out = torch.empty_like(B)
+    for s in range(0, B.shape[0], rows):
+        out[s : s + rows] = nnls_gram_batched(G[None], B[None, s : s + rows], iters=iters, solver=solver)[0]
+    return out
 
 
 def nnls(
