@@ -562,7 +562,8 @@ def fit_groups(
             state = _stack(wave)
         resumed = []
         _unstack(state, wave)
-        group_st = replace(st, warmup=0) if any(r.subsample is not None for r in wave) else st  # alpha ramped on the sample
+        # alpha ramped on the sample
+        group_st = replace(st, warmup=0) if any(r.subsample is not None for r in wave) else st
         # rows held on the device across passes when they fit the budget; otherwise streamed (flat memory)
         rows = Rows(mine, int(source.n_features), group_st, device, shift,
                     keep=sum(_bytes(mine, groups[gi]) for gi in range(a, b)) <= st.cache_bytes)
