@@ -275,7 +275,7 @@ def test_explain_model_file_moved_points_to_checkpoint(chain, tmp_path):
 def test_explain_model_override_without_the_layer(chain, tmp_path):
     r = _explain(_image(tmp_path / "x.png"), "--dict", chain["dict"], "--model", "test_vit", "--out", tmp_path / "o")
     line = _error_line(r)
-    assert r.exit_code == 1 and "fitted at layer 'layer3'" in line and "--model 'test_vit'" in line
+    assert r.exit_code == 1 and "made at layer 'layer3'" in line and "--model 'test_vit'" in line
 
 
 def test_explain_out_is_a_file(chain, tmp_path):
