@@ -301,14 +301,7 @@ def evaluate(
     from ._io import jsonable
     from .stages.evaluate import EvaluateConfig, evaluate as run
 
-    dicts = []
-    for x in dictionaries:
-        if isinstance(x, (str, Path)):
-            loaded = ConceptDictionary.load(x)
-            loaded.meta["path"] = str(x)
-            dicts.append(loaded)
-        else:
-            dicts.append(x)
+    dicts = [ConceptDictionary.load(x) if isinstance(x, (str, Path)) else x for x in dictionaries]
     config = EvaluateConfig(**settings)
     common = dict(names=list(names) if names else None, device=device,
                   out_dir=Path(out_dir) if out_dir is not None else None)

@@ -68,7 +68,7 @@ def _edited_dictionary(src: Path, out: Path, edit) -> Path:
 
 
 def _other_weights(meta: dict) -> None:
-    meta["source"]["info"]["model"]["weights_sha256"] = "f" * 64
+    meta["source"]["info"]["weights_sha256"] = "f" * 64
 
 
 # ------------------------------------------------------------------------------------------------ factorize
@@ -264,7 +264,7 @@ def test_explain_model_file_moved_points_to_checkpoint(chain, tmp_path):
     gone = str(tmp_path / "weights-that-moved.safetensors")
 
     def moved(meta):
-        meta["source"]["info"]["model"]["checkpoint"] = gone
+        meta["source"]["info"]["checkpoint"] = gone
 
     d = _edited_dictionary(chain["dict"], tmp_path / "moved.safetensors", moved)
     r = _explain(_image(tmp_path / "x.png"), "--dict", d, "--out", tmp_path / "o")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .._io import atomic_path, dumps
 from .. import __version__
 from ..errors import C2MFError
+from .provenance import Provenance
 
 ENCODING_TYPE = "c2mf-dictionary"
 # 2: the metadata holds `tensors_sha256`, checked on load. Version 1 files (no checksum) are refused: refit.
@@ -41,9 +42,11 @@ class ConceptDictionary:
         tensors: see the module docstring; at least "W".
         meta: JSON-able metadata; must contain "method" (the registered method that owns encode / decode) and
             "classes".
+        path: the file it was loaded from or saved to, named in messages; never saved (a copy elsewhere is the
+            same dictionary).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path | None = None) -> None:
         if "W" not in tensors:
             raise C2MFError("a concept dictionary needs a tensor 'W'")
         self.tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
@@ -53,6 +56,7 @@ class ConceptDictionary:
         self.meta.setdefault("c2mf_version", __version__)
         self.meta.setdefault("classes", [])
         self.device = self.tensors["W"].device
+        self.path = path
 
     # ----- shape and identity -----
     @property
@@ -76,6 +80,11 @@ class ConceptDictionary:
     def n_features(self) -> int:
         return int(self.tensors["W"].shape[-1])
 
+    @property
+    def provenance(self) -> Provenance:
+        """What produced the activations it was fitted on (the store's record, read back typed)."""
+        return Provenance.read((self.meta.get("source") or {}).get("info"))
+
     def class_index(self, name: str) -> int:
         """Position of class `name` (the `y` every method takes)."""
         try:
@@ -85,7 +94,7 @@ class ConceptDictionary:
 
     def to(self, device: str | torch.device) -> "ConceptDictionary":
         """The same dictionary with its tensors on `device`."""
-        return ConceptDictionary({k: v.to(device) for k, v in self.tensors.items()}, self.meta)
+        return ConceptDictionary({k: v.to(device) for k, v in self.tensors.items()}, self.meta, self.path)
 
     def check_compatible(self, store_info: dict[str, Any]) -> None:
         """Fail clearly if a store (its `describe_source()` dict) comes from another model, layer or width.
@@ -95,7 +104,7 @@ class ConceptDictionary:
         crops applies to whole images), grid and classes are not compared: the same weights copied elsewhere
         give the same activations. Without a weights hash on both sides the model name is compared instead.
         """
-        mine, theirs = identity(self.meta.get("source", {}).get("info", {})), identity(store_info)
+        mine, theirs = self.provenance.identity(), Provenance.read(store_info).identity()
         mine["channels"] = self.n_features
         for key in ("weights_sha256", "model", "layer", "channels"):
             if key == "model" and mine.get("weights_sha256") and theirs.get("weights_sha256"):
@@ -124,6 +133,7 @@ class ConceptDictionary:
         header = {_META_KEY: dumps(self.meta)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=header)
+        self.path = path
         return path
 
     @classmethod
@@ -156,7 +166,7 @@ class ConceptDictionary:
             raise C2MFError(f"{path} was written by an older c2mf ({meta.get('c2mf_version', '?')}, dictionary "
                             f"version {version}) without a checksum of its tensors: refit it with this c2mf")
         _check_tensors(path, tensors, meta)
-        return cls(tensors, meta)
+        return cls(tensors, meta, path)
 
     def __repr__(self) -> str:
         kind = "per-class" if self.per_class else "shared"
@@ -164,41 +174,15 @@ class ConceptDictionary:
                 f"c={self.n_features}, classes={len(self.classes)})")
 
 
-def identity(info: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a store's activations: weights hash, model name, layer and channel count (None where
-    the info lacks it). `info` is `ActivationStore.describe_source()` or the copy a dictionary recorded."""
-    model = info.get("model")
-    sha = model.get("weights_sha256") if isinstance(model, dict) else info.get("weights_sha256")
-    name = model.get("name") if isinstance(model, dict) else model
-    channels = info.get("n_features", info.get("channels"))
-    shape = info.get("row_shape")
-    if channels is None and isinstance(shape, (list, tuple)) and shape:
-        channels = shape[-1]
-    return {"weights_sha256": sha, "model": name, "layer": info.get("layer"),
-            "channels": int(channels) if channels is not None else None}
-
-
-def _activations_id(info: Mapping[str, Any], channels: int | None) -> str:
-    """'model (weights abcdef123456) at layer 'L' (C channels)' from describe_source() or a dictionary's copy."""
-    i = identity(dict(info))
-    text = str(i.get("model") or "an unrecorded model")
-    if i.get("weights_sha256"):
-        text += f" (weights {str(i['weights_sha256'])[:12]})"
-    text += f" at layer {i.get('layer')!r}"
-    ch = channels if channels is not None else i.get("channels")
-    return text + (f" ({ch} channels)" if ch is not None else "")
-
-
 def mismatch_message(d: "ConceptDictionary", label: str, store_info: Mapping[str, Any], width: int | None,
                      plural: bool = True) -> str:
     """One line naming both sides of a dictionary/store mismatch and the way out (evaluate and atlas use it)."""
-    source = (d.meta.get("source") or {}).get("info") or {}
-    path = d.meta.get("path")
-    where = f" ({path})" if path else ""
+    where = f" ({d.path})" if d.path else ""
     store_path = store_info.get("store")
     subject = ("the stores" if plural else "the store") + (f" ({store_path})" if store_path else "")
-    return (f"dictionary {label!r}{where} was fitted on {_activations_id(source, d.n_features)}; {subject} "
-            f"{'hold' if plural else 'holds'} {_activations_id(store_info, width)}: give a dictionary fitted on a "
+    return (f"dictionary {label!r}{where} was fitted on {d.provenance.describe(d.n_features)}; {subject} "
+            f"{'hold' if plural else 'holds'} {Provenance.read(store_info).describe(width)}: give a dictionary "
+            "fitted on a "
             "store of the same model weights and layer (or extract a store with the dictionary's model and layer)")
 
 

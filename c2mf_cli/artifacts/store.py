@@ -47,6 +47,7 @@ from .. import __version__
 from ..errors import C2MFError
 from ..inputs.models.spec import ModelSpec, Preprocess, row_layout
 from ..progress import ProgressFn, no_progress
+from .provenance import Provenance
 from .sources import rebatch
 
 if TYPE_CHECKING:
@@ -741,22 +742,14 @@ class ActivationStore:
     def failures(self) -> list[dict[str, str]]:
         return list(self.info.get("failures", []))
 
+    @property
+    def provenance(self) -> Provenance:
+        """What produced these activations (model, weights, layer, preprocessing, data), as one typed record."""
+        return Provenance.from_store(self.info, str(self.path))
+
     def describe_source(self) -> dict[str, Any]:
-        """What a dictionary fitted on this store records about it (and checks against later)."""
-        return {
-            "store": str(self.path),
-            "fingerprint": self.fingerprint,
-            "model": self.config["model"],
-            "layer": self.layer,
-            "mode": self.mode,
-            "layout": self.layout,
-            "grid": list(self.grid),
-            "num_prefix_tokens": self.num_prefix_tokens,
-            "row_shape": list(self.row_shape),
-            "preprocess": self.config["preprocess"],
-            "classes": self.classes,
-            "class_indices": self.class_indices,
-        }
+        """What a dictionary fitted on this store records about it (and checks against later): its provenance."""
+        return self.provenance.to_dict()
 
     # -- data
     def _group(self, y: int):

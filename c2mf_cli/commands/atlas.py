@@ -59,7 +59,6 @@ def atlas(
     config = AtlasConfig(top=top, class_name=class_name, window=window)
     opened = ActivationStore.open(store)
     d = ConceptDictionary.load(dict_path)
-    d.meta["path"] = str(dict_path)  # named in a mismatch error
     rep = Reporter(quiet=quiet or json_out)
     with rep.session():
         n = 1 if class_name else len(opened.classes)

@@ -112,11 +112,7 @@ def evaluate(
                             sobol_designs=sobol_designs, codes=codes.strip().lower())
     train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
     crops_s = ActivationStore.open(crops) if crops is not None else None
-    loaded = []
-    for p in dicts:
-        d = ConceptDictionary.load(p)
-        d.meta["path"] = str(p)
-        loaded.append(d)
+    loaded = [ConceptDictionary.load(p) for p in dicts]  # each knows its file (d.path), named in errors
     names = [p.stem for p in dicts] if len({p.stem for p in dicts}) == len(dicts) else None
     reporter = Reporter(quiet)
     with reporter.session():

@@ -111,7 +111,7 @@ def find_regions(
         raise C2MFError("the atlas needs a store of whole images (extract --mode full): crop stores have no grid")
     if store.layout not in ("nchw", "tokens"):
         raise C2MFError(f"the store's layer has layout {store.layout!r}, without a spatial grid: no atlas")
-    # the same rule as evaluate: weights, layer and width (the dictionary records describe_source(), flat)
+    # the same rule as evaluate: weights, layer and width (the dictionary records the store's provenance)
     describe = getattr(store, "describe_source", None)
     store_info = describe() if describe is not None else {**store.info, "store": str(getattr(store, "path", ""))}
     try:

@@ -17,7 +17,7 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
     gated = method_of(d).gated
     meta = d.meta
     source = meta.get("source", {})
-    info = source.get("info", {})
+    prov = d.provenance
     history = meta.get("history", [])
     last = [h["loss"][-1] for h in history if h.get("loss")]
     rel = [r["relative_error"] for r in last if "relative_error" in r]
@@ -30,7 +30,6 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
             row["gates"] = [round(float(v), 4) for v in g]
         per_class.append(row)
     counts = [r["concepts_used"] for r in per_class]
-    model = info.get("model")
     return {
         "path": str(path),
         "kind": "concept dictionary",
@@ -52,10 +51,10 @@ def describe_dictionary(path: str | Path) -> dict[str, Any]:
                       else all(h["converged"] for h in history)),
         "fit_seconds": round(float(meta["fit_seconds"]), 2) if "fit_seconds" in meta else None,
         "device": meta.get("device"),
-        "model": model.get("name") if isinstance(model, dict) else model,
-        "layer": info.get("layer"),
+        "model": prov.model,
+        "layer": prov.layer,
         "store_mode": source.get("mode"),
-        "store_fingerprint": info.get("fingerprint"),
+        "store_fingerprint": prov.fingerprint,
         "config": meta.get("config", {}),
         "alpha": (meta.get("alpha") or {}).get("alpha", meta.get("config", {}).get("alpha")) if gated else None,
         "c2mf_version": meta.get("c2mf_version"),

@@ -260,10 +260,11 @@ def _check_inputs(train: StoreLike, test: StoreLike, crops: StoreLike | None, di
             if d.n_features != width:
                 raise C2MFError("channels differ")
         except C2MFError:
-            from ..artifacts.dictionary import identity, mismatch_message
+            from ..artifacts.dictionary import mismatch_message
+            from ..artifacts.provenance import Provenance
 
-            source = identity((d.meta.get("source") or {}).get("info") or {})
-            if source.get("model") is None and source.get("layer") is None:  # a dictionary made outside a store
+            source = Provenance.read((d.meta.get("source") or {}).get("info"))
+            if source.model is None and source.layer is None:  # a dictionary made outside a store
                 raise C2MFError(f"dictionary {lab!r} has {d.n_features} channels but the store's layer "
                                 f"{test.layer!r} has {width}: use a dictionary fitted on this model and layer"
                                 ) from None
@@ -816,13 +817,15 @@ def _store_identity(s: StoreLike) -> dict:
 
 
 def _dict_identity(d: DictionaryLike, label: str) -> dict:
-    src = d.meta.get("source", {}) if isinstance(d.meta.get("source"), dict) else {}
+    from ..artifacts.provenance import Provenance
+
+    path = getattr(d, "path", None)  # a loaded dictionary knows its file
     return {
         "name": label,
-        "path": d.meta.get("path"),
+        "path": str(path) if path else None,
         "method": d.method,
         "k": d.n_concepts,
-        "source_fingerprint": src.get("fingerprint") or src.get("info", {}).get("fingerprint"),
+        "source_fingerprint": Provenance.read((d.meta.get("source") or {}).get("info")).fingerprint,
     }
 
 

@@ -79,29 +79,6 @@ class ExplainConfig:
         return asdict(self)
 
 
-def _source_info(dictionary: ConceptDictionary) -> dict[str, Any]:
-    return dictionary.meta.get("source", {}).get("info", {}) or {}
-
-
-def _source_config(dictionary: ConceptDictionary) -> dict[str, Any]:
-    """The model, layer and preprocessing of the store the dictionary was fitted on.
-
-    Dictionaries record `ActivationStore.describe_source()` (flat: model, layer, preprocess...); a full store
-    attribute dict (with its extract `config`) is accepted too.
-    """
-    info = _source_info(dictionary)
-    return info.get("config") or info
-
-
-def _source_classes(dictionary: ConceptDictionary) -> list[dict[str, Any]]:
-    """[{"name", "label"}] of the store's classes, whichever way the dictionary recorded them."""
-    classes = list(_source_info(dictionary).get("classes", []) or [])
-    if classes and isinstance(classes[0], str):
-        indices = _source_info(dictionary).get("class_indices") or list(range(len(classes)))
-        return [{"name": n, "label": int(i)} for n, i in zip(classes, indices)]
-    return classes
-
-
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
     """A label file: one class name per line, in model output order."""
     p = Path(path)
@@ -213,13 +190,12 @@ class Explainer:
         dev = resolve_device(device)
         d = dictionary if isinstance(dictionary, ConceptDictionary) else ConceptDictionary.load(dictionary)
         d = d.to(dev)
-        cfg = _source_config(d)
-        recorded = cfg.get("model") or {}
-        layer = cfg.get("layer")
+        prov = d.provenance
+        layer = prov.layer
         if not layer:
             raise C2MFError("the dictionary does not record the layer it was fitted on: refit it from a c2mf store")
-        recorded_pre = Preprocess.from_dict(cfg["preprocess"]) if cfg.get("preprocess") else None
-        opened = reopen_recorded(recorded, layer, model=model, checkpoint=checkpoint, what="the dictionary",
+        recorded_pre = Preprocess.from_dict(prov.preprocess) if prov.preprocess else None
+        opened = reopen_recorded(prov.model_record(), layer, model=model, checkpoint=checkpoint, what="the dictionary",
                                  command="c2mf explain DICT IMAGE...",
                                  input_size=recorded_pre.input_size if recorded_pre else None)
         loaded, split, warnings = opened.loaded, opened.split, opened.warnings
@@ -235,7 +211,7 @@ class Explainer:
         split.h.to(dev)
         with torch.no_grad():
             n_outputs = int(split.h(split.g(torch.zeros(1, *preprocess.input_size, device=dev))).shape[-1])
-        label_map = {int(c["label"]): str(c["name"]) for c in _source_classes(d) if "label" in c}
+        label_map = dict(zip(prov.class_indices, prov.classes))
         if labels is not None:
             lst = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
             if len(lst) != n_outputs:
@@ -244,10 +220,7 @@ class Explainer:
                 raise UsageError(f"{where} has {len(lst)} labels but the model has {n_outputs} outputs: give "
                                  "one label per output, one a line in output order")
             label_map = dict(enumerate(lst))
-        dict_class = {}
-        for c in _source_classes(d):
-            if "label" in c and c.get("name") in d.classes:
-                dict_class[int(c["label"])] = d.classes.index(c["name"])
+        dict_class = {i: d.classes.index(n) for i, n in zip(prov.class_indices, prov.classes) if n in d.classes}
         explainer = cls(d, loaded, split, preprocess, dev, label_map, dict_class, n_outputs, config, warnings)
         if config.target is not None:
             explainer.resolve_target(config.target, np.zeros(n_outputs))

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from .._io import write_json
 from ..artifacts.dictionary import ConceptDictionary
+from ..artifacts.provenance import Provenance
 from ..errors import C2MFError, UsageError
 from ..methods import get_method, list_methods
 from ..progress import ProgressFn, no_progress
@@ -90,12 +91,11 @@ def _reuse_fit(path: Path, method: str, options: dict[str, Any], source: Any) ->
     if not path.exists():
         return None
     d = ConceptDictionary.load(path)  # checks its checksum and tensors: a damaged file is refused by name
-    info = (d.meta.get("source") or {}).get("info") or {}
     recorded = d.meta.get("config") or {}
-    same = (d.method == method and d.n_concepts == options["concepts"]
-            and info.get("fingerprint") == source.info.get("fingerprint")
-            and info.get("rows", "positions") == source.info.get("rows", "positions")
-            and info.get("group_by", "label") == source.info.get("group_by", "label")
+    prov, theirs = d.provenance, Provenance.read(source.info)
+    same = (d.method == method and d.n_concepts == options["concepts"] and prov.fingerprint == theirs.fingerprint
+            and (prov.rows or "positions") == (theirs.rows or "positions")
+            and (prov.group_by or "label") == (theirs.group_by or "label")
             and all(recorded.get(key) == value for key, value in options.items()))
     if not same:
         wanted = ", ".join(f"{key} {value}" for key, value in options.items())
@@ -195,7 +195,6 @@ def sweep(
                 d = ConceptDictionary.load(path)
             else:
                 say(f"reusing {path}")
-            d.meta["path"] = str(path)
             dicts.append(d)
         kdir = out / f"k{k}"
         settings = config.evaluate.to_dict()

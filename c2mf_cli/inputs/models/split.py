@@ -315,8 +315,8 @@ class Split:
         return a
 
     def describe(self) -> dict[str, Any]:
+        """The split's output as a store records it (the layer itself is stored once, beside it)."""
         d: dict[str, Any] = {
-            "layer": self.layer,
             "layout": self.layout,
             "grid": list(self.grid),
             "num_prefix_tokens": self.num_prefix_tokens,
