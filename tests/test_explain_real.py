@@ -40,7 +40,8 @@ def test_cub_bird_explained(tmp_path):
             a = split.to_store(split.g(x)).numpy()
         arrays.append(a.reshape(-1, a.shape[-1]))
     info = {"config": {"model": {**spec.to_dict(), "weights_sha256": lm.weights_sha256}, "layer": layer,
-                       "preprocess": lm.preprocess.to_dict(), "split_info": split.describe(), "mode": "full"},
+                       "preprocess": lm.preprocess.to_dict(), "split_info": split.describe(), "mode": "full",
+                       "data": {"labels": {n: index[n]["model_label"] for n in names}}},
             "classes": [{"name": n, "label": index[n]["model_index"]} for n in names]}
     method = get_method("pca")
     d = method.fit(ArraySource(arrays, names, "full", info), method.make_config(concepts=6),
@@ -57,3 +58,11 @@ def test_cub_bird_explained(tmp_path):
     assert "Goldfinch" in rec["prediction"]["label"]
     assert np.asarray(rec["codes"]).shape == (7, 7, 6)
     assert (tmp_path / "out" / f"{bird.stem}.png").stat().st_size > 50_000
+    # without --labels, the class index's readable labels the store recorded name the classes; --class still
+    # takes the store's class (folder) name
+    plain = Explainer.create(dpath, ExplainConfig(top=4), model=spec.name, device="cpu")
+    goldfinch = index["American_Goldfinch"]
+    assert plain.label(goldfinch["model_index"]) == goldfinch["model_label"]
+    probs = np.zeros(plain.n_outputs)
+    assert plain.resolve_target("American_Goldfinch", probs) == goldfinch["model_index"]
+    assert plain.resolve_target(goldfinch["model_label"], probs) == goldfinch["model_index"]

@@ -283,6 +283,11 @@ def test_real_cub_store_with_class_index(tmp_path):
     index = json.loads((SHARED_DATA / "cub/class_index.json").read_text())["classes"]
     assert store.class_indices == [index[c]["model_index"] for c in store.classes]
     assert (np.concatenate([store.activations(y) for y in range(78)]) < 0).any()  # the signed layer
+    # the class index's readable labels travel in the store (the file may not), for the pictures
+    prov = store.provenance
+    assert prov.labels == tuple(index[c]["model_label"] for c in store.classes)
+    goldfinch = index["American_Goldfinch"]
+    assert prov.readable()[goldfinch["model_index"]] == goldfinch["model_label"]
 
 
 def test_bad_files_are_listed_not_lost(tmp_path):

@@ -46,8 +46,11 @@ def test_edited_or_newer_records_are_refused():
     d = _record().to_dict()
     with pytest.raises(C2MFError, match="unknown fields \\['layer_name'\\]"):
         Provenance.read({**d, "layer_name": "x"})
-    with pytest.raises(C2MFError, match="reads up to 1: upgrade c2mf"):
-        Provenance.read({**d, "encoding-version": 2})
+    with pytest.raises(C2MFError, match="reads up to 2: upgrade c2mf"):
+        Provenance.read({**d, "encoding-version": 3})
+    # a version-1 record (before readable labels) still reads
+    old = {k: v for k, v in d.items() if k != "labels"}
+    assert Provenance.read({**old, "encoding-version": 1}).labels == ()
     with pytest.raises(C2MFError, match="expected 'c2mf-provenance'"):
         Provenance.read({**d, "encoding-type": "something"})
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ..errors import C2MFError
 
 ENCODING_TYPE = "c2mf-provenance"
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: labels (readable class labels from the class index)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Provenance:
             num_prefix_tokens and channels describe its output.
         preprocess: the eval preprocessing (`Preprocess.to_dict()`); mode: "full" or "crops"; crops: the crop spec.
         split: the data split extracted ("train", "test", "all"); files_sha256: digest of the image list.
-        seed, c2mf_version: of the extract run. classes, class_indices: store classes and their model outputs.
+        seed, c2mf_version: of the extract run. classes, class_indices: store classes and their model outputs;
+            labels: each class's readable label from the class index (CUB's `model_label`), "" where it has none.
         store, fingerprint: where the store was and its fingerprint (the path is not part of its identity).
         rows, group_by, left_out: how a dictionary's rows were drawn from the store when not one per position
             grouped by label (`artifacts/rows.py`: "pooled" rows, grouped by the "predicted" class, images left out);
@@ -56,6 +57,7 @@ class Provenance:
     c2mf_version: str | None = None
     classes: tuple[str, ...] = ()
     class_indices: tuple[int, ...] = ()
+    labels: tuple[str, ...] = ()
     store: str | None = None
     fingerprint: str | None = None
     rows: str | None = None
@@ -66,7 +68,7 @@ class Provenance:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["grid"] = list(self.grid) if self.grid is not None else None
-        d["classes"], d["class_indices"] = list(self.classes), list(self.class_indices)
+        d["classes"], d["class_indices"], d["labels"] = list(self.classes), list(self.class_indices), list(self.labels)
         return {"encoding-type": ENCODING_TYPE, "encoding-version": ENCODING_VERSION, **d}
 
     @classmethod
@@ -76,6 +78,8 @@ class Provenance:
         split_info = cfg.get("split_info") or {}
         model = cfg.get("model") or {}
         shape = attrs.get("row_shape") or []
+        names = tuple(str(c["name"]) for c in attrs.get("classes", []))
+        readable = (cfg.get("data") or {}).get("labels") or {}
         return cls(
             model=model.get("name"), checkpoint=model.get("checkpoint"), pretrained=bool(model.get("pretrained")),
             weights_sha256=model.get("weights_sha256"), layer=cfg.get("layer"), layout=split_info.get("layout"),
@@ -83,8 +87,9 @@ class Provenance:
             channels=int(shape[-1]) if shape else _int(split_info.get("channels")),
             preprocess=cfg.get("preprocess"), mode=cfg.get("mode"), crops=cfg.get("crops"),
             split=(cfg.get("data") or {}).get("split"), files_sha256=cfg.get("files_sha256"), seed=cfg.get("seed"),
-            c2mf_version=cfg.get("c2mf_version"), classes=tuple(str(c["name"]) for c in attrs.get("classes", [])),
-            class_indices=tuple(int(c["label"]) for c in attrs.get("classes", [])), store=path,
+            c2mf_version=cfg.get("c2mf_version"), classes=names,
+            class_indices=tuple(int(c["label"]) for c in attrs.get("classes", [])),
+            labels=tuple(str(readable.get(n, "")) for n in names) if readable else (), store=path,
             fingerprint=attrs.get("fingerprint"),
         )
 
@@ -106,6 +111,7 @@ class Provenance:
             fields["grid"] = _grid(fields.get("grid"))
             fields["classes"] = tuple(fields.get("classes") or ())
             fields["class_indices"] = tuple(int(i) for i in fields.get("class_indices") or ())
+            fields["labels"] = tuple(str(x) for x in fields.get("labels") or ())
             return cls(**fields)
         if kind is not None:
             raise C2MFError(f"a provenance record of type {kind!r}, expected {ENCODING_TYPE!r}")
@@ -131,6 +137,11 @@ class Provenance:
             preprocess=info.get("preprocess"), mode=info.get("mode"), classes=tuple(names),
             class_indices=tuple(indices), store=info.get("store"), fingerprint=info.get("fingerprint"),
         )
+
+    def readable(self) -> dict[int, str]:
+        """Model output index -> the readable name of each store class (its class-index label, else its name)."""
+        labels = self.labels or ("",) * len(self.classes)
+        return {i: (lab or name) for i, name, lab in zip(self.class_indices, self.classes, labels)}
 
     def model_record(self) -> dict[str, Any]:
         """The model as `inputs.models.recorded.reopen_recorded` takes it (name, checkpoint, pretrained, sha256)."""

@@ -165,6 +165,7 @@ class Explainer:
     n_outputs: int
     config: ExplainConfig = field(default_factory=ExplainConfig)
     warnings: list[str] = field(default_factory=list)
+    class_names: dict[str, int] = field(default_factory=dict)  # store class (folder) name -> model output index
 
     @classmethod
     def create(
@@ -211,7 +212,7 @@ class Explainer:
         split.h.to(dev)
         with torch.no_grad():
             n_outputs = int(split.h(split.g(torch.zeros(1, *preprocess.input_size, device=dev))).shape[-1])
-        label_map = dict(zip(prov.class_indices, prov.classes))
+        label_map = prov.readable()
         if labels is not None:
             lst = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
             if len(lst) != n_outputs:
@@ -221,7 +222,8 @@ class Explainer:
                                  "one label per output, one a line in output order")
             label_map = dict(enumerate(lst))
         dict_class = {i: d.classes.index(n) for i, n in zip(prov.class_indices, prov.classes) if n in d.classes}
-        explainer = cls(d, loaded, split, preprocess, dev, label_map, dict_class, n_outputs, config, warnings)
+        explainer = cls(d, loaded, split, preprocess, dev, label_map, dict_class, n_outputs, config, warnings,
+                        class_names=dict(zip(prov.classes, prov.class_indices)))
         if config.target is not None:
             explainer.resolve_target(config.target, np.zeros(n_outputs))
         return explainer
@@ -254,7 +256,8 @@ class Explainer:
         if target is None:
             return int(np.argmax(probs))
         if isinstance(target, str) and not target.lstrip("-").isdigit():
-            by_name = {v: k for k, v in self.labels.items()}
+            # the label shown, or the store's class name (a folder name) where the label is a readable one
+            by_name = {**{v: k for k, v in self.labels.items()}, **self.class_names}
             if target not in by_name:
                 raise UsageError(f"--class {target!r} is not a known class name: give a name from the store or "
                                  f"--labels, or a model output index in 0..{n - 1}")

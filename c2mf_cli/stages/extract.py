@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
 from ..inputs.class_check import IDENTITY, check_class_count, check_label_agreement
-from ..inputs.data import CropSpec, DatasetSpec, Item, check_crop_geometry, make_crops, resolve_dataset
+from ..inputs.data import (CropSpec, DatasetSpec, Item, check_crop_geometry, class_labels, make_crops,
+                           resolve_dataset)
 from ..inputs.images import read_image
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
@@ -262,6 +263,13 @@ def _store_config(cfg: ExtractConfig, lm: LoadedModel, split: Split, items: list
     data["root"] = str(Path(cfg.data.root).expanduser().resolve())
     if data.get("class_index") and data["class_index"] != IDENTITY:
         data["class_index"] = str(Path(data["class_index"]).expanduser().resolve())
+        # the class index's readable labels (CUB's model_label, Keras' names), kept for pictures: the file may
+        # not travel with the store
+        known = class_labels(data["class_index"])
+        names = sorted({it.class_name for it in items})
+        labels = {n: known[n] for n in names if known.get(n)}
+        if labels:
+            data["labels"] = labels
     model = lm.spec.to_dict()
     if model.get("checkpoint"):
         model["checkpoint"] = str(Path(model["checkpoint"]).expanduser().resolve())
