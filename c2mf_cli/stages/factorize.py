@@ -6,7 +6,8 @@
 
 The CLI calls exactly these functions. Under torch.distributed (a process group started by the caller, or by
 `c2mf_cli.distributed.start()` from torchrun's / srun's environment) every process calls them alike: each streams
-its share of the rows, all hold the same dictionary, and `factorize_store` writes it from rank 0 only.
+its share of the rows and all hold the same dictionary; the caller saves it from rank 0 only
+(`c2mf_cli.distributed.is_writer()`), as `c2mf factorize` does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from ..devices import resolve_device
-from ..distributed import describe, is_writer
+from ..distributed import describe
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError
 from ..methods import get_method
@@ -74,11 +75,3 @@ def open_store_source(path: str | Path, *, rows: str = "positions", group_by: st
     from ..artifacts.store import ActivationStore
 
     return ActivationStore.open(path).row_source(rows=rows, group_by=group_by)
-
-
-def factorize_store(store: str | Path, method: str, out: str | Path, **kwargs: Any) -> ConceptDictionary:
-    """Open a store, fit, and save the dictionary to `out` (atomically; rank 0 only); returns the dictionary."""
-    d = factorize(open_store_source(store), method, **kwargs)
-    if is_writer():
-        d.save(out)
-    return d
