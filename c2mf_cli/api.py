@@ -296,12 +296,12 @@ def evaluate(
         out_dir: where to write evaluation.json and the plots; None writes nothing.
         settings: fields of `EvaluateConfig` (max_images_per_class=..., ig_steps=..., ...).
     """
-    from .artifacts.dictionary import ConceptDictionary
     from .artifacts.store import ActivationStore
     from ._io import jsonable
+    from .methods import load_dictionary
     from .stages.evaluate import EvaluateConfig, evaluate as run
 
-    dicts = [ConceptDictionary.load(x) if isinstance(x, (str, Path)) else x for x in dictionaries]
+    dicts = [load_dictionary(x) if isinstance(x, (str, Path)) else x for x in dictionaries]
     config = EvaluateConfig(**settings)
     common = dict(names=list(names) if names else None, device=device,
                   out_dir=Path(out_dir) if out_dir is not None else None)

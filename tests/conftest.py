@@ -85,3 +85,10 @@ def tiny_store(tmp_path_factory, image_folder) -> Path:
 def tiny_crop_store(tmp_path_factory, image_folder) -> Path:
     """The crop-mode twin of `tiny_store` (CRAFT grid crops, pooled: rows of 192 channels)."""
     return build_store(tmp_path_factory.mktemp("stores") / "crops.zarr", image_folder, mode="crops")
+
+
+@pytest.fixture(scope="session")
+def tiny_test_store(tmp_path_factory) -> Path:
+    """A held-out twin of `tiny_store`: other images (seed 1) of the same classes, same model and layer."""
+    root = tmp_path_factory.mktemp("held_out")
+    return build_store(root / "test.zarr", make_image_folder(root / "images", seed=1))

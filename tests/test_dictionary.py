@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from c2mf_cli.artifacts.dictionary import ENCODING_VERSION, ConceptDictionary, tensors_sha256, verify
+from c2mf_cli.artifacts.dictionary import ENCODING_VERSION, ConceptDictionary, tensors_sha256
 from c2mf_cli.errors import C2MFError
 from c2mf_cli.methods import basis, check_dictionary, concepts_used, decode, encode, needs_class
 
@@ -219,7 +219,9 @@ def test_load_refuses_damaged_or_edited_tensors(tmp_path: Path):
     with pytest.raises(C2MFError, match="older c2mf .* without a checksum of its tensors: refit it"):
         ConceptDictionary.load(_rewrite(tmp_path, "v1.safetensors", tensors, old, checksum=False))
     assert ConceptDictionary.load(path).meta["tensors_sha256"] == tensors_sha256(d.tensors)
+    from c2mf_cli.stages.verify import verify
+
     report = verify(path)
-    assert report["ok"] and report["method"] == "c2mf" and report["tensors"] == ["W", "gates"]
-    with pytest.raises(C2MFError, match="flipped.safetensors: its tensors do not match"):
-        verify(tmp_path / "flipped.safetensors")
+    assert report.ok and report.kind == "dictionary" and report.checked == {"tensors": 2}
+    [problem] = verify(tmp_path / "flipped.safetensors").problems
+    assert "flipped.safetensors: its tensors do not match" in problem

@@ -533,14 +533,33 @@ def pca_dict(tiny_store: Path, tmp_path_factory) -> Path:
     return out
 
 
-EVALUATE_DAMAGE = [d for d in DAMAGE if d[0] in ("delete-chunk", "rename-class", "dtype-int16")]
-
-
-@pytest.mark.parametrize("damaged", EVALUATE_DAMAGE, indirect=True, ids=[d[0] for d in EVALUATE_DAMAGE])
-def test_evaluate_refuses_a_damaged_store(damaged, tiny_store: Path, pca_dict: Path, tmp_path: Path):
+@pytest.mark.parametrize("damaged", DAMAGE, indirect=True, ids=[d[0] for d in DAMAGE])
+def test_evaluate_refuses_a_damaged_store(damaged, tiny_test_store: Path, pca_dict: Path, tmp_path: Path):
     store, message, _ = damaged
-    r = runner.invoke(app, ["evaluate", "--train", str(store), "--test", str(tiny_store), "--dict", str(pca_dict),
+    r = runner.invoke(app, ["evaluate", "--train", str(store), "--test", str(tiny_test_store), "--dict", str(pca_dict),
                             "--out", str(tmp_path / "ev"), "--device", "cpu", "-q"])
     assert r.exit_code == 1, r.output
     assert message in _error_line(r.output)
     assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("damaged", DAMAGE, indirect=True, ids=[d[0] for d in DAMAGE])
+def test_atlas_refuses_a_damaged_store(damaged, pca_dict: Path, tmp_path: Path):
+    store, message, _ = damaged
+    before = _files(store)
+    r = runner.invoke(app, ["atlas", "-s", str(store), "--dict", str(pca_dict), "-o", str(tmp_path / "atlas"), "-q"])
+    assert r.exit_code == 1, r.output
+    assert message in _error_line(r.output)
+    assert not (tmp_path / "atlas").exists()
+    assert _files(store) == before
+
+
+def test_evaluate_and_atlas_accept_the_sound_store(tiny_store: Path, tiny_test_store: Path, pca_dict: Path,
+                                                   tmp_path: Path):
+    """The control for the two tests above: undamaged, the same commands succeed."""
+    r = runner.invoke(app, ["evaluate", "--train", str(tiny_store), "--test", str(tiny_test_store), "--dict",
+                            str(pca_dict), "--out", str(tmp_path / "ev"), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["atlas", "-s", str(tiny_store), "--dict", str(pca_dict), "-o", str(tmp_path / "atlas"),
+                            "-q"])
+    assert r.exit_code == 0, r.output

@@ -186,16 +186,6 @@ def mismatch_message(d: "ConceptDictionary", label: str, store_info: Mapping[str
             "store of the same model weights and layer (or extract a store with the dictionary's model and layer)")
 
 
-def verify(path: str | Path) -> dict[str, Any]:
-    """Check a dictionary file as `load` does (type, version, tensors' sha256, float32, finite); return what it
-    holds. Raises C2MFError naming the file and the fault. For `c2mf verify`; the method's own contract (its
-    tensors' names and shapes) is checked by `c2mf_cli.methods`."""
-    d = ConceptDictionary.load(path)
-    return {"path": str(path), "kind": "dictionary", "ok": True, "method": d.method, "concepts": d.n_concepts,
-            "channels": d.n_features, "classes": len(d.classes), "tensors": sorted(d.tensors),
-            "tensors_sha256": d.meta["tensors_sha256"]}
-
-
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order (what `save` records)."""
     h = hashlib.sha256()

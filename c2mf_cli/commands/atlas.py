@@ -48,8 +48,8 @@ def atlas(
     check_input(store, "--store")
     check_input(dict_path, "--dict", kind="file")
     check_output_dir(out_dir)
-    from ..artifacts.dictionary import ConceptDictionary
     from ..artifacts.store import ActivationStore
+    from ..methods import load_dictionary
     from ..stages.atlas import AtlasConfig, build_atlas, check_clip, clip_names
     from ..stages.explain import read_labels
 
@@ -58,7 +58,7 @@ def atlas(
 
     config = AtlasConfig(top=top, class_name=class_name, window=window)
     opened = ActivationStore.open(store)
-    d = ConceptDictionary.load(dict_path)
+    d = load_dictionary(dict_path)
     rep = Reporter(quiet=quiet or json_out)
     with rep.session():
         n = 1 if class_name else len(opened.classes)

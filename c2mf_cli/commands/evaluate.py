@@ -101,8 +101,8 @@ def evaluate(
             (d, "--dict") for d in dicts]:
         check_input(p, name)
     check_output_dir(out_dir)
-    from ..artifacts.dictionary import ConceptDictionary
     from ..artifacts.store import ActivationStore
+    from ..methods import load_dictionary
     from ..stages.evaluate import EvaluateConfig, evaluate as run_evaluate
 
     config = EvaluateConfig(max_images_per_class=max_images, ig_steps=ig_steps, batch_size=batch_size, seed=seed,
@@ -112,7 +112,7 @@ def evaluate(
                             sobol_designs=sobol_designs, codes=codes.strip().lower())
     train_s, test_s = ActivationStore.open(train), ActivationStore.open(test)
     crops_s = ActivationStore.open(crops) if crops is not None else None
-    loaded = [ConceptDictionary.load(p) for p in dicts]  # each knows its file (d.path), named in errors
+    loaded = [load_dictionary(p) for p in dicts]  # each knows its file (d.path), named in errors
     names = [p.stem for p in dicts] if len({p.stem for p in dicts}) == len(dicts) else None
     reporter = Reporter(quiet)
     with reporter.session():

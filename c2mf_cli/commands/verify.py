@@ -26,7 +26,7 @@ def verify(
 
     Example: c2mf verify train.zarr test.zarr c2mf.safetensors --deep
     """
-    from ..artifacts.verify import verify as verify_path
+    from ..stages.verify import verify as verify_path
 
     reporter = Reporter(quiet)
     reports = []

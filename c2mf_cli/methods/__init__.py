@@ -25,6 +25,7 @@ from .base import (
     gates,
     get_method,
     list_methods,
+    load_dictionary,
     method_of,
     method_options,
     method_table,
@@ -32,9 +33,9 @@ from .base import (
     register_method,
 )
 
-__all__ = ["CODE_RULES", "Method", "MethodOption", "basis", "check_dictionary", "class_free", "concepts_used", "config_from_options", "decode",
-           "encode", "gates", "get_method", "list_methods", "method_of", "method_options", "method_table",
-           "needs_class", "register_method"]
+__all__ = ["CODE_RULES", "Method", "MethodOption", "basis", "check_dictionary", "class_free", "concepts_used",
+           "config_from_options", "decode", "encode", "gates", "get_method", "list_methods", "load_dictionary",
+           "method_of", "method_options", "method_table", "needs_class", "register_method"]
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
     if not _info.name.startswith("_") and _info.name not in ("base", "solvers"):

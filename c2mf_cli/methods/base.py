@@ -424,9 +424,27 @@ def concepts_used(d: ConceptDictionary, y: int, threshold: float = 0.5) -> list[
     return [int(j) for j in torch.nonzero(g > threshold).flatten().tolist()]
 
 
+def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> ConceptDictionary:
+    """Read a dictionary file as every reader must: the file's own checks (`ConceptDictionary.load`: format,
+    version, tensors' sha256, float32, finite), then its method's contract (`check_dictionary`: a known method,
+    the tensors it declares with their shapes, the class list). An edited file is refused here, by name, before
+    any number is computed from it."""
+    d = ConceptDictionary.load(path, device)
+    try:
+        check_dictionary(d)
+    except C2MFError as e:
+        raise C2MFError(f"{path}: {e}") from None
+    return d
+
+
 def check_dictionary(d: ConceptDictionary) -> None:
-    """Refuse a dictionary whose tensors are not the ones its method declares (names and shapes)."""
+    """Refuse a dictionary whose tensors are not the ones its method declares (names and shapes), or whose class
+    list differs from the one its source recorded (the checksum covers the tensors, not the metadata)."""
     m = method_of(d)
+    recorded = (d.meta.get("source") or {}).get("classes")
+    if recorded is not None and list(recorded) != d.classes:
+        raise C2MFError(f"{d.method} dictionary: its class list ({len(d.classes)} classes) differs from the "
+                        f"{len(recorded)} classes of the store it was fitted on: the metadata was edited; refit it")
     W = d.tensors["W"]
     if W.ndim not in (2, 3):
         raise C2MFError(f"{d.method} dictionary: W has shape {tuple(W.shape)}, expected (k, c) or (classes, k, c)")

@@ -222,7 +222,8 @@ def build_atlas(
     save_figure(atlas_overview_figure(rows_overview, names, per_row=min(config.top, 8)), out / "overview.png")
     record = {
         "store": str(getattr(store, "path", "")),
-        "dictionary": {"method": dictionary.method, "concepts": dictionary.n_concepts},
+        "dictionary": {"method": dictionary.method, "concepts": dictionary.n_concepts,
+                       "tensors_sha256": dictionary.meta.get("tensors_sha256")},
         "config": config.to_dict(),
         "grid": list(store.grid),
         "overview": "overview.png",

@@ -10,10 +10,9 @@ from ..errors import C2MFError
 
 def describe_dictionary(path: str | Path) -> dict[str, Any]:
     """What the dictionary is, how it was made, and what each class uses."""
-    from ..artifacts.dictionary import ConceptDictionary
-    from ..methods import concepts_used, gates, method_of
+    from ..methods import concepts_used, gates, load_dictionary, method_of
 
-    d = ConceptDictionary.load(path)
+    d = load_dictionary(path)
     gated = method_of(d).gated
     meta = d.meta
     source = meta.get("source", {})

@@ -24,7 +24,7 @@ from .._io import write_json
 from ..devices import resolve_device
 from ..artifacts.dictionary import ConceptDictionary
 from ..errors import C2MFError, UsageError
-from ..methods import decode, encode, gates, needs_class
+from ..methods import decode, encode, gates, load_dictionary, needs_class
 from ..metrics.importance import RANKING_LABELS, gradcam, integrated_gradients, sobol
 from ..inputs.images import read_image
 from ..inputs.models import LoadedModel, Preprocess, Split, reopen_recorded
@@ -107,8 +107,9 @@ class AtlasCrops:
              ) -> "AtlasCrops":
         """Read atlas.json and cut the first `per_concept` regions of each concept from their images.
 
-        The atlas must be of this dictionary (same method and number of concepts): another's crops would show
-        other concepts under the same ids.
+        The atlas must be of this dictionary (its tensors' sha256 where the atlas records it, else the same method
+        and number of concepts): another's crops would show other concepts under the same ids. Every field is
+        checked before any image is read, so an edited record is one error, not a traceback.
         """
         folder = Path(atlas_dir)
         path = folder / "atlas.json"
@@ -116,26 +117,27 @@ class AtlasCrops:
             raise UsageError(f"--atlas {str(folder)!r} has no atlas.json: give the output folder of `c2mf atlas`")
         try:
             rec = json.loads(path.read_text())
-            d = rec["dictionary"]
-            concepts = list(rec["concepts"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            d = dict(rec["dictionary"])
+            sha = d.get("tensors_sha256")
+            if (d.get("method") != dictionary.method or d.get("concepts") != dictionary.n_concepts
+                    or (sha and sha != dictionary.meta.get("tensors_sha256"))):
+                raise UsageError(
+                    f"the atlas {str(folder)!r} is of another dictionary ({d.get('method')}, {d.get('concepts')} "
+                    f"concepts{', tensors sha256 ' + str(sha)[:12] if sha else ''}), not of this {dictionary.method} "
+                    f"dictionary with {dictionary.n_concepts}: make the atlas with the same dictionary")
+            wanted = _atlas_regions(rec["concepts"], dictionary.n_concepts)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise C2MFError(f"{str(path)!r} is not an atlas record ({type(e).__name__}: {e}): rerun `c2mf atlas`"
                             ) from None
-        if d.get("method") != dictionary.method or d.get("concepts") != dictionary.n_concepts:
-            raise UsageError(f"the atlas {str(folder)!r} is of a {d.get('method')} dictionary with "
-                             f"{d.get('concepts')} concepts, not of this {dictionary.method} dictionary with "
-                             f"{dictionary.n_concepts}: make the atlas with the same dictionary")
         images: dict[str, Image.Image | None] = {}
         names, crops = {}, {}
-        for c in concepts:
-            j = int(c["concept"])
-            if c.get("name"):
-                names[j] = str(c["name"])
+        for j, (name, regions) in wanted.items():
+            if name:
+                names[j] = name
             got = []
-            for r in c.get("regions") or []:
+            for key, box in regions:
                 if len(got) >= per_concept:
                     break
-                key = str(r["image"])
                 if key not in images:
                     try:
                         images[key] = read_image(key)
@@ -143,12 +145,40 @@ class AtlasCrops:
                         images[key] = None  # moved since the atlas was made: that crop is left out
                 im = images[key]
                 if im is not None:
-                    got.append(np.asarray(im.crop(tuple(int(v) for v in r["box"]))))
+                    got.append(np.asarray(im.crop(box)))
             crops[j] = tuple(got)
         return cls(names, crops)
 
     def get(self, concept: int) -> tuple[str | None, tuple[np.ndarray, ...]]:
         return self.names.get(concept), self.crops.get(concept, ())
+
+
+Box = tuple[int, int, int, int]
+
+
+def _atlas_regions(concepts: Any, n_concepts: int) -> dict[int, tuple[str | None, list[tuple[str, Box]]]]:
+    """concept -> (name, [(image path, crop box)]) from an atlas record's "concepts"; raises ValueError, KeyError,
+    TypeError or IndexError on a field that is not what `c2mf atlas` writes."""
+    if not isinstance(concepts, list):
+        raise TypeError(f"'concepts' is a {type(concepts).__name__}, not a list")
+    wanted = {}
+    for c in concepts:
+        j = c["concept"]
+        if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < n_concepts:
+            raise ValueError(f"concept {j!r} is not one of the dictionary's {n_concepts}")
+        regions = c.get("regions") or []
+        if not isinstance(regions, list):
+            raise TypeError(f"the regions of concept {j} are a {type(regions).__name__}, not a list")
+        boxes = []
+        for r in regions:
+            box = tuple(int(v) for v in r["box"])
+            if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"concept {j}: crop box {list(r['box'])} is not (left, top, right, bottom)")
+            if not isinstance(r["image"], str):
+                raise TypeError(f"concept {j}: image {r['image']!r} is not a path")
+            boxes.append((r["image"], box))
+        wanted[j] = (str(c["name"]) if c.get("name") else None, boxes)
+    return wanted
 
 
 @dataclass
@@ -189,7 +219,7 @@ class Explainer:
         """
         config = config or ExplainConfig()
         dev = resolve_device(device)
-        d = dictionary if isinstance(dictionary, ConceptDictionary) else ConceptDictionary.load(dictionary)
+        d = dictionary if isinstance(dictionary, ConceptDictionary) else load_dictionary(dictionary)
         d = d.to(dev)
         prov = d.provenance
         layer = prov.layer

@@ -1,8 +1,8 @@
 """`verify`: check activation stores and dictionaries the way `git fsck` checks a repository.
 
 The fast mode reads metadata and file sizes only (a store's manifest and seal, every chunk present with its
-recorded size; a dictionary's own load checks); `deep` also decodes every chunk (so its crc32c checksum is tested)
-and scans every value for NaN and infinities. Problems are collected, not raised: one report lists them all.
+recorded size; a dictionary's own load checks and its method's contract); `deep` also decodes every chunk (so its
+crc32c checksum is tested) and scans every value for NaN and infinities. Problems are collected, not raised: one report lists them all.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import C2MFError
 from ..progress import ProgressFn, no_progress
-from .store import ARRAYS, ActivationStore, check_store, chunk_key, group_name, planned_unit_names
+from ..artifacts.store import ARRAYS, ActivationStore, check_store, chunk_key, group_name, planned_unit_names
 
 
 @dataclass
@@ -91,14 +91,14 @@ def _verify_store(p: Path, deep: bool, progress: ProgressFn) -> VerifyReport:
 
 
 def _verify_dictionary(p: Path, deep: bool) -> VerifyReport:
-    from .dictionary import verify
+    from ..methods import load_dictionary
 
     report = VerifyReport(str(p), "dictionary", deep)
     try:
-        # The dictionary's own checks: format, version, its tensors' sha256, float32 and finite values.
-        found = verify(p)
+        # what every reader checks: format, version, tensors' sha256, float32, finite, the method's contract
+        d = load_dictionary(p)
     except C2MFError as e:
         report.problems.append(str(e))
         return report
-    report.checked["tensors"] = len(found["tensors"])
+    report.checked["tensors"] = len(d.tensors)
     return report
