@@ -43,11 +43,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, mode)
-        _fsync(tmp, os.O_RDONLY)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -95,20 +95,21 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot write a {type(obj).__name__} as JSON: {obj!r}")
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file written by another library (zarr's chunks) before something publishes it."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Flush a folder's entries, so that a rename in it is on disk. Not possible on Windows."""
     if os.name != "posix":
         return
     try:
-        _fsync(folder, os.O_RDONLY)
+        fsync_file(folder)
     except OSError as e:
         # some network file systems do not support fsync on a folder; the rename itself is still atomic there
         if e.errno not in (errno.EINVAL, errno.ENOTSUP):

@@ -46,6 +46,23 @@ def test_dictionary_report_and_figure_are_0644_under_umask_022(tmp_path, umask_0
     assert _mode(build_report(tmp_path / "run", atlas_dir=tmp_path)) == 0o644
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_the_sae_checkpoint_honours_the_umask(tmp_path, umask_022, umask, mode):
+    """The SAE's checkpoint goes through _io like every other file (tempfile.mkstemp alone made it 0600)."""
+    from c2mf_cli.artifacts.sources import ArraySource
+    from c2mf_cli.stages.factorize import factorize
+
+    rng = np.random.default_rng(0)
+    source = ArraySource([np.abs(rng.normal(size=(40, 6))).astype(np.float32) for _ in range(2)], ["a", "b"], "full",
+                         {})
+    os.umask(umask)
+    ckpt = tmp_path / "sae.ckpt"
+    factorize(source, "sae", device="cpu", checkpoint_path=ckpt, concepts=8, top_k=2, iterations=2, batch_size=20,
+              seed=0, checkpoint_every=1)
+    assert _mode(ckpt) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae.ckpt"]  # no temporary file left
+
+
 @pytest.mark.parametrize("fail_at", ["writer", "fsync", "replace"])
 def test_failure_mid_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, fail_at):
     path = tmp_path / "out.json"

@@ -44,6 +44,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
+from .._io import fsync_dir, fsync_file, write_text
 from ..errors import C2MFError
 from ..inputs.models.spec import ModelSpec, Preprocess, row_layout
 from ..progress import ProgressFn, no_progress
@@ -65,37 +66,6 @@ CODECS = ("bytes", "zstd", "crc32c")  # what the writer uses; any other codec (p
 def fingerprint(config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that determines a store's content."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename publishes it
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some network file systems cannot fsync a folder; the rename is still atomic there
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def seal(attrs: dict[str, Any]) -> str:
@@ -227,12 +197,17 @@ def create_layout(
             }
         )
         (tmp / PROGRESS_DIR).mkdir()
+        # the layout's metadata is on disk before the rename publishes it (zarr writes without fsync)
+        for f in sorted(tmp.rglob("zarr.json"), key=lambda f: -len(f.parts)):
+            fsync_file(f)
+            fsync_dir(f.parent)
         try:
             os.rename(tmp, path)
         except OSError:
             if path.exists():
                 return False
             raise
+        fsync_dir(path.parent)
         return True
     finally:
         if tmp.exists():
@@ -298,7 +273,7 @@ class StoreWriter:
         """Record that shard index/count has computed all its units (so the last one can tell it is last)."""
         d = self.path / PROGRESS_DIR / SHARDS_DIR
         d.mkdir(exist_ok=True)
-        atomic_write_text(d / f"{index}-of-{count}.json", json.dumps({"shard": [index, count], "time": time.time()}))
+        write_text(d / f"{index}-of-{count}.json", json.dumps({"shard": [index, count], "time": time.time()}))
 
     def shards_done(self, count: int) -> set[int]:
         d = self.path / PROGRESS_DIR / SHARDS_DIR
@@ -322,10 +297,10 @@ class StoreWriter:
             arr[r0:r1] = values
             # the chunk is on disk before the marker that publishes it (zarr renames but does not fsync)
             chunk = self.path / group_name(unit.y) / name / chunk_key(unit.chunk, arr.ndim)
-            _fsync_file(chunk)
-            _fsync_dir(chunk.parent)
+            fsync_file(chunk)
+            fsync_dir(chunk.parent)
         marker = {"unit": unit.name, "rows": [r0, r1], "failures": failures, "time": time.time()}
-        atomic_write_text(self.path / PROGRESS_DIR / f"{unit.name}.json", json.dumps(marker))
+        write_text(self.path / PROGRESS_DIR / f"{unit.name}.json", json.dumps(marker))
 
     def clean_debris(self, units: set[str] | None = None) -> int:
         """Remove what a killed writer left: zarr's `.partial` chunk files and `.tmp` marker files of `units`
@@ -373,7 +348,7 @@ class StoreWriter:
         meta_path = self.path / "zarr.json"
         meta = json.loads(meta_path.read_text())
         meta["attributes"] = final
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        write_text(meta_path, json.dumps(meta, indent=2))
         return update
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from .._io import atomic_path
 from ..artifacts.dictionary import ConceptDictionary
 from ..artifacts.sources import RowSource
 from ..distributed import world_size
@@ -166,16 +165,9 @@ def _fingerprint(source: RowSource) -> dict[str, Any]:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"c2mf": json.dumps(state)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load_checkpoint(path: Path, config: dict[str, Any], fingerprint: dict[str, Any]
