@@ -4,7 +4,7 @@ A file is written under a temporary name in its own folder, flushed to disk (fsy
 (os.replace: atomic on POSIX) and the folder is flushed too, so that the rename survives a power loss. A reader sees
 the old file or the new one, never half of one; a failure while writing leaves the old file and no temporary file.
 New files get the mode the umask allows (0644 under umask 022), like any other tool's output on a shared cluster
-(tempfile.mkstemp alone would make them 0600).
+(tempfile.mkstemp alone would make them 0600). `DISK_ERRORS` are the errno values of a disk that refuses a write.
 
 JSON is strict: NaN and infinities become null (strict JSON has no NaN, and browsers' JSON.parse refuses it),
 numpy scalars become numbers, tuples lists, paths strings; anything else is refused rather than written as a repr.
@@ -13,6 +13,7 @@ numpy scalars become numbers, tuples lists, paths strings; anything else is refu
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import math
 import os
@@ -25,6 +26,10 @@ from typing import Any, Iterator
 import numpy as np
 
 
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EPERM})
+TMP_SUFFIX = ".tmp"  # a temporary file of `path` is `.NAME.<random>.tmp` in the same folder
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary path next to `path`; when the block ends without error, publish it as `path`.
@@ -34,7 +39,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
     # os.open with 0o666 lets the kernel apply the umask, as open() does for any other file; the mode it got is
     # set again after the writer, as some writers (safetensors) replace the file with one of mode 0600
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -50,12 +55,34 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def remove_temporaries(path: str | os.PathLike[str]) -> int:
+    """Remove the temporary files that writers of `path` killed mid-write (kill -9, power loss) left beside it;
+    returns how many. Call it only when no other process is writing `path`."""
+    path = Path(path)
+    removed = 0
+    for f in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        f.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` atomically; returns the path."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
     return Path(path)
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
+    """Write torch tensors as one .safetensors file atomically; returns the path.
+
+    The file is serialized in memory and written by Python (dictionaries and checkpoints are small), so a full disk
+    is an OSError (ENOSPC) like any other write, not safetensors' own error type.
+    """
+    from safetensors.torch import save
+
+    return write_bytes(path, save(tensors, metadata=metadata))
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

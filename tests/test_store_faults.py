@@ -524,6 +524,39 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(point, image_folder: Path
     assert _chunks(out) == _chunks(tiny_store)
 
 
+# (kill point in the last shard's run, shard that reruns): the shard's record, the manifest, the final attributes
+SHARD_KILLS = [("replace:-of-2.json", 1, "1/2"), ("replace:-of-2.json", 1, "0/2"),
+               ("call:c2mf_cli.artifacts.store:build_manifest", 1, "0/2"), ("replace:/zarr.json", 1, "1/2"),
+               ("replace:/zarr.json", 1, "0/2")]
+
+
+@pytest.mark.parametrize("point, n, rerun", SHARD_KILLS,
+                         ids=[f"{k[0].split(':')[-1].strip('/')}-rerun-{k[2][0]}" for k in SHARD_KILLS])
+def test_kill_9_while_the_last_shard_finalizes(point, n, rerun, image_folder: Path, tiny_store: Path,
+                                               tmp_path: Path):
+    """Shard 0/2 has finished; shard 1/2, the last, is killed while it records itself done or finalizes. Rerunning
+    either shard finishes the store, equal to one uninterrupted process, with no temporary file left."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.zarr"
+    args = _extract_args(image_folder, out)
+    r = runner.invoke(app, args + ["--shard", "0/2"])
+    assert r.exit_code == 0, r.output
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "tests.kill9", point, str(n), "--", *args, "--shard", "1/2"], env=env,
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr
+    assert not ActivationStore.open(out, require_complete=False, check=False).info.get("complete")
+    r = runner.invoke(app, args + ["--shard", rerun])
+    assert r.exit_code == 0, r.output
+    assert not [f for f in out.rglob("*") if f.name.endswith((".partial", ".tmp"))]
+    assert ActivationStore.open(out).info["manifest"] == ActivationStore.open(tiny_store).info["manifest"]
+    assert _chunks(out) == _chunks(tiny_store)
+
+
 @pytest.fixture(scope="module")
 def pca_dict(tiny_store: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dict") / "pca.safetensors"
@@ -563,3 +596,67 @@ def test_evaluate_and_atlas_accept_the_sound_store(tiny_store: Path, tiny_test_s
     r = runner.invoke(app, ["atlas", "-s", str(tiny_store), "--dict", str(pca_dict), "-o", str(tmp_path / "atlas"),
                             "-q"])
     assert r.exit_code == 0, r.output
+
+
+# ---- a real full disk: a tiny tmpfs (needs root and a kernel that lets this container mount one)
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """Mount a tmpfs of the size asked at a fresh folder; skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode}): the patched-writer tests "
+                        "cover ENOSPC instead")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def _debris(folder: Path) -> list[Path]:
+    return [f for f in folder.rglob("*") if f.name.endswith((".partial", ".tmp", ".creating"))]
+
+
+def test_extract_onto_a_full_disk_then_onto_a_larger_one(tiny_disk, image_folder: Path, tiny_store: Path):
+    import subprocess
+
+    disk = tiny_disk("200k")  # the store takes about 340 kB: the disk fills part-way through
+    out = disk / "s.zarr"
+    r = runner.invoke(app, _extract_args(image_folder, out))
+    assert r.exit_code == 1, r.output
+    line = _error_line(r.output)
+    assert f"cannot write the store {str(out)!r}: No space left on device" in line and "free space" in line
+    assert not _debris(disk)
+    if out.exists():  # the finished units are kept for the rerun, never taken as a complete store
+        assert "the finished chunks are kept: rerun the same command to resume" in line
+        assert not ActivationStore.open(out, require_complete=False, check=False).info.get("complete")
+    subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)
+    r = runner.invoke(app, _extract_args(image_folder, out))
+    assert r.exit_code == 0, r.output
+    assert not _debris(disk)
+    assert _chunks(out) == _chunks(tiny_store)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["dictionary", "checkpoint"])
+def test_factorize_onto_a_full_disk(tiny_disk, tiny_store: Path, checkpoint: bool):
+    disk = tiny_disk("8k")
+    (disk / "filler").write_bytes(b"\0" * 6000)  # what is left holds no dictionary (about 3.4 kB) nor checkpoint
+    out = disk / "d.safetensors"
+    args = ["factorize", "-s", str(tiny_store), "--method", "c2mf", "--concepts", "3", "--device", "cpu", "--out",
+            str(out), "-q"]
+    r = runner.invoke(app, args + (["--checkpoint-every", "2"] if checkpoint else []))
+    assert r.exit_code == 1, r.output
+    line = _error_line(r.output)
+    what = f"the checkpoint {str(out) + '.ckpt'!r}" if checkpoint else f"--out {str(out)!r}"
+    assert f"cannot write {what} (" in line and "No space left on device" in line and "free space" in line, line
+    assert sorted(f.name for f in disk.iterdir()) == ["filler"]

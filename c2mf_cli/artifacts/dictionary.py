@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
-from .._io import atomic_path, dumps
+from .._io import dumps, write_safetensors
 from .. import __version__
 from ..errors import C2MFError
 from .provenance import Provenance
@@ -131,8 +131,7 @@ class ConceptDictionary:
         self.meta["encoding-type"], self.meta["encoding-version"] = ENCODING_TYPE, ENCODING_VERSION
         self.meta["tensors_sha256"] = tensors_sha256(tensors)
         header = {_META_KEY: dumps(self.meta)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
+        write_safetensors(path, tensors, header)
         self.path = path
         return path
 

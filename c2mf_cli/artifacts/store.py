@@ -44,7 +44,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .. import __version__
-from .._io import fsync_dir, fsync_file, write_text
+from .._io import fsync_dir, fsync_file, remove_temporaries, write_text
 from ..errors import C2MFError
 from ..inputs.models.spec import ModelSpec, Preprocess, row_layout
 from ..progress import ProgressFn, no_progress
@@ -273,7 +273,8 @@ class StoreWriter:
         """Record that shard index/count has computed all its units (so the last one can tell it is last)."""
         d = self.path / PROGRESS_DIR / SHARDS_DIR
         d.mkdir(exist_ok=True)
-        write_text(d / f"{index}-of-{count}.json", json.dumps({"shard": [index, count], "time": time.time()}))
+        record = write_text(d / f"{index}-of-{count}.json", json.dumps({"shard": [index, count], "time": time.time()}))
+        remove_temporaries(record)  # what a run of this shard killed while writing its record left
 
     def shards_done(self, count: int) -> set[int]:
         d = self.path / PROGRESS_DIR / SHARDS_DIR
@@ -304,7 +305,7 @@ class StoreWriter:
 
     def clean_debris(self, units: set[str] | None = None) -> int:
         """Remove what a killed writer left: zarr's `.partial` chunk files and `.tmp` marker files of `units`
-        (None: every unit, for finalize), and the `.tmp` of the root attributes. Returns how many were removed.
+        (None: every unit and shard record, for finalize), and the `.tmp` of the root attributes. Returns how many were removed.
 
         Only the units a writer owns are cleaned, so a shard never deletes the file another shard is writing.
         """
@@ -318,6 +319,10 @@ class StoreWriter:
                 removed += 1
         for f in (self.path / PROGRESS_DIR).glob(".*.tmp"):
             if units is None or f.name[1:].split(".json.")[0] in units:
+                f.unlink(missing_ok=True)
+                removed += 1
+        if units is None:  # finalize: every shard has finished, so a shard record's temporary is debris too
+            for f in (self.path / PROGRESS_DIR / SHARDS_DIR).glob(".*.tmp"):
                 f.unlink(missing_ok=True)
                 removed += 1
         for f in self.path.glob(".zarr.json.*.tmp"):

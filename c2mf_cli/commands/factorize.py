@@ -22,6 +22,7 @@ import typer.main
 from typer.core import TyperCommand
 
 from ._console import Reporter, check_output_file, err, out, print_json
+from .._io import DISK_ERRORS, remove_temporaries
 from ..errors import C2MFError, UsageError
 from .options import (REQUIRED, SPECS, check_input, complete_method, deprecated, deprecated_argument,
                       method_names, option, resolve)
@@ -179,6 +180,8 @@ def factorize(
     use_ckpt = options.get("checkpoint_every") is not None or resume
     if use_ckpt and not hasattr(config, "checkpoint_every"):
         raise UsageError(f"--method {name} fits in one pass: it has nothing to checkpoint or resume")
+    from safetensors import SafetensorError
+
     from .. import distributed
     from ..stages.describe import describe_dictionary
     from ..stages.factorize import factorize as run_factorize, open_store_source
@@ -189,8 +192,16 @@ def factorize(
         writer = distributed.is_writer()
         reporter = Reporter(quiet=quiet or json_out or not writer)
         with reporter.session():
-            d = run_factorize(source, name, config, device=rank_device or device, progress=reporter.task,
-                              checkpoint_path=ckpt if use_ckpt else None, resume=resume)
+            try:
+                d = run_factorize(source, name, config, device=rank_device or device, progress=reporter.task,
+                                  checkpoint_path=ckpt if use_ckpt else None, resume=resume)
+            except (OSError, SafetensorError) as e:
+                # during the fit only the checkpoint is written (the engine's writer raises safetensors' own error)
+                if not use_ckpt or (isinstance(e, OSError) and e.errno not in DISK_ERRORS):
+                    raise
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                raise C2MFError(f"cannot write the checkpoint {str(ckpt)!r} ({why}): free space or choose another "
+                                "--out; the last checkpoint written, if any, is kept (rerun with --resume)") from None
     finally:
         distributed.stop()
     if not writer:
@@ -198,9 +209,13 @@ def factorize(
     try:
         d.save(out_path)
     except OSError as e:
-        raise C2MFError(f"cannot write --out {str(out_path)!r} ({e.strerror or e}): choose another path") from None
+        keep = f"; the checkpoint {str(ckpt)!r} is kept (rerun with --resume)" if use_ckpt and ckpt.exists() else ""
+        raise C2MFError(f"cannot write --out {str(out_path)!r} ({e.strerror or e}): free space or choose another "
+                        f"path{keep}") from None
     if use_ckpt and ckpt.exists():
         ckpt.unlink()
+    for published in (out_path, ckpt):  # what earlier runs killed mid-write left (this run's writes are done)
+        remove_temporaries(published)
     summary = describe_dictionary(out_path)
     if json_out:
         print_json(summary)

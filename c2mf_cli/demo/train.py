@@ -22,9 +22,9 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .._io import atomic_path, write_text
+from .._io import write_safetensors, write_text
 from ..errors import C2MFError
 from ..inputs.images import read_image
 from .synthetic import World
@@ -208,8 +208,7 @@ def save_model(model: torch.nn.Module, config: ModelConfig, out_dir: str | os.Pa
     factory = out / "model.py"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"c2mf-demo-model": json.dumps(config.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    with atomic_path(ckpt) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    write_safetensors(ckpt, state, meta)
     cfg = config.to_dict()
     cfg["channels"] = tuple(cfg["channels"])
     text = _FACTORY_TEMPLATE.format(file=factory.name, ckpt=ckpt.name, config=cfg)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
-from .._io import atomic_path
+from .._io import write_safetensors
 from ..artifacts.dictionary import ConceptDictionary
 from ..artifacts.sources import RowSource
 from ..distributed import world_size
@@ -165,9 +165,8 @@ def _fingerprint(source: RowSource) -> dict[str, Any]:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"c2mf": json.dumps(state)})
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      {"c2mf": json.dumps(state)})
 
 
 def _load_checkpoint(path: Path, config: dict[str, Any], fingerprint: dict[str, Any]

@@ -7,7 +7,6 @@ from) and the model's logits on the crop.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from .._io import DISK_ERRORS
 from ..inputs.class_check import IDENTITY, check_class_count, check_label_agreement
 from ..inputs.data import (CropSpec, DatasetSpec, Item, check_crop_geometry, class_labels, make_crops,
                            resolve_dataset)
@@ -422,7 +422,7 @@ def extract(
         # command starts afresh (its fingerprint may differ) and no half-made store is left behind.
         if created and shard.count == 1 and not any((out / PROGRESS_DIR).glob("*.json")):
             shutil.rmtree(out, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
             kept = "" if not out.exists() else "; the finished chunks are kept: rerun the same command to resume"
             raise C2MFError(f"cannot write the store {str(out)!r}: {os.strerror(e.errno)}"
                             f"{f' ({e.filename})' if e.filename else ''}: free space or choose another --out{kept}"
@@ -437,9 +437,6 @@ def extract(
         compute_seconds=compute_seconds, images_per_second=n_images / seconds if seconds > 0 else 0.0,
         failures=failures, summary=store.summary() if complete else {},
     )
-
-
-_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG, errno.EPERM}
 
 
 def _check_file_names(items: list[Item]) -> None:
