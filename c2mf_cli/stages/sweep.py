@@ -29,7 +29,7 @@ from .._io import write_json
 from ..artifacts.dictionary import ConceptDictionary
 from ..artifacts.provenance import Provenance
 from ..errors import C2MFError, UsageError
-from ..methods import get_method, list_methods
+from ..methods import get_method, list_methods, load_dictionary
 from ..progress import ProgressFn, no_progress
 from .evaluate import EvaluateConfig, evaluate
 from .factorize import factorize
@@ -90,7 +90,7 @@ def _reuse_fit(path: Path, method: str, options: dict[str, Any], source: Any) ->
     error."""
     if not path.exists():
         return None
-    d = ConceptDictionary.load(path)  # checks its checksum and tensors: a damaged file is refused by name
+    d = load_dictionary(path)  # checksum, tensors and the method's contract: a damaged file is refused by name
     recorded = d.meta.get("config") or {}
     prov, theirs = d.provenance, Provenance.read(source.info)
     same = (d.method == method and d.n_concepts == options["concepts"] and prov.fingerprint == theirs.fingerprint
