@@ -81,7 +81,8 @@ def test_evaluate_cli_on_cifar(cifar, tmp_path):
 def test_evaluate_cli_errors(cifar, tmp_path):
     from c2mf_cli.artifacts.dictionary import ConceptDictionary
 
-    ConceptDictionary({"W": torch.rand(3, 7)}, {"method": "pca", "codes": "projection"}).save(tmp_path / "bad.safetensors")
+    ConceptDictionary({"W": torch.rand(3, 7), "mean": torch.zeros(7)}, {"method": "pca", "codes": "projection"}).save(
+        tmp_path / "bad.safetensors")
     base = ["evaluate", "--train", str(cifar / "train"), "--test", str(cifar / "test"), "--out", str(tmp_path / "o"),
             "--device", "cpu", "-q"]
     r = CliRunner().invoke(app, [*base, "--dict", str(tmp_path / "bad.safetensors")])
