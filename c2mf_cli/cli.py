@@ -7,6 +7,8 @@ option errors answer without loading it.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Optional
 
 import typer
@@ -18,8 +20,13 @@ from .commands._console import err
 from .errors import C2MFError
 
 
+# a disk that refuses every write, whatever the command was writing (commands name the file where they can)
+_FULL_DISK = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 class _Group(TyperGroup):
-    """Turns a `C2MFError` raised anywhere in a command into one `Error:` line and its exit code."""
+    """Turns a `C2MFError` raised anywhere in a command, or a full or read-only disk, into one `Error:` line and
+    its exit code."""
 
     def invoke(self, ctx):  # type: ignore[override]
         try:
@@ -27,6 +34,13 @@ class _Group(TyperGroup):
         except C2MFError as e:
             err.print(f"Error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if e.errno not in _FULL_DISK:
+                raise
+            where = f" {e.filename}" if e.filename else " the output"
+            err.print(f"Error: cannot write{where}: {os.strerror(e.errno)}: free space or choose another output "
+                      "folder, then rerun", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     def get_command(self, ctx, cmd_name):  # type: ignore[override]
         command = super().get_command(ctx, cmd_name)

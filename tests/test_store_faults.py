@@ -660,3 +660,19 @@ def test_factorize_onto_a_full_disk(tiny_disk, tiny_store: Path, checkpoint: boo
     what = f"the checkpoint {str(out) + '.ckpt'!r}" if checkpoint else f"--out {str(out)!r}"
     assert f"cannot write {what} (" in line and "No space left on device" in line and "free space" in line, line
     assert sorted(f.name for f in disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("command", ["atlas", "explain"])
+def test_atlas_and_explain_onto_a_full_disk(tiny_disk, tiny_store: Path, pca_dict: Path, image_folder: Path,
+                                            command: str):
+    """One line, not a traceback; no temporary file; an atlas folder without its record (atlas.json, written
+    last) is never taken for an atlas by explain --atlas."""
+    disk = tiny_disk("16k")
+    out = disk / "out"
+    args = {"atlas": ["atlas", "-s", str(tiny_store), "--dict", str(pca_dict), "-o", str(out), "-q"],
+            "explain": ["explain", str(image_folder / "class_0" / "000.png"), "--dict", str(pca_dict), "-o",
+                        str(out), "--device", "cpu", "-q"]}[command]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert "No space left on device: free space or choose another output folder" in _error_line(r.output)
+    assert not _debris(disk) and not (out / "atlas.json").exists() and not (out / "explain.json").exists()
