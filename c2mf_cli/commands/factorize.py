@@ -180,8 +180,6 @@ def factorize(
     use_ckpt = options.get("checkpoint_every") is not None or resume
     if use_ckpt and not hasattr(config, "checkpoint_every"):
         raise UsageError(f"--method {name} fits in one pass: it has nothing to checkpoint or resume")
-    from safetensors import SafetensorError
-
     from .. import distributed
     from ..stages.describe import describe_dictionary
     from ..stages.factorize import factorize as run_factorize, open_store_source
@@ -195,13 +193,13 @@ def factorize(
             try:
                 d = run_factorize(source, name, config, device=rank_device or device, progress=reporter.task,
                                   checkpoint_path=ckpt if use_ckpt else None, resume=resume)
-            except (OSError, SafetensorError) as e:
-                # during the fit only the checkpoint is written (the engine's writer raises safetensors' own error)
-                if not use_ckpt or (isinstance(e, OSError) and e.errno not in DISK_ERRORS):
+            except OSError as e:
+                # during the fit only the checkpoint is written (through _io, so a full disk is an OSError)
+                if not use_ckpt or e.errno not in DISK_ERRORS:
                     raise
-                why = e.strerror if isinstance(e, OSError) else str(e)
-                raise C2MFError(f"cannot write the checkpoint {str(ckpt)!r} ({why}): free space or choose another "
-                                "--out; the last checkpoint written, if any, is kept (rerun with --resume)") from None
+                raise C2MFError(f"cannot write the checkpoint {str(ckpt)!r} ({e.strerror}): free space or choose "
+                                "another --out; the last checkpoint written, if any, is kept (rerun with "
+                                "--resume)") from None
     finally:
         distributed.stop()
     if not writer:

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
-from .._io import atomic_path, dumps
+from .._io import dumps, write_safetensors
 from ..distributed import all_reduce_min, all_reduce_sum, broadcast, is_writer, share
 from ..errors import C2MFError
 from ..progress import ProgressFn
@@ -306,8 +306,7 @@ def _save_checkpoint(path: Path, results: list[GroupResult], wave_start: int, pa
                        "subsample": res.subsample})
     meta = {"encoding-type": CHECKPOINT_TYPE, "config": st.config, "source": fingerprint,
             "groups": groups, "wave_start": wave_start, "passes": passes, "alpha": st.alpha}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"c2mf": dumps(meta)})
+    write_safetensors(path, tensors, metadata={"c2mf": dumps(meta)})
 
 
 def _load_checkpoint(path: Path, st: EngineSettings, fingerprint: dict[str, Any],
