@@ -369,6 +369,17 @@ def test_atlas_crops_beside_the_heatmaps(world, tmp_path):
     build_atlas(world["store"], d, tmp_path / "atlas", AtlasConfig(top=4))
     crops = AtlasCrops.load(tmp_path / "atlas", d, per_concept=3)
     assert all(len(crops.get(j)[1]) == 3 for j in range(d.n_concepts))
+    # the crops come from the atlas folder only: a record naming a file outside it (a private image) is not read
+    rec = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    secret = tmp_path / "private.png"
+    Image.new("RGB", (40, 40), (255, 0, 255)).save(secret)
+    for c in rec["concepts"]:
+        for r in c["regions"]:
+            r["image"], r["box"], r["crop"] = str(secret), [0, 0, 40, 40], "../private.png"
+    (tmp_path / "atlas" / "atlas.json").write_text(json.dumps(rec))
+    refused = AtlasCrops.load(tmp_path / "atlas", d, per_concept=3)
+    assert all(refused.get(j)[1] == () for j in range(d.n_concepts))
+    build_atlas(world["store"], d, tmp_path / "atlas", AtlasConfig(top=4))
     ex = Explainer.create(d, ExplainConfig(top=3), model=world["model"], device="cpu")
     img = [world["paths"][1][0]]
     explain_images(img, ex, tmp_path / "plain")

@@ -25,8 +25,11 @@ from ..render.figures import (
     atlas_concept_figure,
     atlas_overview_figure,
     save_figure,
+    save_png,
 )
 from ..render.geometry import geometry_for
+
+CROPS_DIR = "crops"  # each region's crop, inside the atlas folder (what explain --atlas shows)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ def build_atlas(
         raise UsageError(f"the output folder {str(out)!r} is a file: give a folder path")
     regions = find_regions(store, dictionary, config, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
+    (out / CROPS_DIR).mkdir(exist_ok=True)
     preprocess = store.preprocess
     paths_cache: dict[int, list[str]] = {}
     images: dict[str, Any] = {}
@@ -209,11 +213,15 @@ def build_atlas(
             im = images[key]
             geo = geometry_for(preprocess, (im.height, im.width))
             box = geo.cell_box(r.cell, store.grid, window=config.window)
-            crops.append(np.asarray(im.crop(box)))
+            crop = im.crop(box)
+            crops.append(np.asarray(crop))
             values.append(r.value)
             captions.append(f"{store.classes[r.class_index]}\n{path.name}")
+            # the crop itself, inside the atlas folder: explain --atlas reads these, never a path the record names
+            crop_name = f"{CROPS_DIR}/c{j:03d}_{len(entries):02d}.png"
+            save_png(crop, out / crop_name)
             entries.append({"value": r.value, "class": store.classes[r.class_index], "image": str(path),
-                            "cell": list(r.cell), "box": list(box)})
+                            "cell": list(r.cell), "box": list(box), "crop": crop_name})
         png = f"concept_{j:03d}.png"
         name = (names or {}).get(j)
         save_figure(atlas_concept_figure(j, crops, values, captions, name=name), out / png)

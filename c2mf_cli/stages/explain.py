@@ -105,7 +105,8 @@ class AtlasCrops:
     @classmethod
     def load(cls, atlas_dir: str | os.PathLike[str], dictionary: ConceptDictionary, per_concept: int = 4
              ) -> "AtlasCrops":
-        """Read atlas.json and cut the first `per_concept` regions of each concept from their images.
+        """Read atlas.json and the first `per_concept` crops of each concept, which the atlas saved in its folder
+        (never an image path the record names: an atlas may come from someone else).
 
         The atlas must be of this dictionary (its tensors' sha256 where the atlas records it, else the same method
         and number of concepts): another's crops would show other concepts under the same ids. Every field is
@@ -129,24 +130,29 @@ class AtlasCrops:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise C2MFError(f"{str(path)!r} is not an atlas record ({type(e).__name__}: {e}): rerun `c2mf atlas`"
                             ) from None
-        images: dict[str, Image.Image | None] = {}
         names, crops = {}, {}
+        root = folder.resolve()
         for j, (name, regions) in wanted.items():
             if name:
                 names[j] = name
             got = []
-            for key, box in regions:
-                if len(got) >= per_concept:
-                    break
-                if key not in images:
-                    try:
-                        images[key] = read_image(key)
-                    except C2MFError:
-                        images[key] = None  # moved since the atlas was made: that crop is left out
-                im = images[key]
-                if im is not None:
-                    got.append(np.asarray(im.crop(box)))
+            for crop_name in regions[:per_concept]:
+                # only the crops inside the atlas folder: a record from someone else cannot make explain read
+                # (and draw into a figure) a file elsewhere, as the report refuses to embed one
+                if crop_name is None:
+                    continue
+                crop = (folder / crop_name).resolve()
+                if not crop.is_relative_to(root) or not crop.is_file():
+                    continue
+                try:
+                    got.append(np.asarray(read_image(crop)))
+                except C2MFError:
+                    continue  # a damaged crop is left out, as a moved one
             crops[j] = tuple(got)
+        if any(regions for _, regions in wanted.values()) and all(
+                crop is None for _, regions in wanted.values() for crop in regions):
+            raise UsageError(f"the atlas {str(folder)!r} was made before c2mf kept each crop in the atlas folder: "
+                             "rerun `c2mf atlas` to use it with explain")
         return cls(names, crops)
 
     def get(self, concept: int) -> tuple[str | None, tuple[np.ndarray, ...]]:
@@ -156,9 +162,10 @@ class AtlasCrops:
 Box = tuple[int, int, int, int]
 
 
-def _atlas_regions(concepts: Any, n_concepts: int) -> dict[int, tuple[str | None, list[tuple[str, Box]]]]:
-    """concept -> (name, [(image path, crop box)]) from an atlas record's "concepts"; raises ValueError, KeyError,
-    TypeError or IndexError on a field that is not what `c2mf atlas` writes."""
+def _atlas_regions(concepts: Any, n_concepts: int) -> dict[int, tuple[str | None, list[str | None]]]:
+    """concept -> (name, [crop file in the atlas folder, or None where the record has none]) from an atlas record's
+    "concepts"; raises ValueError, KeyError, TypeError or IndexError on a field that is not what `c2mf atlas`
+    writes."""
     if not isinstance(concepts, list):
         raise TypeError(f"'concepts' is a {type(concepts).__name__}, not a list")
     wanted = {}
@@ -176,7 +183,10 @@ def _atlas_regions(concepts: Any, n_concepts: int) -> dict[int, tuple[str | None
                 raise ValueError(f"concept {j}: crop box {list(r['box'])} is not (left, top, right, bottom)")
             if not isinstance(r["image"], str):
                 raise TypeError(f"concept {j}: image {r['image']!r} is not a path")
-            boxes.append((r["image"], box))
+            crop = r.get("crop")
+            if crop is not None and not isinstance(crop, str):
+                raise TypeError(f"concept {j}: crop {crop!r} is not a file name")
+            boxes.append(crop)
         wanted[j] = (str(c["name"]) if c.get("name") else None, boxes)
     return wanted
 
