@@ -154,8 +154,8 @@ def table(results: dict[str, Any], k: int) -> str:
         row = None
         for t in titles:
             m = next((m for m in results[t]["methods"] if m["name"] == n), None)
-            if row is None:
-                row = [n, f"{m['directions']}" if m else "–"]
+            if row is None:  # shared: k directions; per class: k for each class (k x classes in all)
+                row = [n, ("–" if not m else f"{m['k']}" if m.get("capacity") == "shared" else f"{m['k']} per class")]
             by = (m or {}).get("by_encoding", {})
             row += cells((by.get("predicted") or {}).get("reconstruction"), (by.get("true") or {}).get("reconstruction"))
         lines.append("| " + " | ".join(row or []) + " |")
