@@ -115,6 +115,10 @@ def _fit_all(rank: int, world: int, port: int, stores: dict[str, str], out: str,
             d = factorize(source, method, device="cpu", **_options(method))
             d.meta["test_rows_streamed"] = source.counter[0]
             d.save(Path(out) / f"{method}-w{world}-r{rank}.safetensors")
+        # the SAE trains by gradient steps on global batches (every rank's batch), gradients all-reduced
+        d = factorize(ActivationStore.open(stores["full"]).row_source(), "sae", device="cpu", concepts=16,
+                      iterations=3, batch_size=40, lr=1e-2, resample_after=2)
+        d.save(Path(out) / f"sae-w{world}-r{rank}.safetensors")
         # resume, with this world size, a checkpoint another world size wrote
         ckpt = Path(out) / f"resume-w{world}.ckpt"
         if distributed.is_writer():
@@ -172,6 +176,12 @@ def test_every_method_same_dictionary_on_1_2_3_processes(tmp_path, tiny_store, t
             assert sum(counts) == streamed[method] and max(counts) < streamed[method], (method, counts)
             fitted = held[0].meta["distributed"]
             assert fitted["world_size"] == world and fitted["backend"] == "gloo" and len(fitted["devices"]) == world
+        # the SAE: every rank holds rank 0's dictionary, and it learned on the global batches
+        sae = [ConceptDictionary.load(tmp_path / f"sae-w{world}-r{r}.safetensors") for r in range(world)]
+        for r in range(1, world):
+            assert all(torch.equal(sae[r].tensors[n], t) for n, t in sae[0].tensors.items()), f"sae rank {r}"
+        loss = sae[0].meta["history"][0]["loss"]
+        assert sae[0].meta["distributed"]["world_size"] == world and 0 < loss[-1]["relative_error"] < 1
         resumed = ConceptDictionary.load(tmp_path / f"resumed-w{world}-r0.safetensors")
         _assert_same(ref["c2mf"], resumed, f"c2mf resumed on {world} processes from a 1-process checkpoint")
         assert len(resumed.meta["history"][0]["loss"]) == SETTINGS["iterations"]

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, safe_open
 from .._io import write_safetensors
 from ..artifacts.dictionary import ConceptDictionary
 from ..artifacts.sources import RowSource
-from ..distributed import world_size
+from ..distributed import all_reduce_sum, broadcast, is_writer, share, world_size
 from ..errors import C2MFError, UsageError
 from ..progress import ProgressFn, no_progress
 from ._alternating import sample_rows
@@ -197,7 +197,10 @@ class SAE(Method):
     tensor_shapes = {"W": ("k c",), "W_enc": ("c k",), "b_enc": ("k",), "b_dec": ("c",)}
     supports_overcomplete = True
     batch_invariant = False  # stochastic gradient: the mini-batches are part of the fit
-    supports_distributed = False  # would need the global batch's gradients all-reduced: one process for now
+    # under torch.distributed each process streams its share and the gradients of each global batch (every
+    # process's batch together) are all-reduced; the batches differ with the number of processes, so the dictionary
+    # is not the one-process one bit for bit (as for any data-parallel SGD)
+    supports_distributed = False
 
     def needs_class(self, d: ConceptDictionary) -> bool:
         return False  # one encoder for every class
@@ -214,9 +217,6 @@ class SAE(Method):
             progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,
             resume: bool = False) -> ConceptDictionary:
         check_source(self, source, config.concepts)
-        if world_size() > 1:
-            raise C2MFError("the sae trains in one process: run factorize --method sae without torchrun / srun "
-                            "(several processes would need the gradients of each global batch all-reduced)")
         t0 = time.perf_counter()
         k, c, top_k = config.concepts, source.n_features, config.active
         cfg, fingerprint = config.to_dict(), _fingerprint(source)
@@ -246,33 +246,47 @@ class SAE(Method):
                                                "exp_avg_sq": saved[f"{n}.exp_avg_sq"].to(device)}
                                            for i, n in enumerate(PARAMS)},
                                  "param_groups": opt.state_dict()["param_groups"]})
-        rows = _Rows(source, config.batch_size, device)
+        rows = _Rows(share(source), config.batch_size, device)  # this process's rows (all of them when alone)
         advance = progress("sae", config.iterations)
         advance(start)
+        empty = torch.zeros(0, c, device=device)
         for epoch in range(start, config.iterations):
             e0 = time.perf_counter()
             err, energy, resampled, steps = 0.0, 0.0, 0, 0
-            for batch in rows.epoch(config.seed + 7919 * epoch):
-                x = batch * scale
+            batches = rows.epoch(config.seed + 7919 * epoch)
+            while True:
+                batch = next(batches, None)
+                # the global batch: every process's batch; a process out of rows adds an empty one until all are
+                count = torch.tensor([0.0 if batch is None else 1.0, 0.0 if batch is None else float(batch.shape[0])],
+                                     device=device)
+                all_reduce_sum(count)
+                if count[0] == 0:
+                    break
+                x = (batch if batch is not None else empty) * scale
                 U, x_hat = _forward(params, x, top_k)
                 sq = (x - x_hat).pow(2).sum(1)
-                opt.zero_grad(set_to_none=True)
-                sq.mean().backward()
+                opt.zero_grad(set_to_none=False)
+                (sq.sum() / count[1]).backward()  # the mean over the global batch
+                _sum_gradients(params)
                 opt.step()
                 with torch.no_grad():
                     params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True).clamp_min(1e-12)
-                    fired = (U > 0).any(0)
-                    silent = torch.where(fired, torch.zeros_like(silent), silent + 1)
+                    fired = (U > 0).any(0).float()
+                    all_reduce_sum(fired)
+                    silent = torch.where(fired > 0, torch.zeros_like(silent), silent + 1)
                     if config.resample_after:
-                        resampled += _resample(params, opt, silent, config.resample_after, x, x_hat, sq, gen)
+                        resampled += _resample_shared(params, opt, silent, config.resample_after, x, x_hat, sq, gen)
                     err += float(sq.sum())
                     energy += float(x.pow(2).sum())
                 steps += 1
+            sums = torch.tensor([err, energy], dtype=torch.float64, device=device)
+            all_reduce_sum(sums)
+            err, energy = float(sums[0]), float(sums[1])
             history.append({"pass": epoch + 1, "steps": steps, "train_relative_error": math.sqrt(err / max(energy, 1e-30)),
                             "resampled": resampled, "seconds": time.perf_counter() - e0})
             advance(1)
-            if checkpoint_path is not None and ((epoch + 1) % config.checkpoint_every == 0
-                                                or epoch + 1 == config.iterations):
+            if checkpoint_path is not None and is_writer() and ((epoch + 1) % config.checkpoint_every == 0
+                                                                or epoch + 1 == config.iterations):
                 tensors = {n: params[n] for n in PARAMS}
                 for i, n in enumerate(PARAMS):
                     st = opt.state_dict()["state"][i]
@@ -303,6 +317,35 @@ class SAE(Method):
         d.meta["dead_fraction"] = final["dead_fraction"]
         d.meta["fit_seconds"] = time.perf_counter() - t0
         return d
+
+
+def _sum_gradients(params: dict[str, torch.Tensor]) -> None:
+    """Sum each parameter's gradient over the processes (each already divided by the global batch's rows)."""
+    grads = []
+    for p in params.values():
+        if p.grad is None:  # a process whose batch was empty
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    all_reduce_sum(*grads)
+
+
+def _resample_shared(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, silent: torch.Tensor, after: int,
+                     x: torch.Tensor, x_hat: torch.Tensor, sq: torch.Tensor, gen: torch.Generator) -> int:
+    """`_resample` on the first process's batch, its result given to every process (alone: `_resample` itself)."""
+    if world_size() == 1:
+        return _resample(params, opt, silent, after, x, x_hat, sq, gen)
+    done = torch.zeros(1, device=silent.device)
+    if is_writer():
+        done[0] = _resample(params, opt, silent, after, x, x_hat, sq, gen)
+    broadcast({"done": done})
+    if done[0] > 0:
+        state = {n: params[n] for n in ("W_dec", "W_enc", "b_enc")}
+        for n in ("W_dec", "W_enc", "b_enc"):
+            st = opt.state.get(params[n]) or {}
+            state.update({f"{n}.{k}": st[k] for k in ("exp_avg", "exp_avg_sq") if k in st})
+        broadcast(state)  # in place: every process now holds the resampled latents and their reset moments
+        silent[silent >= after] = 0
+    return int(done[0])
 
 
 def _resample(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, silent: torch.Tensor, after: int,
@@ -341,5 +384,9 @@ def _evaluate(d: ConceptDictionary, rows: _Rows, method: SAE) -> dict[str, Any]:
             err += float((a - method.decode(d, U, None)).pow(2).sum())
             energy += float(a.pow(2).sum())
             fired |= (U > 0).any(0)
+    sums = torch.tensor([err, energy], dtype=torch.float64, device=d.device)
+    seen = fired.float()
+    all_reduce_sum(sums, seen)  # every process's rows (alone: its own)
+    err, energy = float(sums[0]), float(sums[1])
     return {"evaluation": "final dictionary, every row", "relative_error": math.sqrt(err / max(energy, 1e-30)),
-            "dead_fraction": 1.0 - float(fired.float().mean())}
+            "dead_fraction": 1.0 - float((seen > 0).float().mean())}
