@@ -400,3 +400,24 @@ def test_explanations_by_every_dictionary_side_by_side(tmp_path: Path):
     # one folder: as before, no side-by-side rows
     one = build_report(tmp_path / "one", explain_dir=run / "explain-pca").read_text()
     assert "<div class='side'>" not in one and one.count("<figure>") == 1
+
+
+def test_what_this_says_reads_methods_against_the_class_mean(tmp_path: Path):
+    """A method that does not beat the class mean alone is said so; one above it by a difference the exact McNemar
+    test does not find significant is said so too."""
+    ev = {"chance": 0.1, "methods": [
+        {"name": "c2mf", "method": "c2mf", "k": 4, "reconstruction": {"agreement": {"mean": 0.3}, "accuracy": {"mean": 0.3}}},
+        {"name": "pca", "method": "pca", "k": 4, "reconstruction": {"agreement": {"mean": 0.92}, "accuracy": {"mean": 0.9}}}],
+        "notes": ['c2mf does not beat the reference "predicted class\'s train mean only (k = 0)" under predicted-class '
+                  "encoding (agreement 0.300 against 0.900)"],
+        "significance": {"alpha": 0.05, "pairs": [
+            {"a": "pca", "b": "predicted class's train mean only (k = 0)", "measure": "agreement", "p": 0.4},
+            {"a": "c2mf", "b": "pca", "measure": "agreement", "p": 1e-6, "better": "b"}]}}
+    ev_dir = tmp_path / "ev"
+    ev_dir.mkdir()
+    (ev_dir / "evaluation.json").write_text(json.dumps(ev))
+    page = build_report(tmp_path / "out", evaluate_dir=ev_dir).read_text()
+    says = re.search(r"<ul class='says'>(.*?)</ul>", page, flags=re.S).group(1)
+    assert "not beat a class's train mean alone" in says and "<b>c2mf" in says.split("not beat")[0].split("<li>")[-1]
+    assert "not significantly different from the predicted class&#x27;s train mean only (k = 0) reference" in says
+    assert "p = 0.4" in says

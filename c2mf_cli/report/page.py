@@ -601,6 +601,35 @@ def _facts(ev: dict, extension: Extension) -> str:
     return "<dl class='facts'>" + "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts) + "</dl>"
 
 
+def _against_references(ev: dict, labels: list[str], methods: list[dict]) -> list[str]:
+    """Sentences reading the methods against the class mean alone (k = 0): the ones that do not beat it, and the
+    ones above it only by a difference the exact McNemar test does not find significant. `labels` are shown;
+    evaluate's notes and tests name each method by its record's "name"."""
+    notes = [str(n) for n in ev.get("notes") or []]
+    names = [str(m.get("name", lab)) for lab, m in zip(labels, methods)]
+    shown = dict(zip(names, labels))
+    below = [shown[n] for n in names if any(x.startswith(f"{n} does not beat the reference") for x in notes)]
+    out = []
+    if below:
+        out.append("<span class='bad'>" + ", ".join(f"<b>{_esc(x)}</b>" for x in below) + (" does" if len(below) == 1
+                   else " do") + " not beat a class's train mean alone (k = 0, no concept at all) under at least one "
+                   "encoding: what those numbers show, the class mean already gives (see the reference rows).</span>")
+    sig = ev.get("significance") or {}
+    pairs, alpha = sig.get("pairs") or [], float(sig.get("alpha", 0.05))
+    for name in names:
+        lab = shown[name]
+        if lab in below:
+            continue
+        for pr in pairs:
+            other = pr.get("b") if pr.get("a") == name else pr.get("a") if pr.get("b") == name else None
+            if (pr.get("measure") == "agreement" and isinstance(other, str) and "mean only" in other
+                    and is_num(pr.get("p")) and float(pr["p"]) >= alpha):
+                out.append(f"<b>{_esc(lab)}</b>'s agreement with the model is not significantly different from the "
+                           f"{_esc(other)} reference (exact McNemar p = {fmt(float(pr['p']))}): its fidelity may be "
+                           "the class mean's, not its concepts'.")
+    return out
+
+
 def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension) -> str:
     """"What this says": a few sentences computed from the numbers (best method per question, warnings)."""
     out: list[str] = []
@@ -622,6 +651,7 @@ def _says(ev: dict, labels: list[str], methods: list[dict], extension: Extension
         s = f"<b>{_esc(b[0])}</b> keeps the most of the model's accuracy when the activations are replaced by " \
             f"their reconstruction (class accuracy {fmt(b[1])}"
         out.append(s + (f"; chance is {fmt(chance)})." if chance is not None else ")."))
+    out += _against_references(ev, labels, methods)
     low = [(lab, get(m, "reconstruction.agreement.mean")) for lab, m in zip(labels, methods) if not keeps_decision(m)]
     for lab, a in low:
         agrees = f"agrees with the model on only {fmt(float(a))} of the test images" if is_num(a) else \
