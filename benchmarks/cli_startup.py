@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _common import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,9 +74,7 @@ def main() -> None:
         "repeats": args.repeats,
         "trees": [measure(t.resolve(), args.repeats) for t in trees],
     }
-    out = ROOT / "benchmarks" / "results" / f"cli_startup-{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, RESULTS / f"cli_startup-{platform.node() or 'host'}.json")
     print(json.dumps(result, indent=2))
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from _common import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -207,9 +208,7 @@ def main() -> None:
         "store_read_one_process": store_read,
     }
     tag = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = args.out or ROOT / "benchmarks" / "results" / f"distributed-{tag}-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_result(doc, args.out or RESULTS / f"distributed-{tag}-{platform.node()}.json")
     print(str(out))
 
 

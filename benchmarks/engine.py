@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from _common import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "3709523"  # main just before the batched engine landed
@@ -225,9 +226,7 @@ def main() -> None:
         "ratios": ratios,
     }
     tag = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = args.out or ROOT / "benchmarks" / "results" / f"engine-{tag}-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_result(doc, args.out or RESULTS / f"engine-{tag}-{platform.node()}.json")
     for name, v in ratios.items():
         print(f"{name}: {v:.2f}", file=sys.stderr)
     print(str(out))

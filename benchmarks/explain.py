@@ -30,6 +30,7 @@ from c2mf_cli.inputs.models import ModelSpec
 from c2mf_cli.stages.explain import ExplainConfig, Explainer, explain_images, read_image
 from c2mf_cli.stages.extract import ExtractConfig, extract
 from c2mf_cli.stages.factorize import factorize
+from _common import write_result
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL = ModelSpec(f"{SHARED}/models.py:mobilenet_v2_inat_birds", str(SHARED / "cub/mobilenet_v2_inat_birds.pt"))
@@ -100,8 +101,7 @@ def main() -> None:
         "cases": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    path = args.out / f"explain-{platform.node() or 'host'}-{args.label}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_result(result, args.out / f"explain-{platform.node() or 'host'}-{args.label}.json")
     print(path)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -40,6 +39,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from c2mf_cli.inputs.data import DatasetSpec, resolve_dataset
 from c2mf_cli.stages.extract import ExtractConfig, _collate, _Images, extract
 from c2mf_cli.inputs.models import ModelSpec, load_model
+from _common import write_result
 
 SHARED = Path(os.environ.get("C2MF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -196,8 +196,7 @@ def main() -> None:
     }
     suffix = f"-{args.only}" if args.only else ""
     tag = "" if (args.device, args.autocast) == ("cpu", "none") else f"-{args.device.replace(':', '')}-{args.autocast}"
-    path = args.out / f"extract-{platform.node() or 'host'}{suffix}{tag}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_result(result, args.out / f"extract-{platform.node() or 'host'}{suffix}{tag}.json")
     print(path)
 
 

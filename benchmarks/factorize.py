@@ -20,18 +20,17 @@ Results go to benchmarks/results/factorize-<host>.json. The machine is shared: t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from _common import RESULTS, overcomplete_module, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,21 +118,6 @@ def _rel(A: np.ndarray, U: np.ndarray, W: np.ndarray) -> float:
     cross = float((Ut * (At @ Wt.T)).sum(dtype=torch.float64))
     quad = float(((Ut.T @ Ut) * (Wt @ Wt.T)).sum(dtype=torch.float64))
     return float(np.sqrt(max(a2 - 2 * cross + quad, 0.0) / a2))
-
-
-def _overcomplete():
-    """overcomplete's optimisation module without its package __init__ (which needs cv2, torchvision)."""
-    spec = importlib.util.find_spec("overcomplete")
-    if spec is None:
-        raise ModuleNotFoundError("overcomplete is not installed: pip install overcomplete (the `bench` extra)")
-    if "overcomplete" not in sys.modules:
-        pkg = types.ModuleType("overcomplete")
-        pkg.__path__ = list(spec.submodule_search_locations or [])
-        sys.modules["overcomplete"] = pkg
-    from overcomplete.optimization.nmf import NMF
-    from overcomplete.optimization.semi_nmf import SemiNMF
-
-    return NMF, SemiNMF
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -231,7 +215,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         Ac = (At - mean).numpy()
         rec["relative_error"] = _rel(Ac, (Uu * S).numpy(), V.T.numpy()) * float(np.linalg.norm(Ac) / np.linalg.norm(A))
     elif name.startswith("overcomplete"):
-        NMF, SemiNMF = _overcomplete()
+        NMF = overcomplete_module("optimization.nmf").NMF
+        SemiNMF = overcomplete_module("optimization.semi_nmf").SemiNMF
         At = torch.from_numpy(A)
         if name == "overcomplete-nmf":
             model = NMF(nb_concepts=k, solver="hals", tol=1e-6)
@@ -325,9 +310,7 @@ def main() -> None:
         "methods": results,
         "streaming_memory_vs_rows": streaming,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"factorize-{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_result(doc, args.out or RESULTS / f"factorize-{platform.node()}.json")
     print(str(out))
 
 

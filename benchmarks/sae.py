@@ -15,14 +15,11 @@ fraction of latents that never fire, and the wall time of the fit. Ours runs twi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import platform
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ import torch
 from c2mf_cli.artifacts.sources import ArraySource
 from c2mf_cli.methods import decode, encode
 from c2mf_cli.stages.factorize import factorize
+from _common import overcomplete_module, write_result
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -64,18 +62,11 @@ def synthetic_rows(seed: int = 0) -> tuple[list[np.ndarray], list[str], str]:
 
 
 def _overcomplete_topk():
-    """overcomplete's TopKSAE and train_sae without its package __init__ (which needs cv2 and an old matplotlib)."""
-    spec = importlib.util.find_spec("overcomplete")
-    if spec is None:
-        raise SystemExit("overcomplete is not installed: pip install overcomplete (the `bench` extra)")
-    if "overcomplete" not in sys.modules:
-        pkg = types.ModuleType("overcomplete")
-        pkg.__path__ = list(spec.submodule_search_locations or [])
-        sys.modules["overcomplete"] = pkg
-    from overcomplete.sae.topk_sae import TopKSAE
-    from overcomplete.sae.train import train_sae
-
-    return TopKSAE, train_sae
+    """overcomplete's TopKSAE and train_sae."""
+    try:
+        return overcomplete_module("sae.topk_sae").TopKSAE, overcomplete_module("sae.train").train_sae
+    except ModuleNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def run_ours(arrays: list[np.ndarray], classes: list[str], args: argparse.Namespace, resample: bool) -> dict[str, Any]:
@@ -154,9 +145,7 @@ def main() -> None:
             "seconds": ours["seconds"] / theirs["seconds"],
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sae-{'synthetic-' if args.synthetic else ''}{platform.node() or 'host'}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path = write_result(out, args.out / f"sae-{'synthetic-' if args.synthetic else ''}{platform.node() or 'host'}.json")
     for r in results:
         print(f"{r['method']:28s} rel err {r['relative_error']:.4f}  dead {r['dead_fraction']:.3f}  "
               f"{r['seconds']:.1f} s  {r['steps']} steps")
