@@ -56,11 +56,11 @@ class RegroupedRows:
                     "whose images the model predicts as its classes")
         self.info = dict(store.describe_source(), rows=rows, group_by=group_by, left_out=left_out)
 
-    def _make_plan(self) -> tuple[list[list[tuple[int, int, np.ndarray]]], int]:
-        """plan[y]: (store class, chunk start, indices in the chunk) of the images whose rows class y gets."""
+    def _make_plan(self) -> tuple[list[list[tuple[int, slice, np.ndarray]]], int]:
+        """plan[y]: (store class, the chunk's rows, indices in the chunk) of the images whose rows class y gets."""
         store = self._store
         out_to_class = {int(o): y for y, o in enumerate(store.class_indices)}
-        plan: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in self.classes]
+        plan: list[list[tuple[int, slice, np.ndarray]]] = [[] for _ in self.classes]
         left_out = 0
         for s in range(len(self.classes)):
             valid = store._valid(s)
@@ -75,7 +75,7 @@ class RegroupedRows:
             for start in range(0, target.shape[0], step):
                 t = target[start : start + step]
                 for y in np.unique(t[t >= 0]):
-                    plan[int(y)].append((s, start, np.nonzero(t == y)[0]))
+                    plan[int(y)].append((s, slice(start, start + step), np.nonzero(t == y)[0]))
         index, count = self._part
         if count > 1:
             flat = [(y, e) for y in range(len(plan)) for e in plan[y]]
@@ -115,9 +115,8 @@ class RegroupedRows:
             pieces = [pieces[i] for i in rng.permutation(len(pieces))]
 
         def blocks() -> Iterator[np.ndarray]:
-            for s, start, idx in pieces:
-                step = int(self._store._group(s)["activations"].chunks[0])
-                rows = self._flatten(self._store._read(s, "activations", slice(start, start + step))[idx])
+            for s, chunk, idx in pieces:
+                rows = self._flatten(self._store._read(s, "activations", chunk)[idx])
                 yield rows[rng.permutation(rows.shape[0])] if shuffle else rows
 
         return rebatch(blocks(), batch_size)
