@@ -68,11 +68,7 @@ def evaluate(
                              "insertion/deletion, comma-separated among gradcam, ig, sobol (CRAFT's total Sobol "
                              "indices: designs x (k + 2) model calls per image, so asked for by name)."),
     sobol_designs: int = option("sobol_designs"),
-    codes: str = typer.Option(
-        "fit", "--codes", metavar="fit|nnls|lstsq",
-        help="How codes of test and train images are solved: fit (the rule the dictionary was fitted with: ridge "
-        "NNLS for c2mf, NNLS for NMF/CRAFT, the projection for PCA, the encoder for an SAE), nnls (no ridge) or "
-        "lstsq (signed least squares)."),
+    codes: str = option("codes"),
     batch_size: int = option("batch_size", default=1024, help="Rows (image x step) per call of the model's tail."),
     seed: int = option("seed", help="Seed of the clustering ablation's k-means."),
     encode_class: str = typer.Option(

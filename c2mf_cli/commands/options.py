@@ -88,6 +88,9 @@ SPECS: dict[str, OptionSpec] = {
                        "(pooled: the mean over its positions).", "positions|pooled", "positions"),
     "group_by": OptionSpec(("--group-by",), "Group training rows by the image's label, or by the model's prediction "
                            "(the C2MF paper's wording).", "label|predicted", "label"),
+    "codes": OptionSpec(("--codes",), "How codes of test and train images are solved: fit (the rule the dictionary "
+                        "was fitted with: ridge NNLS for c2mf, NNLS for NMF/CRAFT, the projection for PCA, the encoder "
+                        "for an SAE), nnls (no ridge) or lstsq (signed least squares).", "fit|nnls|lstsq", "fit"),
     "sobol_designs": OptionSpec(("--sobol-designs",), "Sobol design size: designs x (k + 2) model calls per image "
                                 "(32: CRAFT's default).", "N", 32),
 }

@@ -73,8 +73,7 @@ def sweep(
     max_images: Optional[int] = option("max_images_per_class"),
     rows: str = option("rows"),
     group_by: str = option("group_by"),
-    codes: str = typer.Option("fit", "--codes", metavar="fit|nnls|lstsq", help="How codes are solved (see "
-                              "c2mf evaluate --help)."),
+    codes: str = option("codes"),
     attribution: bool = typer.Option(False, "--attribution/--no-attribution", help="Also compute importance and "
                                      "insertion/deletion at every k (the slow part)."),
     seed: int = option("seed", help="Seed of every fit and of the clustering ablation."),

@@ -181,6 +181,7 @@ def sweep(
     sources = {"full": train_s.row_source(rows=config.rows, group_by=config.group_by),
                "crops": crops_s.row_source() if crops_s is not None else None}
     by_k: dict[int, list[dict[str, Any]]] = {}
+    references: dict[int, Any] = {}
     for k in config.ks:
         dicts = []
         for method in config.methods:
@@ -190,9 +191,8 @@ def sweep(
             d = _reuse_fit(path, method, options, source)
             if d is None:
                 say(f"fitting {method} at k = {k}")
-                fitted = factorize(source, method, device=device, progress=progress, **options)
-                fitted.save(path)
-                d = ConceptDictionary.load(path)
+                d = factorize(source, method, device=device, progress=progress, **options)
+                d.save(path)  # records its tensors' sha256 in d.meta, as a load would
             else:
                 say(f"reusing {path}")
             dicts.append(d)
@@ -216,9 +216,9 @@ def sweep(
                               device=device, model=model, checkpoint=checkpoint, out_dir=kdir)
             write_json(stamp_path, stamp)
         by_k[k] = [_row(m) for m in result["methods"]]
-        by_k[k].append({"name": "references", "references": result.get("references")})
+        references[k] = result.get("references")
 
-    summary = _summary(by_k, config)
+    summary = _summary(by_k, references, config)
     record = {"encoding-type": SWEEP_TYPE, "encoding-version": SWEEP_VERSION, "settings": config.to_dict(),
               "stores": {"train": train_s.fingerprint, "test": test_s.fingerprint,
                          "train_crops": crops_s.fingerprint if crops_s is not None else None},
@@ -229,16 +229,13 @@ def sweep(
     return record
 
 
-def _summary(by_k: dict[int, list[dict[str, Any]]], config: SweepConfig) -> dict[str, Any]:
+def _summary(by_k: dict[int, list[dict[str, Any]]], references: dict[int, Any], config: SweepConfig
+             ) -> dict[str, Any]:
     """Rows as series against k (one per method, clustered CRAFT by its K), references per k, smallest k."""
     headline = config.evaluate.headline
     series: dict[str, list[dict[str, Any]]] = {}
-    references: dict[int, Any] = {}
-    for k, rows in by_k.items():
+    for rows in by_k.values():
         for r in rows:
-            if r["name"] == "references":
-                references[k] = r["references"]
-                continue
             label = r["name"].rsplit(" K=", 1)[0] if " clustered K=" in r["name"] else r["name"]
             series.setdefault(label, []).append({key: v for key, v in r.items() if key != "name"})
     smallest = {}
