@@ -1,4 +1,5 @@
-"""Several processes, one result: torch.distributed for the steps that reduce to sums (factorize's passes).
+"""Several processes, one result: torch.distributed for the steps that reduce to sums (factorize's passes,
+evaluate's metrics).
 
 Each process (rank) streams its own share of the rows (`share`); what a pass accumulates (sums, counts, minima)
 is all-reduced, so every rank ends the pass with the statistics of all rows and makes the same update. The
@@ -164,8 +165,8 @@ def _collective(what: str, fn: Any, *args: Any) -> None:
     except RuntimeError as e:
         raise C2MFError(
             f"rank {rank()} of {world_size()}: another process of this run stopped or did not answer in time "
-            f"during {what} ({_first_line(e)}); its own output says why. Fix that and rerun (with --resume "
-            "if a checkpoint was written)"
+            f"during {what} ({_first_line(e)}); its own output says why. Fix that and rerun (factorize: with "
+            "--resume if a checkpoint was written)"
         ) from None
 
 
@@ -177,6 +178,16 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
 
     for t in tensors:
         _collective("an all-reduce", dist.all_reduce, t)
+
+
+def all_reduce_max(*tensors: torch.Tensor) -> None:
+    """The element-wise maximum of each tensor over every process, in place."""
+    if not _group():
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        _collective("an all-reduce", dist.all_reduce, t, dist.ReduceOp.MAX)
 
 
 def all_reduce_min(value: float, device: torch.device) -> float:

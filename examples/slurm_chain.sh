@@ -2,7 +2,8 @@
 # The whole chain on a SLURM cluster, submitted from the login node in one go:
 #   1. two extract job arrays (train and test stores; each array task computes its shard of the store),
 #   2. one factorize job per method, started only when the train extraction succeeded (--dependency=afterok),
-#   3. one evaluate job, started when every fit and the test extraction succeeded.
+#   3. one evaluate job, started when every fit and the test extraction succeeded: torchrun starts one process
+#      per GPU of the node, each takes its share of the classes, and rank 0 writes the results (docs/scale.md).
 #
 #   VENV=~/venvs/c2mf DATA=/datasets/cub OUT=$SCRATCH/cub bash examples/slurm_chain.sh
 #
@@ -19,6 +20,7 @@ OUT=${OUT:-$PWD/c2mf-run}
 K=${K:-10}
 TASKS=${TASKS:-4}                 # array tasks per extraction
 CPUS=${CPUS:-8}
+EVAL_GPUS=${EVAL_GPUS:-4}         # evaluate's processes (one GPU each, one node)
 
 mkdir -p logs "$OUT"
 activate="source '$VENV/bin/activate'"
@@ -47,7 +49,8 @@ for method in c2mf pca; do
 done
 
 after=$(IFS=:; echo "${fits[*]}:$test")
-evaluate=$(sbatch "${common[@]}" --job-name=c2mf-evaluate --dependency="afterok:$after" --gres=gpu:1 \
-    --output='logs/%x-%j.out' --time=01:00:00 --wrap "$activate && c2mf evaluate --train '$OUT/train.zarr' --test '$OUT/test.zarr' \
-${dicts[*]} -m '$MODEL' --device cuda -o '$OUT/evaluate'")
+evaluate=$(sbatch "${common[@]}" --job-name=c2mf-evaluate --dependency="afterok:$after" --gres=gpu:"$EVAL_GPUS" \
+    --output='logs/%x-%j.out' --time=01:00:00 --wrap "$activate && torchrun --standalone --nproc-per-node $EVAL_GPUS \
+-m c2mf_cli.cli evaluate --train '$OUT/train.zarr' --test '$OUT/test.zarr' ${dicts[*]} -m '$MODEL' --device cuda \
+-o '$OUT/evaluate'")
 echo "evaluate: job $evaluate (after $after); results in $OUT/evaluate"

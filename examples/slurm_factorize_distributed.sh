@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ImageNet end to end on SLURM: extract (a job array) -> factorize (torchrun over the GPUs of 2 nodes) ->
-# evaluate, chained with job dependencies. Submit the chain from a login node:
+# evaluate (the same), chained with job dependencies. Submit the chain from a login node:
 #
 #   bash examples/slurm_factorize_distributed.sh
 #
@@ -36,10 +36,18 @@ srun torchrun --nnodes=$NODES --nproc-per-node=$GPUS_PER_NODE \
 #   srun --ntasks-per-node=$GPUS_PER_NODE --gpus-per-task=1 c2mf factorize ...   (reads SLURM_PROCID,
 #   SLURM_STEP_NUM_TASKS, SLURM_LOCALID and the MASTER_ADDR exported above)
 
-# 3. evaluate on held-out images, once the dictionary exists
+# 3. evaluate on held-out images, once the dictionary exists: one process per GPU again, each takes its share
+#    of the classes (balanced by image count); rank 0 writes the results
 evaluate=$(sbatch --parsable --dependency=afterok:"$factorize" \
-    --job-name=c2mf-evaluate --gres=gpu:1 --cpus-per-task=8 --time=04:00:00 --wrap "
-c2mf evaluate --train $STORE --test $TEST_STORE --dict $DICT --out $SCRATCH/imagenet-eval --device cuda --quiet
+    --job-name=c2mf-evaluate --nodes="$NODES" --ntasks-per-node=1 --gres=gpu:"$GPUS_PER_NODE" \
+    --cpus-per-task=16 --time=04:00:00 --wrap "
+set -euo pipefail
+export MASTER_ADDR=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n 1)
+export MASTER_PORT=29501
+srun torchrun --nnodes=$NODES --nproc-per-node=$GPUS_PER_NODE \
+    --rdzv-backend=c10d --rdzv-endpoint=\$MASTER_ADDR:\$MASTER_PORT --rdzv-id=\$SLURM_JOB_ID \
+    -m c2mf_cli.cli evaluate --train $STORE --test $TEST_STORE --dict $DICT --out $SCRATCH/imagenet-eval \
+    --device cuda --timeout 900 --quiet
 ")
 
 echo "submitted: extract $extract -> factorize $factorize -> evaluate $evaluate"

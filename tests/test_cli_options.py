@@ -146,8 +146,9 @@ def test_defaults_shown_without_importing_the_library_match_it():
     """Some defaults live in modules that import torch; help shows them as text, so check the text."""
     from c2mf_cli.distributed import DEFAULT_TIMEOUT_S
 
-    timeout = next(p for p in _commands()["factorize"].params if p.name == "timeout")
-    assert float(timeout.show_default) == DEFAULT_TIMEOUT_S
+    for command in ("factorize", "evaluate"):
+        timeout = next(p for p in _commands()[command].params if p.name == "timeout")
+        assert float(timeout.show_default) == DEFAULT_TIMEOUT_S, command
 
 
 def test_the_method_options_manifest_matches_the_registry():

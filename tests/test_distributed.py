@@ -187,8 +187,9 @@ def test_every_method_same_dictionary_on_1_2_3_processes(tmp_path, tiny_store, t
         assert len(resumed.meta["history"][0]["loss"]) == SETTINGS["iterations"]
 
 
-def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path, tiny_store):
-    """Rank 0 is the real CLI; rank 1 joins, takes part in the first collective, then is killed."""
+def run_beside_a_dead_peer(args: list[str]) -> None:
+    """Run `c2mf ARGS` (with --timeout 60) as rank 0 of 2 whose rank 1 joins, takes part in the first collective
+    (`describe`), then is killed; the CLI must end soon with the survivors' one-line error and print nothing."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     peer = ("import os, signal, torch\n"
@@ -196,9 +197,7 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path, tiny_store):
             "distributed.start('cpu', 60)\n"
             "distributed.describe(torch.device('cpu'))\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
-    out = tmp_path / "d.safetensors"
-    cmd = [sys.executable, "-m", "c2mf_cli.cli", "factorize", "-s", str(tiny_store), "--method", "c2mf", "-k", "3",
-           "--iterations", "50", "--device", "cpu", "--timeout", "60", "-q", "-o", str(out)]
+    cmd = [sys.executable, "-m", "c2mf_cli.cli", *args, "--device", "cpu", "--timeout", "60", "-q"]
     t0 = time.perf_counter()
     main = subprocess.Popen(cmd, env={**env, **_env(0, 2, port)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -210,6 +209,12 @@ def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path, tiny_store):
     assert main.returncode == 1, stderr
     assert stderr.startswith("Error: rank 0 of 2: another process of this run stopped"), stderr
     assert "Traceback" not in stderr and stdout == ""
+
+
+def test_a_dead_rank_ends_the_run_with_a_clear_error(tmp_path, tiny_store):
+    out = tmp_path / "d.safetensors"
+    run_beside_a_dead_peer(["factorize", "-s", str(tiny_store), "--method", "c2mf", "-k", "3", "--iterations", "50",
+                            "-o", str(out)])
     assert not out.exists()
 
 

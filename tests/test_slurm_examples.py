@@ -74,35 +74,46 @@ def test_chain_submits_extract_then_factorize_then_evaluate(tmp_path: Path):
     assert "--split test" in wraps[1]
     assert opts[2]["--dependency"] == opts[3]["--dependency"] == "afterok:101"
     assert opts[4]["--dependency"] == "afterok:103:104:102"
-    for w in wraps:
+    for w in wraps[:4]:
         assert w.startswith(f"source '{env['VENV']}/bin/activate' && c2mf ")
+    # evaluate: one process per GPU of its node (torchrun), as many GPUs asked of SLURM
+    assert wraps[4].startswith(f"source '{env['VENV']}/bin/activate' && torchrun --standalone --nproc-per-node 4 "
+                               "-m c2mf_cli.cli evaluate ") and opts[4]["--gres"] == "gpu:4"
+    args = shlex.split(wraps[4].split("-m c2mf_cli.cli ", 1)[1])
+    params = _parse(args)
+    assert len(params["dicts"]) == 2 and str(params["out_dir"]) == f"{tmp_path / 'run'}/evaluate"
     assert "--method c2mf" in wraps[2] and "--method pca" in wraps[3] and "-o '" in wraps[2]
     assert wraps[4].count("--dict") == 2 and f"-o '{tmp_path / 'run'}/evaluate'" in wraps[4]
     # the wrapped command lines parse as the CLI expects
     assert shlex.split(wraps[2].split("&& ", 1)[1])[:4] == ["c2mf", "factorize", "-s", f"{tmp_path / 'run'}/train.zarr"]
 
 
-@pytest.mark.parametrize("script", ["cifar10.sh", "cub_birds.sh"])
-def test_local_chains_parse_and_name_their_model_code(script: str, tmp_path: Path):
-    """Every c2mf call of the local example chains parses with the real CLI, and the stages that reopen the model
-    (evaluate, explain) name it with -m: a model that is code runs only when the command line names it."""
+def _parse(call: list[str]) -> dict:
+    """The parameters the real CLI reads from `c2mf CALL...` (parsing only: nothing runs)."""
     import typer
 
     from c2mf_cli.cli import app
 
+    group = typer.main.get_command(app)
+    with group.make_context("c2mf", list(call), resilient_parsing=False) as ctx:
+        command = group.get_command(ctx, call[0])
+        assert command is not None, call
+        return command.make_context(call[0], list(call[1:]), parent=ctx).params
+
+
+@pytest.mark.parametrize("script", ["cifar10.sh", "cub_birds.sh"])
+def test_local_chains_parse_and_name_their_model_code(script: str, tmp_path: Path):
+    """Every c2mf call of the local example chains parses with the real CLI, and the stages that reopen the model
+    (evaluate, explain) name it with -m: a model that is code runs only when the command line names it."""
     env = _fake_env(tmp_path)
     r = subprocess.run(["bash", str(ROOT / "examples" / script)], cwd=tmp_path, capture_output=True, text=True,
                        env={**env, "OUT": str(tmp_path / "run"), "DATA": str(tmp_path / "data")})
     assert r.returncode == 0, r.stderr
     calls = _calls(tmp_path)
-    group = typer.main.get_command(app)
     model = None
     for call in calls:
         assert call[0] == "c2mf"
-        with group.make_context("c2mf", list(call[1:]), resilient_parsing=False) as ctx:
-            command = group.get_command(ctx, call[1])
-            assert command is not None, call
-            params = command.make_context(call[1], list(call[2:]), parent=ctx).params
+        params = _parse(call[1:])
         if call[1] == "extract":
             model = params["model"]
         if call[1] in ("evaluate", "explain"):

@@ -84,12 +84,16 @@ def evaluate(
         0.5, "--min-agreement", metavar="FRACTION",
         help="Below this agreement with the model, a method's reconstruction is flagged as not keeping the "
         "model's decision (its insertion/deletion numbers are then not bolded)."),
+    timeout: Optional[float] = option("timeout", show_default="600"),  # distributed.DEFAULT_TIMEOUT_S, read when run
     quiet: bool = option("quiet"),
 ) -> None:
     """Measure concept dictionaries side by side with every metric of the C2MF paper.
 
     Example: c2mf evaluate --train cub-train --test cub-test --crops cub-crops
     --dict c2mf-k10.safetensors --dict craft-k10.safetensors --dict pca-k10.safetensors -o eval/
+
+    On several GPUs or nodes: torchrun --nproc-per-node 4 -m c2mf_cli.cli evaluate ... (or srun); each process
+    takes its share of the classes and rank 0 writes the results (docs/scale.md).
     """
     if not dicts:
         raise UsageError("give at least one --dict")
@@ -97,6 +101,7 @@ def evaluate(
             (d, "--dict") for d in dicts]:
         check_input(p, name)
     check_output_dir(out_dir)
+    from .. import distributed
     from ..artifacts.store import ActivationStore
     from ..methods import load_dictionary
     from ..stages.evaluate import EvaluateConfig, evaluate as run_evaluate
@@ -110,10 +115,18 @@ def evaluate(
     crops_s = ActivationStore.open(crops) if crops is not None else None
     loaded = [load_dictionary(p) for p in dicts]  # each knows its file (d.path), named in errors
     names = [p.stem for p in dicts] if len({p.stem for p in dicts}) == len(dicts) else None
-    reporter = Reporter(quiet)
-    with reporter.session():
-        result = run_evaluate(train_s, test_s, loaded, crops_s, config, reporter.task, names=names, device=device,
-                              model=model, checkpoint=str(checkpoint) if checkpoint else None, out_dir=out_dir)
+    rank_device = distributed.start(device, distributed.DEFAULT_TIMEOUT_S if timeout is None else timeout)
+    try:
+        writer = distributed.is_writer()
+        reporter = Reporter(quiet or not writer)
+        with reporter.session():
+            result = run_evaluate(train_s, test_s, loaded, crops_s, config, reporter.task, names=names,
+                                  device=rank_device or device, model=model,
+                                  checkpoint=str(checkpoint) if checkpoint else None, out_dir=out_dir)
+    finally:
+        distributed.stop()
+    if not writer:
+        return
     console = err if json_out else out
     if not (json_out and quiet):
         for t in tables(result):

@@ -142,10 +142,7 @@ def factorize(
     full_batch: bool = typer.Option(False, "--full-batch", help="Load each class whole (small stores)."),
     device: str = option("device"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fit from OUT.ckpt."),
-    timeout: Optional[float] = typer.Option(
-        None, "--timeout", metavar="S", show_default="600",  # distributed.DEFAULT_TIMEOUT_S, read when run
-        help="Several processes (torchrun, srun): seconds one waits for the others before the run ends with an "
-        "error."),
+    timeout: Optional[float] = option("timeout", show_default="600"),  # distributed.DEFAULT_TIMEOUT_S, read when run
     json_out: bool = option("json", help="Print the dictionary's summary as JSON on stdout."),
     quiet: bool = option("quiet"),
 ) -> None:

@@ -91,6 +91,8 @@ SPECS: dict[str, OptionSpec] = {
     "codes": OptionSpec(("--codes",), "How codes of test and train images are solved: fit (the rule the dictionary "
                         "was fitted with: ridge NNLS for c2mf, NNLS for NMF/CRAFT, the projection for PCA, the encoder "
                         "for an SAE), nnls (no ridge) or lstsq (signed least squares).", "fit|nnls|lstsq", "fit"),
+    "timeout": OptionSpec(("--timeout",), "Several processes (torchrun, srun): seconds one waits for the others "
+                          "before the run ends with an error.", "S"),
     "sobol_designs": OptionSpec(("--sobol-designs",), "Sobol design size: designs x (k + 2) model calls per image "
                                 "(32: CRAFT's default).", "N", 32),
 }

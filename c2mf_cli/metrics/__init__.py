@@ -12,7 +12,7 @@ here; order matters only where a metric reads what an earlier one left in `batch
 ranks concepts by the importance computed just before it).
 """
 
-from ._common import Batch, Metric, Settings
+from ._common import Batch, Metric, Settings, State
 from .clustering import ClusteredDictionary, KMeansResult, cluster_concepts, kmeans
 from .importance import (DEFAULT_RANKINGS, RANKING_LABELS, RANKINGS, IGResult, ImportanceMetric, gradcam, integrated_gradients,
                          ranking, sobol)
@@ -45,6 +45,7 @@ __all__ = [
     "Metric",
     "ReconstructionMetric",
     "Settings",
+    "State",
     "SimilarityMetric",
     "mcnemar_exact",
     "pairwise_mcnemar",

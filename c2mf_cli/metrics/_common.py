@@ -93,13 +93,39 @@ class Settings(Protocol):
     sobol_designs: int
 
 
+@dataclass
+class State:
+    """What a metric accumulated, as tensors that merge across processes (float64 sums, int64 counts).
+
+    `sums` merge by element-wise addition, `maxima` by element-wise maximum (-inf where nothing was seen). The
+    state of two disjoint sets of images is the merge of their states: processes that each see a share of the
+    images and all-reduce their states hold the state of all of them (stages/evaluate.py does it, with every
+    process's states in the same order and shapes).
+    """
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    maxima: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def merge(self, other: "State") -> "State":
+        """The state of both image sets (what an all-reduce of the two gives)."""
+        if set(self.sums) != set(other.sums) or set(self.maxima) != set(other.maxima):
+            raise C2MFError("cannot merge the states of two different metrics")
+        return State({k: v + other.sums[k] for k, v in self.sums.items()},
+                     {k: torch.maximum(v, other.maxima[k]) for k, v in self.maxima.items()})
+
+
 class Metric(Protocol):
     """One metric of evaluate: built per dictionary, fed every batch, asked once for its JSON entries.
 
-    `result` returns entries merged into the method's row of evaluation.json (e.g. {"reconstruction": {...}});
-    `classes` names the store classes so per-class values can be keyed by name.
+    `state(n_classes)` is everything `result` reads, as a `State` whose keys and shapes depend only on the
+    metric's construction and `n_classes` (never on the images seen), so that processes that saw different images
+    can all-reduce theirs. `result(classes, state)` returns the entries merged into the method's row of
+    evaluation.json (e.g. {"reconstruction": {...}}) for `state` (default: this metric's own); `classes` names the
+    store classes so per-class values can be keyed by name. One process and many give the same entries: both
+    go through the state.
     """
 
     def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None: ...
     def update(self, batch: Batch) -> None: ...
-    def result(self, classes: Sequence[str]) -> dict[str, Any]: ...
+    def state(self, n_classes: int) -> State: ...
+    def result(self, classes: Sequence[str], state: State | None = None) -> dict[str, Any]: ...

@@ -10,6 +10,7 @@ Both scores are per concept and per image, shape (n, k): the spatial positions a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Batch, Head, Settings, call_head, check_codes, chunk_size
+from ._common import Batch, Head, Settings, State, call_head, check_codes, chunk_size
 
 IGRule = Literal["gausslegendre", "trapezoid"]
 RANKINGS = ("gradcam", "ig", "sobol")  # every importance evaluate can rank concepts by, in table order
@@ -231,6 +232,7 @@ class ImportanceMetric:
     def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
         self._settings = settings
         self._names = tuple(getattr(settings, "rankings", DEFAULT_RANKINGS))
+        self._k = int(W.shape[-2])
         self._mean: dict[str, list[torch.Tensor]] = {name: [] for name in self._names}
         self._err: list[torch.Tensor] = []
         self._rel: list[torch.Tensor] = []
@@ -258,20 +260,39 @@ class ImportanceMetric:
         for name, imp in found.items():
             self._mean[name].append(imp.detach().cpu())
 
-    def result(self, classes: Sequence[str]) -> dict[str, Any]:
-        if not any(self._mean.values()):
+    def state(self, n_classes: int) -> State:
+        """Sums over the images attributed of each importance (k,), of IG's completeness errors and logit gaps,
+        the image count, and the largest completeness errors (maxima)."""
+        def total(parts: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.cat(parts).double().sum(0) if parts else torch.zeros(shape, dtype=torch.float64)
+
+        def largest(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts).double().max().reshape(1) if parts else torch.full((1,), -math.inf,
+                                                                                     dtype=torch.float64)
+
+        first = next(iter(self._mean.values()), [])
+        sums = {"images": torch.tensor([sum(int(t.shape[0]) for t in first)], dtype=torch.int64)}
+        sums.update({f"{name}.sum": total(parts, (self._k,)) for name, parts in self._mean.items()})
+        ig = {"ig.abs_error": self._err, "ig.relative_error": self._rel, "ig.logit_gap": self._gap}
+        sums.update({f"{key}.sum": total(parts, ()).reshape(1) for key, parts in ig.items()})
+        maxima = {f"{key}.max": largest(parts) for key, parts in ig.items() if key != "ig.logit_gap"}
+        return State(sums, maxima)
+
+    def result(self, classes: Sequence[str], state: State | None = None) -> dict[str, Any]:
+        st = self.state(len(classes)) if state is None else state
+        n = int(st.sums["images"])
+        if n == 0:
             return {}
         out: dict[str, Any] = {"target": "model prediction", "rankings": list(self._names)}
-        for name, parts in self._mean.items():
-            out[f"{name}_mean"] = torch.cat(parts).mean(0).tolist()
-        if self._err:
-            err, rel, gap = torch.cat(self._err), torch.cat(self._rel), torch.cat(self._gap)
+        for name in self._names:
+            out[f"{name}_mean"] = (st.sums[f"{name}.sum"] / n).tolist()
+        if "ig" in self._names:
             out["ig_completeness"] = {
-                "mean_abs_error": float(err.mean()),
-                "max_abs_error": float(err.max()),
-                "mean_relative_error": float(rel.mean()),
-                "max_relative_error": float(rel.max()),
-                "mean_abs_logit_gap": float(gap.mean()),
+                "mean_abs_error": float(st.sums["ig.abs_error.sum"]) / n,
+                "max_abs_error": float(st.maxima["ig.abs_error.max"]),
+                "mean_relative_error": float(st.sums["ig.relative_error.sum"]) / n,
+                "max_relative_error": float(st.maxima["ig.relative_error.max"]),
+                "mean_abs_logit_gap": float(st.sums["ig.logit_gap.sum"]) / n,
             }
         if "sobol" in self._names:
             out["sobol_designs"] = int(getattr(self._settings, "sobol_designs", 32))

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Batch, Head, Settings, call_head, check_codes, chunk_size, trapezoid_auc
-from .importance import ranking
+from ._common import Batch, Head, Settings, State, call_head, check_codes, chunk_size, trapezoid_auc
+from .importance import DEFAULT_RANKINGS, RANKINGS, ranking
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,19 @@ class CurveResult:
         )
 
     def to_dict(self) -> dict:
-        return {
-            "x": self.x.tolist(),
-            "prob": self.prob.tolist(),
-            "accuracy": self.accuracy.tolist(),
-            "prob_auc": self.prob_auc,
-            "accuracy_auc": self.accuracy_auc,
-            "n_images": int(self.image_prob.shape[0]),
-        }
+        return curve_summary(self.prob, self.accuracy, int(self.image_prob.shape[0]))
+
+
+def curve_summary(prob: np.ndarray, accuracy: np.ndarray, n_images: int) -> dict:
+    """A curve's JSON entry from its mean probability and accuracy at each step (k+1,) over n_images images."""
+    return {
+        "x": np.linspace(0.0, 1.0, prob.shape[0]).tolist(),
+        "prob": prob.tolist(),
+        "accuracy": accuracy.tolist(),
+        "prob_auc": trapezoid_auc(prob),
+        "accuracy_auc": trapezoid_auc(accuracy),
+        "n_images": n_images,
+    }
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,9 @@ class InsertionDeletionMetric:
     def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
         self._batch_size = settings.batch_size
         self._curves: dict[str, list[InsertionDeletion]] = {}
+        # the rankings the importance metric may hand over, in its order (fixed: the state's keys)
+        self._names = [r for r in RANKINGS if r in getattr(settings, "rankings", DEFAULT_RANKINGS)]
+        self._k = int(W.shape[-2])
 
     def update(self, batch: Batch) -> None:
         importances = batch.shared.get("importance")
@@ -169,8 +177,27 @@ class InsertionDeletionMetric:
                 batch.U, batch.head, targets, ranking(imp), labels=batch.labels, side=batch.side,
                 batch_size=self._batch_size))
 
-    def result(self, classes: Sequence[str]) -> dict[str, Any]:
-        if not self._curves:
-            return {}
-        return {"insertion_deletion": {name: InsertionDeletion.concat(parts).to_dict()
-                                       for name, parts in self._curves.items()}}
+    def state(self, n_classes: int) -> State:
+        """Per ranking: the images seen and, per curve and step, the sums of the target's probability and of
+        the correct predictions."""
+        sums: dict[str, torch.Tensor] = {}
+        for name in self._names:
+            parts = self._curves.get(name, [])
+            sums[f"{name}.images"] = torch.tensor([sum(p.insertion.image_prob.shape[0] for p in parts)],
+                                                  dtype=torch.int64)
+            for curve in ("insertion", "deletion"):
+                for key, field in (("prob", "image_prob"), ("correct", "image_correct")):
+                    total = sum((getattr(getattr(p, curve), field).sum(0) for p in parts), np.zeros(self._k + 1))
+                    sums[f"{name}.{curve}.{key}"] = torch.as_tensor(total, dtype=torch.float64)
+        return State(sums)
+
+    def result(self, classes: Sequence[str], state: State | None = None) -> dict[str, Any]:
+        st = (self.state(len(classes)) if state is None else state).sums
+        out = {}
+        for name in self._names:
+            n = int(st[f"{name}.images"])
+            if n:
+                out[name] = {curve: curve_summary((st[f"{name}.{curve}.prob"] / n).numpy(),
+                                                  (st[f"{name}.{curve}.correct"] / n).numpy(), n)
+                             for curve in ("insertion", "deletion")}
+        return {"insertion_deletion": out} if out else {}

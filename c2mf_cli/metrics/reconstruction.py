@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Batch, Settings, as_numpy
+from ._common import Batch, Settings, State, as_numpy
 
 
 def per_class_accuracy(
@@ -56,11 +56,20 @@ def per_class_accuracy_from_predictions(
     targets = {"accuracy": labels}
     if model_pred is not None:
         targets["agreement"] = as_numpy(model_pred).astype(np.int64).reshape(-1)
-    out: dict = {"n_images": int(pred.shape[0])}
     keys = np.unique(groups)
-    for name, ref in targets.items():
-        per = {str(g): float((pred[groups == g] == ref[groups == g]).mean()) for g in keys}
-        vals = np.array(list(per.values()))
+    images = {str(g): int((groups == g).sum()) for g in keys}
+    hits = {name: {str(g): int((pred[groups == g] == ref[groups == g]).sum()) for g in keys}
+            for name, ref in targets.items()}
+    return per_class_accuracy_from_counts(images, hits)
+
+
+def per_class_accuracy_from_counts(images: dict[str, int], hits: dict[str, dict[str, int]]) -> dict:
+    """`per_class_accuracy` from counts: images per class, and per measure ("accuracy", "agreement") the images
+    of each class whose prediction hit its target. Counts add across processes; the fractions are taken here."""
+    out: dict = {"n_images": int(sum(images.values()))}
+    for name, per_hits in hits.items():
+        per = {g: per_hits[g] / n for g, n in images.items()}
+        vals = np.array(list(per.values()), dtype=np.float64)
         out[name] = {
             "mean": float(vals.mean()) if vals.size else math.nan,
             "std": float(vals.std()) if vals.size else math.nan,
@@ -95,6 +104,20 @@ class FitAccumulator:
         self.sse += sse
         self.sum_sq += sum_sq
         self.col_sum = col if self.col_sum is None else self.col_sum + col
+
+    def to_tensors(self, n_features: int) -> dict[str, torch.Tensor]:
+        """The running sums as float64 tensors (zeros when nothing was seen); they add across processes."""
+        col = torch.zeros(n_features, dtype=torch.float64) if self.col_sum is None else \
+            torch.as_tensor(self.col_sum, dtype=torch.float64)
+        return {"n_rows": torch.tensor([self.n_rows], dtype=torch.float64),
+                "sse": torch.tensor([self.sse], dtype=torch.float64),
+                "sum_sq": torch.tensor([self.sum_sq], dtype=torch.float64), "col_sum": col}
+
+    @staticmethod
+    def from_tensors(t: dict[str, torch.Tensor]) -> "FitAccumulator":
+        """The accumulator `to_tensors` describes (e.g. after summing those of several processes)."""
+        n = int(round(float(t["n_rows"])))
+        return FitAccumulator(n, float(t["sse"]), float(t["sum_sq"]), t["col_sum"].cpu().numpy() if n else None)
 
     def result(self) -> dict:
         """mse, relative_error, r2, n_rows (NaN when nothing was seen)."""
@@ -139,14 +162,25 @@ class ReconstructionMetric:
         self._labels.append(batch.labels.detach().cpu())
         self._groups.append(torch.full((batch.labels.shape[0],), batch.group))
 
-    def result(self, classes: Sequence[str]) -> dict[str, Any]:
-        if not self._recon:
+    def state(self, n_classes: int) -> State:
+        """Per store class: images, hits against the labels (accuracy), hits against the model (agreement)."""
+        sums = {key: torch.zeros(n_classes, dtype=torch.int64) for key in ("images", "accuracy", "agreement")}
+        if self._recon:
+            pred, groups = torch.cat(self._recon).argmax(1), torch.cat(self._groups)
+            hits = {"images": torch.ones_like(pred, dtype=torch.bool), "accuracy": pred == torch.cat(self._labels),
+                    "agreement": pred == torch.cat(self._model).argmax(1)}
+            for key, hit in hits.items():
+                sums[key] += torch.bincount(groups[hit], minlength=n_classes)
+        return State(sums)
+
+    def result(self, classes: Sequence[str], state: State | None = None) -> dict[str, Any]:
+        st = (self.state(len(classes)) if state is None else state).sums
+        seen = [y for y in range(len(classes)) if int(st["images"][y]) > 0]
+        if not seen:
             return {}
-        rec = per_class_accuracy(torch.cat(self._recon), torch.cat(self._labels), torch.cat(self._model),
-                                 torch.cat(self._groups).numpy())
-        for key in ("accuracy", "agreement"):
-            rec[key]["per_class"] = {classes[int(g)]: v for g, v in rec[key]["per_class"].items()}
-        return {"reconstruction": rec}
+        images = {classes[y]: int(st["images"][y]) for y in seen}
+        hits = {key: {classes[y]: int(st[key][y]) for y in seen} for key in ("accuracy", "agreement")}
+        return {"reconstruction": per_class_accuracy_from_counts(images, hits)}
 
 
 class FitMetric:
@@ -154,10 +188,19 @@ class FitMetric:
 
     def __init__(self, W: torch.Tensor, meta: dict[str, Any], settings: Settings) -> None:
         self._acc = {"train": FitAccumulator(), "test": FitAccumulator()}
+        self._n_features = int(W.shape[-1])
 
     def update(self, batch: Batch) -> None:
         self._acc[batch.split].update(batch.rows.reshape(-1, batch.rows.shape[-1]), batch.A_hat)
 
-    def result(self, classes: Sequence[str]) -> dict[str, Any]:
-        train, test = self._acc["train"].result(), self._acc["test"].result()
+    def state(self, n_classes: int) -> State:
+        """The running sums of each split (rows, squared error, squared norm, column sums): they add."""
+        return State({f"{split}.{k}": t for split, acc in self._acc.items()
+                      for k, t in acc.to_tensors(self._n_features).items()})
+
+    def result(self, classes: Sequence[str], state: State | None = None) -> dict[str, Any]:
+        st = (self.state(len(classes)) if state is None else state).sums
+        train, test = (FitAccumulator.from_tensors({k: st[f"{split}.{k}"] for k in ("n_rows", "sse", "sum_sq",
+                                                                                        "col_sum")}).result()
+                       for split in ("train", "test"))
         return {"consistency": consistency(train["mse"], test["mse"]), "fit": {"train": train, "test": test}}

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ._common import Batch, Settings, as_numpy
+from ._common import Batch, Settings, State, as_numpy
 
 _EPS = 1e-12
 
@@ -88,7 +88,11 @@ class SimilarityMetric:
     def update(self, batch: Batch) -> None:
         return None
 
-    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+    def state(self, n_classes: int) -> State:
+        """Nothing: the entry comes from the dictionary, which every process holds."""
+        return State()
+
+    def result(self, classes: Sequence[str], state: State | None = None) -> dict[str, Any]:
         s = concept_similarity(list(self._W) if self._W.ndim == 3 else self._W)
         s["cosine_by_construction"] = self._orthonormal
         return {"similarity": s}

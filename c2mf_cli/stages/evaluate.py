@@ -19,6 +19,14 @@ only the patch tokens are explained and reconstructed (heatmaps use the patch to
 Every metric is computed class by class (one read of each class per store) and pooled. The result is one dict
 (written as JSON by `write_results`, with PNG plots) holding every number, the inputs' fingerprints and the
 settings. The importance target c is the model's own prediction on the original activations.
+
+Under torch.distributed (a process group the caller started, e.g. `c2mf_cli.distributed.start()` from torchrun's
+or srun's environment) every process calls `evaluate` alike. Each takes its share of the classes (`deal`: the
+largest classes first, each to the process with the fewest images so far; train and test dealt separately) and
+computes everything for them; the train class sums are all-reduced before the test pass (the class-mean
+references need every class's mean), and at the end the metrics' states (`metrics.State`: sums and maxima) and
+the per-image arrays (each process fills its own images, zeros elsewhere) are all-reduced. Every process then
+holds the one-process result, to float rounding; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import numpy as np
 import torch
 
 from .._io import unique_names, write_json
-from .. import __version__
+from .. import __version__, distributed
 from ..devices import resolve_device
 from ..errors import C2MFError, UsageError
 from ..metrics import (
@@ -44,6 +52,7 @@ from ..metrics import (
     RANKINGS,
     EVALUATE_METRICS,
     Batch,
+    State,
     cluster_concepts,
     confidence_histograms,
     max_softmax,
@@ -291,6 +300,68 @@ def _store_width(store: StoreLike) -> int:
     raise C2MFError("the store has no images")
 
 
+def deal(counts: Sequence[int], world: int) -> list[int]:
+    """The process (rank) that takes each class: the classes by decreasing image count (ties: lower index first),
+    each to the process with the fewest images so far (ties: lower rank). Deterministic, so every process deals
+    alike without talking; no process holds more than the least-loaded one plus the largest class."""
+    owner = [0] * len(counts)
+    load = [0] * world
+    for y in sorted(range(len(counts)), key=lambda y: (-counts[y], y)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[y] = r
+        load[r] += counts[y]
+    return owner
+
+
+def _whole(parts: Mapping[str, tuple[np.ndarray, np.ndarray]], dev: torch.device) -> dict[str, np.ndarray]:
+    """1-D arrays each process filled at its own entries (`mine`, a mask), made whole on every process: the
+    others' entries are zeroed and the arrays all-reduced (summed) as one float64 vector; integer arrays come
+    back as integers (exact below 2**53)."""
+    if distributed.world_size() == 1:
+        return {k: a for k, (a, _) in parts.items()}
+    flat = torch.from_numpy(np.concatenate([np.where(mine, a, 0).astype(np.float64) for a, mine in parts.values()]))
+    flat = flat.to(dev)
+    _check_same_length(flat.numel(), dev)
+    distributed.all_reduce_sum(flat)
+    out, at, back = {}, 0, flat.cpu().numpy()
+    for k, (a, _) in parts.items():
+        out[k] = back[at : at + a.size].astype(a.dtype)
+        at += a.size
+    return out
+
+
+def _merge_states(states: Sequence[State], dev: torch.device) -> list[State]:
+    """Every process's metric states merged (the sums summed, the maxima maximised) on every process.
+
+    The states come in the same order with the same keys and shapes on every process (the metric contract),
+    so each kind travels as one float64 vector."""
+    if distributed.world_size() == 1:
+        return list(states)
+    merged = [State({}, {}) for _ in states]
+    for kind, reduce in (("sums", distributed.all_reduce_sum), ("maxima", distributed.all_reduce_max)):
+        entries = [(i, key, t) for i, st in enumerate(states) for key, t in sorted(getattr(st, kind).items())]
+        if not entries:
+            continue
+        flat = torch.cat([t.reshape(-1).double().cpu() for _, _, t in entries]).to(dev)
+        _check_same_length(flat.numel(), dev)
+        reduce(flat)
+        back, at = flat.cpu(), 0
+        for i, key, t in entries:
+            getattr(merged[i], kind)[key] = back[at : at + t.numel()].reshape(t.shape).to(t.dtype)
+            at += t.numel()
+    return merged
+
+
+def _check_same_length(n: int, dev: torch.device) -> None:
+    """Refuse to all-reduce vectors of different lengths (a metric whose state depends on the images seen)."""
+    t = torch.tensor([n, -n], dtype=torch.float64, device=dev)
+    distributed.all_reduce_max(t)
+    if int(t[0]) != n or -int(t[1]) != n:
+        raise C2MFError(f"rank {distributed.rank()}: the processes' evaluation states differ in size ({n} here, "
+                        f"{-int(t[1])} to {int(t[0])} in all): every metric's state must depend only on its "
+                        "dictionary and the classes (metrics/_common.py, Metric)")
+
+
 def _take(store: StoreLike, y: int, cap: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = store.n_images(y)
     m = n if cap is None else min(n, cap)
@@ -404,6 +475,7 @@ class _Row:
     metrics: dict[str, list[Any]]
     predictions: dict[str, np.ndarray]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    states: dict[str, list[State]] = dataclasses.field(default_factory=dict)  # merged over processes, per metric
 
     def computed(self) -> list[str]:
         return list(self.variants)
@@ -532,17 +604,23 @@ def evaluate(
         for K in ks:
             if K <= pooled:
                 cd = _clustered_dictionary(dicts[i], K, config.seed)
+                distributed.broadcast({"W": cd.tensors["W"]})  # one dictionary on every process, whatever k-means did
                 rows.append(_make_row(f"{labels[i]} clustered K={K}", cd, class_maps[i], config, n_test,
                                       attribute=False, extra={"capacity": "shared", "clustered_from": labels[i]}))
 
     class_outputs, known = _class_outputs(test_store, train_store, dev)
+    run_by = distributed.describe(dev)  # also the first collective: every process has joined before the data
+    rank, world = distributed.rank(), distributed.world_size()
 
     # train: class means (the k = 0 references) and the train side of fit/consistency, under the headline encoding
     width = _store_width(test_store)
     sums = torch.zeros(len(classes), width, dtype=torch.float64, device=dev)
     n_rows = torch.zeros(len(classes), dtype=torch.float64, device=dev)
-    advance = progress("reconstructing train images", len(classes))
-    for y in range(len(classes)):
+    train_counts = [min(train_store.n_images(y), cap) if cap is not None else train_store.n_images(y)
+                    for y in range(len(classes))]
+    own = [y for y, r in enumerate(deal(train_counts, world)) if r == rank]
+    advance = progress("reconstructing train images", len(own))
+    for y in own:
         if train_store.n_images(y) > 0:
             A, logits, lab = _take(train_store, y, cap)
             sp = _split_positions(torch.from_numpy(A).to(dev), prefix)
@@ -555,6 +633,7 @@ def evaluate(
                 if headline in row.variants:
                     _feed(row, headline, "train", y, sp, tail, ml, lb, pc, None, config, attribute=False)
         advance(1)
+    distributed.all_reduce_sum(sums, n_rows)  # the test pass needs every class's mean
     means = (sums / n_rows.clamp_min(1)[:, None]).float()
     global_mean = (sums.sum(0) / n_rows.sum().clamp_min(1)).float()
     has_mean = (n_rows > 0).cpu()
@@ -564,8 +643,10 @@ def evaluate(
     group = np.zeros(n_test, dtype=np.int64)
     ref_pred = {k: np.zeros(n_test, dtype=np.int64) for k in _REFERENCES}
     h_diff, h_agree = 0.0, 0
-    advance = progress("evaluating test images", len(classes))
-    for y, name in enumerate(classes):
+    test_owner = deal(counts, world)
+    own = [y for y, r in enumerate(test_owner) if r == rank]
+    advance = progress("evaluating test images", len(own))
+    for y in own:
         if counts[y] == 0:
             advance(1)
             continue
@@ -592,6 +673,24 @@ def evaluate(
                       attribute=row.attribute and enc == headline)
         advance(1)
 
+    # every process's images and states, made whole on every process
+    mine = np.repeat(np.asarray(test_owner) == rank, counts)
+    per_image = {"model": model_pred, "label": true_label, "group": group, **{f"ref.{k}": v for k, v in ref_pred.items()},
+                 **{f"{i}.{enc}": p for i, row in enumerate(rows) for enc, p in row.predictions.items()}}
+    per_image = _whole({k: (v, mine) for k, v in per_image.items()}, dev)
+    model_pred, true_label, group = per_image["model"], per_image["label"], per_image["group"]
+    ref_pred = {k: per_image[f"ref.{k}"] for k in ref_pred}
+    for i, row in enumerate(rows):
+        row.predictions = {enc: per_image[f"{i}.{enc}"] for enc in row.predictions}
+    h = torch.tensor([h_diff, h_agree], dtype=torch.float64, device=dev)
+    distributed.all_reduce_max(h[:1])
+    distributed.all_reduce_sum(h[1:])
+    h_diff, h_agree = float(h[0]), int(h[1])
+    merged = iter(_merge_states([m.state(len(classes)) for row in rows for enc in row.computed()
+                                 for m in row.metrics[enc]], dev))
+    for row in rows:
+        row.states = {enc: [next(merged) for _ in row.metrics[enc]] for enc in row.computed()}
+
     references = _references(ref_pred, model_pred, true_label, group, classes, bool(has_mean.all()))
     methods = [_row_result(row, classes, config, model_pred, true_label, group, references) for row in rows]
     significance = _significance(rows, headline, model_pred, true_label, ref_pred)
@@ -606,7 +705,7 @@ def evaluate(
             "crops": _store_identity(crops_store) if crops_store is not None else None,
             "dictionaries": [_dict_identity(d, lab) for d, lab in zip(dictionaries, labels)],
         },
-        "settings": dict(config.to_dict(), device=str(dev), headline_encoding=headline),
+        "settings": dict(config.to_dict(), device=str(dev), headline_encoding=headline, distributed=run_by),
         "h_check": {"max_abs_logit_diff": h_diff, "prediction_agreement": h_agree / n_test, "n_images": n_test},
         "n_test_images": n_test,
         "chance": 1.0 / len(classes),
@@ -622,10 +721,10 @@ def evaluate(
             "references": {k: v.tolist() for k, v in ref_pred.items()},
             "methods": {r.name: {enc: p.tolist() for enc, p in r.predictions.items()} for r in rows},
         },
-        "ood": _ood(test_store, crops_store, config, progress) if crops_store is not None else None,
+        "ood": _ood(test_store, crops_store, config, progress, test_owner, dev) if crops_store is not None else None,
     }
     result["time_s"] = time.perf_counter() - t0
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_writer():
         files = write_results(result, out_dir)
         result["files"] = {k: os.path.basename(v) for k, v in files.items() if k != "json"}  # as in evaluation.json
     return result
@@ -698,8 +797,8 @@ def _row_result(row: _Row, classes: Sequence[str], cfg: EvaluateConfig, model_pr
     per_enc: dict[str, dict[str, Any]] = {}
     for enc in row.computed():
         res: dict[str, Any] = {}
-        for metric in row.metrics[enc]:
-            res.update(metric.result(classes))
+        for metric, state in zip(row.metrics[enc], row.states[enc]):
+            res.update(metric.result(classes, state))
         per_enc[enc] = res
     out.update(per_enc[cfg.headline] if cfg.headline in per_enc else {})
     by_encoding: dict[str, Any] = {}
@@ -786,17 +885,25 @@ def _clustered_dictionary(d: DictionaryLike, K: int, seed: int) -> DictionaryLik
     return ConceptDictionary(tensors, meta).to(d.tensors["W"].device)
 
 
-def _ood(test: StoreLike, crops: StoreLike, cfg: EvaluateConfig, progress: ProgressFn) -> dict:
-    conf_in, conf_out = [], []
-    advance = progress("crop confidences", len(test.classes))
-    for y in range(len(test.classes)):
-        if test.n_images(y):
-            conf_in.append(max_softmax(test.logits(y)))
-        if y < len(crops.classes) and crops.n_images(y):
-            conf_out.append(max_softmax(crops.logits(y)))
+def _ood(test: StoreLike, crops: StoreLike, cfg: EvaluateConfig, progress: ProgressFn, owner: Sequence[int],
+         dev: torch.device) -> dict:
+    """OOD scores of every test image against every crop (all of them: no --max-images-per-class cap); each
+    process reads the confidences of its own classes (`owner`), then they are made whole."""
+    n_in = [test.n_images(y) for y in range(len(test.classes))]
+    n_out = [crops.n_images(y) if y < len(crops.classes) else 0 for y in range(len(test.classes))]
+    at_in, at_out = np.concatenate([[0], np.cumsum(n_in)]), np.concatenate([[0], np.cumsum(n_out)])
+    conf_in, conf_out = np.zeros(int(at_in[-1])), np.zeros(int(at_out[-1]))
+    own = [y for y, r in enumerate(owner) if r == distributed.rank()]
+    advance = progress("crop confidences", len(own))
+    for y in own:
+        if n_in[y]:
+            conf_in[at_in[y] : at_in[y + 1]] = max_softmax(test.logits(y))
+        if n_out[y]:
+            conf_out[at_out[y] : at_out[y + 1]] = max_softmax(crops.logits(y))
         advance(1)
-    s_in = np.concatenate(conf_in) if conf_in else np.zeros(0)
-    s_out = np.concatenate(conf_out) if conf_out else np.zeros(0)
+    mine = np.asarray(owner) == distributed.rank()
+    whole = _whole({"in": (conf_in, np.repeat(mine, n_in)), "out": (conf_out, np.repeat(mine, n_out))}, dev)
+    s_in, s_out = whole["in"], whole["out"]
     out = ood_scores(s_in, s_out)
     out["histograms"] = confidence_histograms(s_in, s_out, bins=cfg.histogram_bins)
     return out

@@ -1,0 +1,213 @@
+"""evaluate on several processes (gloo on CPU) gives the one-process evaluation; a rank that fails ends the run.
+
+One torch.multiprocessing spawn of 3 ranks evaluates a small planted world (uneven classes, one without test
+images, a shared and a per-class dictionary, the clustering ablation, crops, every ranking and encoding) with 3
+ranks, then with 2 (ranks 0 and 1 form a new group), then with 2 where rank 1's test store fails on a class. One
+real CLI process shows a peer that dies ending the run with a clear error. Most of the time is each process
+importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from c2mf_cli import distributed
+from c2mf_cli._io import write_json
+from c2mf_cli.artifacts.dictionary import ConceptDictionary
+from c2mf_cli.artifacts.store import ActivationStore
+from c2mf_cli.errors import C2MFError
+from c2mf_cli.stages.evaluate import EvaluateConfig, deal, evaluate
+from c2mf_cli.stages.factorize import factorize
+
+from .test_distributed import _env, _free_port, run_beside_a_dead_peer
+from .test_evaluate import FakeStore
+
+C, K, H, W_ = 12, 4, 3, 3
+TRAIN = [6, 4, 5, 3, 6]
+TEST = [5, 3, 0, 4, 2]  # class 2 has no test image
+CONFIG = EvaluateConfig(ig_steps=8, batch_size=64, cluster_ks=(2, 4), encode_class=("predicted", "true", "none"),
+                        rankings=("gradcam", "ig", "sobol"), sobol_designs=4)
+
+
+class _Chunks:
+    """One class's activations read lazily, as a store's are: only an index reads (and counts, or fails)."""
+
+    def __init__(self, a: np.ndarray, on_read) -> None:
+        self._a, self._on_read, self.shape = a, on_read, a.shape
+
+    def __getitem__(self, index):
+        self._on_read()
+        return self._a[index]
+
+
+class _Counting(FakeStore):
+    """A FakeStore that counts the images read from it per class (what a process computed on), and may fail on
+    reading one class."""
+
+    def __init__(self, *args, fail_class: int | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.read = [0] * len(self.classes)
+        self.fail_class = fail_class
+
+    def activations(self, y):
+        def on_read() -> None:
+            if y == self.fail_class:
+                raise C2MFError(f"chunk 0 of class {y} is corrupt: extract the store again")
+            self.read[y] += self.n_images(y)
+
+        return _Chunks(super().activations(y), on_read)
+
+
+def _world(fail_class: int | None = None):
+    """Planted dictionary, a tiny h, train / test / crop stores of uneven classes, and two dictionaries."""
+    g = torch.Generator().manual_seed(3)
+    n_cls = len(TRAIN)
+    W = torch.rand(K, C, generator=g)
+    proj = torch.randn(C, n_cls, generator=g)
+
+    def tail(a: torch.Tensor) -> torch.Tensor:  # (m, H, W, C) -> logits
+        return torch.relu(a).mean(dim=(1, 2)) @ proj
+
+    def make(counts, fp, mode="full", scale=1.0, fail=None):
+        acts, logits, labels = [], [], []
+        for y, n in enumerate(counts):
+            U = torch.rand(n, H * W_, K, generator=g)
+            U[..., y % K] += 1.0
+            A = (U @ W + 0.1 * torch.rand(n, H * W_, C, generator=g)).reshape(n, H, W_, C) * scale
+            acts.append(A.numpy())
+            logits.append(tail(A).numpy())
+            labels.append(np.full(n, y))
+        return _Counting(acts, logits, labels, mode=mode, fingerprint=fp, fail_class=fail)
+
+    train, test = make(TRAIN, "train"), make(TEST, "test", fail=fail_class)
+    crops = make([3] * n_cls, "crops", mode="crops", scale=0.3)
+    classes = [f"class{i}" for i in range(n_cls)]
+    shared = ConceptDictionary({"W": W.clone()}, {"method": "nmf", "classes": classes, "codes": "nnls"})
+    per_class = ConceptDictionary({"W": torch.rand(n_cls, 2, C, generator=g)},
+                                  {"method": "craft", "classes": classes, "codes": "nnls"})
+    return tail, train, test, crops, [shared, per_class]
+
+
+def _evaluate(out_dir: Path | None, fail_class: int | None = None) -> tuple[dict, list[int], list[int]]:
+    tail, train, test, crops, dicts = _world(fail_class)
+    res = evaluate(train, test, dicts, crops, CONFIG, tail=tail, device="cpu", out_dir=out_dir)
+    return res, train.read, test.read
+
+
+def _run(rank: int, world: int, port: int, out: Path, tag: str, fail_class: int | None = None,
+         write: bool = True) -> None:
+    distributed.start("cpu", 30, env=_env(rank, world, port))
+    try:
+        res, train_read, test_read = _evaluate(out / tag if write else None, fail_class)
+        write_json(out / f"{tag}.json", {"result": res, "train_read": train_read, "test_read": test_read})
+    except C2MFError as e:  # what the CLI would print as its Error: line
+        (out / f"{tag}.error").write_text(str(e))
+    finally:
+        distributed.stop()
+
+
+def _worker(rank: int, ports: tuple[int, int, int], out: str) -> None:
+    torch.set_num_threads(1)
+    _run(rank, 3, ports[0], Path(out), f"w3-r{rank}")
+    if rank < 2:
+        _run(rank, 2, ports[1], Path(out), f"w2-r{rank}", write=False)  # its result is what rank 0 writes
+        # rank 1 owns classes 3 and 1 of the test pass (dealt: 0 -> r0, 3 -> r1, 1 -> r1, 4 -> r0, 2 -> r0)
+        _run(rank, 2, ports[2], Path(out), f"w2-fail-r{rank}", fail_class=3 if rank == 1 else None)
+
+
+def _same(a, b, path: str = "") -> None:
+    """Equal JSON, floats to float tolerance (sums in another order)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {sorted(set(a) ^ set(b))}"
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), f"{path}: {len(a)} vs {len(b)} entries"
+        for i, (u, v) in enumerate(zip(a, b)):
+            _same(u, v, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or (math.isnan(a) and math.isnan(b)):
+            assert a is b or (a is not None and b is not None), f"{path}: {a} vs {b}"
+            return
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def _numbers(res: dict) -> dict:
+    """The result without what may differ between runs: wall time and how the work was divided."""
+    res = json.loads(json.dumps(res))
+    res.pop("time_s")
+    res.pop("files", None)
+    assert res["settings"].pop("distributed")["backend"] in (None, "gloo")
+    return res
+
+
+def test_evaluate_same_result_on_1_2_3_processes(tmp_path, one_thread):
+    ref, train_read, test_read = _evaluate(tmp_path / "w1")
+    ref_file = json.loads((tmp_path / "w1" / "evaluation.json").read_text())
+    assert ref["settings"]["distributed"]["world_size"] == 1
+    # what the comparison must cover is there
+    shared, per_class = ref["methods"][:2]
+    assert set(shared["insertion_deletion"]) == {"gradcam", "ig", "sobol"}
+    assert shared["importance"]["ig_completeness"]["max_abs_error"] > 0
+    assert per_class["by_encoding"]["none"] == {"skipped": per_class["by_encoding"]["none"]["skipped"]}
+    assert [m["name"] for m in ref["methods"][2:]] == ["craft k=2 clustered K=2", "craft k=2 clustered K=4"]
+    assert ref["significance"]["pairs"] and ref["ood"]["n_in"] == sum(TEST)
+    assert "class2" not in shared["reconstruction"]["accuracy"]["per_class"]
+
+    ports = (_free_port(), _free_port(), _free_port())
+    torch.multiprocessing.spawn(_worker, args=(ports, str(tmp_path)), nprocs=3, join=True)
+
+    for world in (2, 3):
+        held = [json.loads((tmp_path / f"w{world}-r{r}.json").read_text()) for r in range(world)]
+        run_by = held[0]["result"]["settings"]["distributed"]
+        assert run_by["world_size"] == world and run_by["backend"] == "gloo" and len(run_by["devices"]) == world
+        # the one-process evaluation (references, per-image predictions, curves, importance, fit, significance,
+        # OOD, clustering), held by every rank
+        for r in range(world):
+            _same(_numbers(ref_file), _numbers(held[r]["result"]), f"rank {r} of {world}")
+        # the ranks divided the classes: together they read what one process did, each only a part
+        for key, one in (("train_read", train_read), ("test_read", test_read)):
+            per_rank = np.array([h[key] for h in held])
+            assert per_rank.sum(0).tolist() == one, (key, per_rank)
+            assert ((per_rank > 0).sum(0) <= 1).all() and (per_rank.sum(1) < sum(one)).all(), (key, per_rank)
+    # on 3 processes rank 0 wrote the same evaluation.json and plots; the other ranks wrote nothing
+    written = json.loads((tmp_path / "w3-r0" / "evaluation.json").read_text())
+    _same(_numbers(ref_file), _numbers(written), "evaluation.json on 3 processes")
+    assert sorted(p.name for p in (tmp_path / "w3-r0").iterdir()) == sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert not (tmp_path / "w3-r1").exists() and not (tmp_path / "w3-r2").exists()
+
+    # rank 1 failed on its class: it says why, rank 0 ends with the clear error instead of waiting
+    assert "class 3 is corrupt" in (tmp_path / "w2-fail-r1.error").read_text()
+    survivor = (tmp_path / "w2-fail-r0.error").read_text()
+    assert survivor.startswith("rank 0 of 2: another process of this run stopped"), survivor
+    assert not (tmp_path / "w2-fail-r0").exists()
+
+
+def test_a_dead_rank_ends_the_cli_evaluation_with_a_clear_error(tmp_path, tiny_store, tiny_test_store, one_thread):
+    d = factorize(ActivationStore.open(tiny_store).row_source(), "nmf", device="cpu", concepts=3, iterations=2)
+    d.save(tmp_path / "nmf.safetensors")
+    out = tmp_path / "ev"
+    run_beside_a_dead_peer(["evaluate", "--train", str(tiny_store), "--test", str(tiny_test_store), "--dict",
+                            str(tmp_path / "nmf.safetensors"), "--ig-steps", "2", "-o", str(out)])
+    assert not (out / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize("counts, world", [([5, 3, 0, 4, 2], 2), ([5, 3, 0, 4, 2], 3), ([1, 1], 4),
+                                           ([7, 7, 7, 7, 7, 7, 1], 3), ([], 2)])
+def test_deal_gives_every_class_to_one_rank_and_balances_images(counts, world):
+    owner = deal(counts, world)
+    assert owner == deal(list(counts), world) and len(owner) == len(counts)
+    assert all(0 <= r < world for r in owner)
+    load = [sum(n for n, r in zip(counts, owner) if r == k) for k in range(world)]
+    # greedy largest-first: no rank holds more than the lightest one plus the largest class
+    assert max(load) - min(load) <= max(counts, default=0)
+    if len(counts) >= world and min(counts, default=0) > 0:
+        assert min(load) > 0
