@@ -295,6 +295,10 @@ def evaluate(
         dictionaries: `ConceptDictionary` objects (e.g. from `fit`) or paths of saved ones.
         out_dir: where to write evaluation.json and the plots; None writes nothing.
         settings: fields of `EvaluateConfig` (max_images_per_class=..., ig_steps=..., ...).
+
+    Under a process group (torchrun / srun and `c2mf_cli.distributed.start()`) every process calls it alike:
+    each computes its share of the classes, all return the whole result, and only rank 0 writes `out_dir`
+    (images in memory are run through the model by every process: that mode is for small sets).
     """
     from .artifacts.store import ActivationStore
     from ._io import jsonable
