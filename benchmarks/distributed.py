@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from _common import RESULTS, write_result
+from _common import RESULTS, free_port, rank_env, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,8 +92,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+    env = rank_env(rank, world, port)
     dev = distributed.start(args.device, 300, env=env) or args.device
     try:
         source = Blocks(args.rows, args.channels, args.block, args.seed)
@@ -150,12 +148,6 @@ def store_read_rate(images: int, channels: int, positions: int = 49, chunk_image
             "disk_bytes_per_float16_byte": disk / (rows * channels * 2)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--procs", default="1,2", help="comma list of process counts")
@@ -182,7 +174,7 @@ def main() -> None:
             runs.append({"processes": world, "skipped": f"only {torch.cuda.device_count()} GPU(s)"})
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_worker, args=(world, _free_port(), args, tmp), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), args, tmp), nprocs=world, join=True)
             ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
         pass_s = max(r["steady_pass_seconds"] for r in ranks)  # a pass ends when the slowest rank is done
         cpu = max(r["fit_cpu_seconds"] for r in ranks)

@@ -682,10 +682,10 @@ def evaluate(
     ref_pred = {k: per_image[f"ref.{k}"] for k in ref_pred}
     for i, row in enumerate(rows):
         row.predictions = {enc: per_image[f"{i}.{enc}"] for enc in row.predictions}
-    h = torch.tensor([h_diff, h_agree], dtype=torch.float64, device=dev)
-    distributed.all_reduce_max(h[:1])
-    distributed.all_reduce_sum(h[1:])
-    h_diff, h_agree = float(h[0]), int(h[1])
+    largest, agreed = (torch.tensor([v], dtype=torch.float64, device=dev) for v in (h_diff, h_agree))
+    distributed.all_reduce_max(largest)
+    distributed.all_reduce_sum(agreed)
+    h_diff, h_agree = float(largest), int(agreed)
     merged = iter(_merge_states([m.state(len(classes)) for row in rows for enc in row.computed()
                                  for m in row.metrics[enc]], dev))
     for row in rows:
