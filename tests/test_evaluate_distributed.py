@@ -211,3 +211,54 @@ def test_deal_gives_every_class_to_one_rank_and_balances_images(counts, world):
     assert max(load) - min(load) <= max(counts, default=0)
     if len(counts) >= world and min(counts, default=0) > 0:
         assert min(load) > 0
+
+
+# ----- the metric contract, without processes -----
+def _batches(n_classes: int = 3) -> tuple[torch.Tensor, list[dict]]:
+    """A dictionary and the fields of train and test batches of several classes (a tiny linear head)."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.rand(K, C, generator=g)
+    proj = torch.randn(C, n_classes, generator=g)
+
+    def head(U: torch.Tensor) -> torch.Tensor:
+        return (U @ W).mean(dim=1) @ proj
+
+    out = []
+    for i, (split, y, n) in enumerate([("train", 0, 4), ("test", 0, 3), ("test", 1, 5), ("train", 2, 2),
+                                      ("test", 2, 1), ("test", 1, 2)]):
+        U = torch.rand(n, H * W_, K, generator=g)
+        rows = U @ W + 0.05 * torch.rand(n, H * W_, C, generator=g)
+        model_logits = rows.mean(dim=1) @ proj
+        out.append(dict(split=split, group=y, rows=rows, U=U, A_hat=(U @ W).reshape(-1, C), head=head, side=None,
+                        model_logits=model_logits, labels=torch.full((n,), y),
+                        recon_logits=head(U) if split == "test" else None, attribute=split == "test"))
+    return W, out
+
+
+def test_metric_states_of_disjoint_batches_merge_to_the_state_of_all():
+    """Every metric of EVALUATE_METRICS: the merged states of two processes' batches are the state of all of
+    them (so the same entries), and a metric that saw nothing has the same keys and shapes (all-reducible)."""
+    from c2mf_cli.metrics import EVALUATE_METRICS, Batch
+
+    n_classes, classes = 3, ["a", "b", "c"]
+    W, fields = _batches(n_classes)
+    meta = {"method": "nmf", "classes": classes, "codes": "nnls"}
+    whole, first, second, idle = ([m(W, meta, CONFIG) for m in EVALUATE_METRICS] for _ in range(4))
+    for i, f in enumerate(fields):
+        for metrics in (whole, first if i % 2 else second):
+            batch = Batch(**f)  # its own `shared`: importance hands its rankings to insertion/deletion
+            for m in metrics:
+                m.update(batch)
+    for w, a, b, none in zip(whole, first, second, idle):
+        name = type(w).__name__
+        st, merged, empty = w.state(n_classes), a.state(n_classes).merge(b.state(n_classes)), none.state(n_classes)
+        for kind in ("sums", "maxima"):
+            mine, theirs, nothing = getattr(st, kind), getattr(merged, kind), getattr(empty, kind)
+            assert set(mine) == set(theirs) == set(nothing), name
+            for key, t in mine.items():
+                assert nothing[key].shape == t.shape and nothing[key].dtype == t.dtype, (name, key)
+                torch.testing.assert_close(theirs[key], t, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name} {key}: {m}")
+        _same(json.loads(json.dumps(w.result(classes))), json.loads(json.dumps(w.result(classes, merged))), name)
+    # what the comparison covered
+    entries = {k for w in whole for k in w.result(classes)}
+    assert entries >= {"reconstruction", "fit", "consistency", "importance", "insertion_deletion", "similarity"}
