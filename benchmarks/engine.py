@@ -5,6 +5,8 @@ batched code step, and CRAFT against scikit-learn's NMF per class, written as JS
     python benchmarks/engine.py --quick            # smaller cases: a smoke run
     python benchmarks/engine.py --before REV       # the engine of another commit as "before"
     python benchmarks/engine.py --device cuda --before none   # on a GPU, without git (no "before" column)
+    python benchmarks/engine.py --only craft --previous e6cc71d   # the craft cases and scikit-learn, with the
+                                                   # engine of another commit as a third column, "previous"
 
 What it measures, each case in its own subprocess (1 torch thread), "before" being the tree of `--before`
 (default: the commit before the batched engine) exported with `git archive`, "after" this tree:
@@ -95,13 +97,13 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
         from sklearn.decomposition import NMF
 
         arrays = planted(case["classes"], tuple(case["rows"]), case["channels"], case["seed"])
-        t0, errors = time.perf_counter(), []
+        t0, c0, errors = time.perf_counter(), time.process_time(), []
         for a in arrays:
             model = NMF(n_components=case["k"], solver="cd", init="nndsvda", random_state=0)
             U = model.fit_transform(a.astype(np.float64))
             errors.append(float(np.linalg.norm(a - U @ model.components_) / np.linalg.norm(a)))
-        return {"seconds": time.perf_counter() - t0, "mean_relative_error": float(np.mean(errors)),
-                "classes": len(arrays)}
+        return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                "mean_relative_error": float(np.mean(errors)), "classes": len(arrays)}
     rows = case["rows"] if isinstance(case["rows"], int) else tuple(case["rows"])
     arrays = planted(case["classes"], rows, case["channels"], case["seed"])
     opts = dict(case["options"])
@@ -110,15 +112,16 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
             source: Any = ZarrSource(tmp, arrays)
         else:
             source = ArraySource(arrays, mode="crops" if case["method"] == "craft" else "full")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         d = factorize(source, case["method"], device=case["device"], **opts)
         if case["device"].startswith("cuda"):
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     hist = d.meta["history"]
     passes = [h["passes"] for h in hist]
     steady = float(np.median([r["seconds"] for r in hist[0]["loss"]]))
-    return {"seconds": seconds, "class_passes": int(sum(passes)), "max_passes": int(max(passes)),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "class_passes": int(sum(passes)),
+            "max_passes": int(max(passes)),
             "seconds_per_class_pass": seconds / sum(passes),
             # one pass of a one-dictionary fit (c2mf), the median of those it recorded: no start, no sample
             "seconds_per_pass": steady,
@@ -140,6 +143,9 @@ def run(case: dict[str, Any], tree: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", default=BEFORE, help="git revision whose engine is 'before'")
+    ap.add_argument("--previous", default="none", help="git revision run as a third column (none: skip)")
+    ap.add_argument("--only", default="", help="run the cases whose names start with this (and scikit-learn "
+                    "with craft_cub_fit); the result file then says so in its name")
     ap.add_argument("--quick", action="store_true", help="smaller cases: a smoke run")
     ap.add_argument("--device", default="cpu", help="where our fits run (scikit-learn runs on the CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -163,53 +169,63 @@ def main() -> None:
         cases += [("c2mf_many_small_zarr", dict(many, zarr=True), True),
                   ("c2mf_many_small_zarr_streamed", dict(many, zarr=True, options=dict(fixed, cache_gb=0.0)), False)]
     cases += [("craft_cub_fit", cub, True), ("craft_200_classes_5_passes", crops, True)]
+    cases = [c for c in cases if c[0].startswith(args.only)]
     with tempfile.TemporaryDirectory() as tmp:
-        before = Path(tmp) / "before"
-        if args.before != "none":
-            before.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "c2mf_cli"], check=True,
-                                     capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        trees = {}
+        for when, rev in (("before", args.before), ("previous", args.previous)):
+            if rev != "none":
+                trees[when] = Path(tmp) / when
+                trees[when].mkdir()
+                archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "c2mf_cli"], check=True,
+                                         capture_output=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(trees[when])], input=archive, check=True)
         results: dict[str, Any] = {}
         for name, case, with_before in cases:
             case = dict(case, name=name)
             results[name] = {"case": case, "after": run(case, ROOT)}
-            if with_before and args.before != "none":
-                results[name]["before"] = run(case, before)
-        if importlib.util.find_spec("sklearn") is not None:
+            for when, tree in trees.items():
+                if with_before:
+                    results[name][when] = run(case, tree)
+        craft = "craft_cub_fit" in results  # scikit-learn runs on its shape
+        if craft and importlib.util.find_spec("sklearn") is not None:
             sk = dict(cub, kind="sklearn", name="sklearn_nmf_per_class", k=k)
             results["sklearn_nmf_per_class"] = {"case": sk, "after": run(sk, ROOT)}
-        else:
+        elif craft:
             results["sklearn_nmf_per_class"] = {"skipped": "scikit-learn is not installed in this environment"}
 
     def per_row(name: str, when: str) -> float:
         r = results[name][when]
         return r["seconds_per_pass"] / r["rows"]
 
-    def speedup(name: str, key: str) -> float:
-        return results[name]["before"][key] / results[name]["after"][key]
-
+    ratios: dict[str, float] = {}
     # cost of a row in many small classes over a row in few large ones (1.0: no per-class overhead)
-    ratios = {"many_over_few_per_row_after": per_row("c2mf_many_small", "after") / per_row("c2mf_few_large", "after")}
-    zarr = "c2mf_many_small_zarr" in results
-    if zarr:
+    if "c2mf_many_small" in results and "c2mf_few_large" in results:
+        for when in ("after", *trees):
+            ratios[f"many_over_few_per_row_{when}"] = (per_row("c2mf_many_small", when)
+                                                       / per_row("c2mf_few_large", when))
+    if "c2mf_many_small_zarr_streamed" in results:
         ratios["zarr_streamed_over_held"] = (results["c2mf_many_small_zarr_streamed"]["after"]["seconds_per_pass"]
                                              / results["c2mf_many_small_zarr"]["after"]["seconds_per_pass"])
-    else:
+    elif importlib.util.find_spec("zarr") is None:
         results["c2mf_many_small_zarr"] = {"skipped": "zarr is not installed in this environment"}
-    if args.before != "none":
-        ratios.update({
-            "many_over_few_per_row_before": per_row("c2mf_many_small", "before") / per_row("c2mf_few_large", "before"),
-            "c2mf_many_small_speedup": speedup("c2mf_many_small", "seconds_per_pass"),
-            "c2mf_few_large_speedup": speedup("c2mf_few_large", "seconds_per_pass"),
-            "craft_cub_fit_speedup": speedup("craft_cub_fit", "seconds"),
-            "craft_200_classes_speedup": speedup("craft_200_classes_5_passes", "seconds"),
-        })
-        if zarr:
-            ratios["c2mf_many_small_zarr_speedup"] = speedup("c2mf_many_small_zarr", "seconds_per_pass")
-    if "after" in results["sklearn_nmf_per_class"]:
-        ratios["sklearn_over_craft_cub_fit_seconds"] = (results["sklearn_nmf_per_class"]["after"]["seconds"]
-                                                        / results["craft_cub_fit"]["after"]["seconds"])
+    # this tree's speed-up over each other tree: time there / time here
+    speedups = [("c2mf_many_small", "seconds_per_pass"), ("c2mf_few_large", "seconds_per_pass"),
+                ("c2mf_many_small_zarr", "seconds_per_pass"), ("craft_cub_fit", "seconds"),
+                ("craft_200_classes_5_passes", "seconds")]
+    for name, key in speedups:
+        for when in trees:
+            if when in results.get(name, {}):
+                label = name.replace("_5_passes", "") + "_speedup" + ("" if when == "before" else f"_over_{when}")
+                ratios[label] = results[name][when][key] / results[name]["after"][key]
+    # the same in CPU seconds of the fitting process (1 thread): less moved by other jobs' load than wall time
+    for when in trees:
+        if when in results.get("craft_cub_fit", {}):
+            ratios["craft_cub_fit_cpu_speedup" + ("" if when == "before" else f"_over_{when}")] = (
+                results["craft_cub_fit"][when]["cpu_seconds"] / results["craft_cub_fit"]["after"]["cpu_seconds"])
+    if "after" in results.get("sklearn_nmf_per_class", {}):  # (run only with craft_cub_fit)
+        for key in ("seconds", "cpu_seconds"):
+            ratios[f"sklearn_over_craft_cub_fit_{key}"] = (results["sklearn_nmf_per_class"]["after"][key]
+                                                           / results["craft_cub_fit"]["after"][key])
     import torch
 
     doc = {
@@ -221,12 +237,15 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "before": args.before,
+        "previous": args.previous,
+        "only": args.only,
         "quick": args.quick,
         "results": results,
         "ratios": ratios,
     }
     tag = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = write_result(doc, args.out or RESULTS / f"engine-{tag}-{platform.node()}.json")
+    only = f"-{args.only}" if args.only else ""
+    out = write_result(doc, args.out or RESULTS / f"engine{only}-{tag}-{platform.node()}.json")
     for name, v in ratios.items():
         print(f"{name}: {v:.2f}", file=sys.stderr)
     print(str(out))

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 from safetensors.torch import load_file, safe_open
+from torch.nn.utils.rnn import pad_sequence
 
 from .._io import dumps, write_safetensors
 from ..distributed import all_reduce_min, all_reduce_sum, broadcast, is_writer, share
@@ -48,6 +49,8 @@ from .solvers.nnls import code_block_elements, nnls_gram_batched
 
 State = dict[str, torch.Tensor]  # "W" (k, c) and, for gated models, "g" (m, k) gate values in (0, 1)
 CHECKPOINT_TYPE = "c2mf-checkpoint"
+PAD_SLACK = 1.2  # a solve pads its classes to one length when that adds at most this share of rows
+PADDED_ELEMENTS = 1 << 26  # rows x channels of one solve's padded copy (256 MB in float32)
 SUBSAMPLE_TOL = 1e-3  # stopping tolerance of the subsample fit (a starting point, refined on all rows)
 
 
@@ -95,28 +98,36 @@ class GroupResult:
     subsample: dict[str, Any] | None = None  # summary of the subsample fit that started this one
 
 
-def bases(state: State, idx: torch.Tensor) -> torch.Tensor:
-    """The (b, k, c) dictionaries D_i of the classes at positions idx: W, diag(g_i) W, or W[i] when the state
+def _take(t: torch.Tensor, pos: list[int]) -> torch.Tensor:
+    """t[pos] along the first axis: a view when the positions run consecutively (no copy of stacked
+    dictionaries, the usual case: a solve's classes follow each other)."""
+    if pos == list(range(pos[0], pos[0] + len(pos))):
+        return t[pos[0] : pos[0] + len(pos)]
+    return t[torch.tensor(pos, device=t.device)]
+
+
+def bases(state: State, pos: list[int]) -> torch.Tensor:
+    """The (b, k, c) dictionaries D_i of the classes at positions pos: W, diag(g_i) W, or W[i] when the state
     stacks one dictionary per class (several per-class fits at once)."""
     W = state["W"]
     if W.ndim == 3:
-        return W[idx]
+        return _take(W, pos)
     if "g" in state:
-        return state["g"][idx][:, :, None] * W
-    return W.expand(idx.shape[0], *W.shape)
+        return _take(state["g"], pos)[:, :, None] * W
+    return W.expand(len(pos), *W.shape)
 
 
-def grams(state: State, idx: torch.Tensor) -> torch.Tensor:
-    """D_i D_i^T (b, k, k) for the classes at positions idx, from one k x k product where W is shared."""
+def grams(state: State, pos: list[int]) -> torch.Tensor:
+    """D_i D_i^T (b, k, k) for the classes at positions pos, from one k x k product where W is shared."""
     W = state["W"]
     if W.ndim == 3:
-        Wi = W[idx]
+        Wi = _take(W, pos)
         return torch.bmm(Wi, Wi.mT)
     M = W @ W.T
     if "g" in state:
-        g = state["g"][idx]
+        g = _take(state["g"], pos)
         return g[:, :, None] * M * g[:, None, :]
-    return M.expand(idx.shape[0], *M.shape)
+    return M.expand(len(pos), *M.shape)
 
 
 def _batches(source: RowSource, y: int, batch_size: int | None):
@@ -160,6 +171,17 @@ def kmeans_pp(X: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return solvers_kmeans_pp(X, k, torch.Generator().manual_seed(seed))
 
 
+Piece = tuple[int, int]  # (class, index of the piece among the class's pieces)
+
+
+def _padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(b, n, c): the parts, the shorter ones padded with zero rows (a plain stack, no zero fill, when all are
+    as long)."""
+    if all(p.shape[0] == parts[0].shape[0] for p in parts):
+        return torch.stack(parts)
+    return pad_sequence(parts, batch_first=True)
+
+
 class Rows:
     """The rows a pass reads, class by class, in pieces of at most `block` rows: streamed from the source in
     batches (checked for NaN / inf / sign as they come) on every pass, or, when `keep`, held on the device after
@@ -169,7 +191,10 @@ class Rows:
                  shift: float, keep: bool) -> None:
         self.source, self.n_features, self.st, self.device, self.shift = source, n_features, st, device, shift
         self.block = max(512, code_block_elements(device) // st.k)
-        self.kept: dict[int, list[torch.Tensor]] | None = {} if keep else None
+        self.kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = {} if keep else None
+        # held rows: the stacks of solves (see `stack`) made or used by this pass and by the last one
+        self._used: dict[tuple[Piece, ...], torch.Tensor] = {}
+        self._last: dict[tuple[Piece, ...], torch.Tensor] = {}
 
     @classmethod
     def of_tensors(cls, parts: list[torch.Tensor], st: EngineSettings, device: torch.device) -> "Rows":
@@ -178,12 +203,14 @@ class Rows:
         rows.kept = {y: [(a, sq_norm(a)) for a in torch.split(p, rows.block)] for y, p in enumerate(parts)}
         return rows
 
-    def pieces(self, classes: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(position e in `classes`, rows of class classes[e], their ||.||^2) for every piece, class after class."""
+    def pieces(self, classes: list[int]) -> Iterator[tuple[int, Piece, torch.Tensor, torch.Tensor]]:
+        """(position e in `classes`, which piece, rows of class classes[e], their ||.||^2) for every piece, class
+        after class."""
+        self._last, self._used = self._used, {}
         for e, y in enumerate(classes):
             if self.kept is not None and y in self.kept:
-                for a, sq in self.kept[y]:
-                    yield e, a, sq
+                for i, (a, sq) in enumerate(self.kept[y]):
+                    yield e, (y, i), a, sq
                 continue
             if self.source is None:
                 raise ValueError(f"class {y} is not among the rows held")
@@ -195,9 +222,33 @@ class Rows:
                     a = a + self.shift
                 for piece in torch.split(a, self.block):
                     got.append((piece, sq_norm(piece)))
-                    yield e, *got[-1]
+                    yield e, (y, len(got) - 1), *got[-1]
             if self.kept is not None:
                 self.kept[y] = got
+
+    def stack(self, keys: list[Piece], parts: list[torch.Tensor]) -> torch.Tensor:
+        """The pieces of one solve as a (b, n, c) tensor, the shorter ones padded with zero rows. Held rows keep
+        the stacks of the last pass and are re-pointed into them (no second copy): a pass over the same classes
+        as the last one copies nothing."""
+        if len(parts) == 1:
+            return parts[0][None]
+        if self.kept is None:
+            return _padded(parts)
+        key = tuple(keys)
+        A = self._last.pop(key, None)
+        if A is None:
+            self._last.clear()  # another set of classes: the old stacks' other chunks will not come back
+            A = _padded(parts)
+            for j, ((y, i), a) in enumerate(zip(keys, parts)):
+                if y in self.kept:  # (a class still being read keeps its piece until the next pass)
+                    self.kept[y][i] = (A[j, : a.shape[0]], self.kept[y][i][1])
+        self._used[key] = A
+        return A
+
+    def forget(self, y: int) -> None:
+        """Drop the held rows of class y (its fit has ended; a later pass would read them again)."""
+        if self.kept is not None:
+            self.kept.pop(y, None)
 
 
 def pass_stats(rows: Rows, classes: list[int], state: State, st: EngineSettings, device: torch.device) -> Stats:
@@ -205,45 +256,70 @@ def pass_stats(rows: Rows, classes: list[int], state: State, st: EngineSettings,
 
     Class e of the statistics is `classes[e]` of `rows`, coded on the dictionary at position e of `state`.
     Pieces of many classes are solved together (padded with zero rows, whose codes are exactly 0 and add
-    nothing), up to `code_block_elements` codes per solve: a few kernel launches per pass, not some per class.
-    """
+    nothing), up to `code_block_elements` codes and PADDED_ELEMENTS padded rows x channels per solve: a few
+    kernel launches per pass, not some per class. Pieces about as long (padding adds at most PAD_SLACK) are
+    stacked into one tensor for the products A D^T and U^T A; others are multiplied piece by piece."""
     k, c, m = st.k, rows.n_features, len(classes)
-    S = torch.zeros((m, k, k), device=device)
-    R = torch.zeros((m, k, c), device=device)
+    solved: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # (positions, S, R) of each solve
     norms: list[torch.Tensor] = []
     owners: list[int] = []
     counts = [0] * m
     budget = code_block_elements(device)
     eye = torch.eye(k, device=device)
 
-    def solve(chunk: list[tuple[int, torch.Tensor]]) -> None:
-        idx = torch.tensor([e for e, _ in chunk], device=device)
-        D = bases(state, idx)
-        G = grams(state, idx) + st.ridge * eye if st.ridge else grams(state, idx)
-        B = torch.zeros((len(chunk), max(a.shape[0] for _, a in chunk), k), device=device)
-        for j, (_, a) in enumerate(chunk):
-            B[j, : a.shape[0]] = a @ D[j].T
+    def solve(chunk: list[tuple[int, Piece, torch.Tensor]]) -> None:
+        pos = [e for e, _, _ in chunk]
+        parts = [a for _, _, a in chunk]
+        G = grams(state, pos) + st.ridge * eye if st.ridge else grams(state, pos)
+        W = state["W"]
+        n = max(a.shape[0] for a in parts)
+        A = None
+        if len(parts) * n <= PAD_SLACK * sum(a.shape[0] for a in parts):
+            # the rows as one (b, n, c) tensor, shorter classes padded with zero rows: one product each way
+            A = rows.stack([key for _, key, _ in chunk], parts)
+            if W.ndim == 3:
+                B = torch.bmm(bases(state, pos), A.mT).mT  # made as (b, k, n), the layout the solver reads
+            else:  # a shared W: one product, then each class's gates
+                B = A @ W.T
+                if "g" in state:
+                    B.mul_(_take(state["g"], pos)[:, None, :])
+        else:  # classes of unequal sizes: a product per class (padding would cost more than the calls)
+            D = bases(state, pos)
+            B = torch.zeros((len(parts), n, k), device=device)
+            for j, a in enumerate(parts):
+                B[j, : a.shape[0]] = a @ D[j].T
         U = nnls_gram_batched(G, B, iters=st.code_iters, solver=st.code_solver)  # type: ignore[arg-type]
-        S.index_add_(0, idx, torch.bmm(U.mT, U))  # a class appears once per chunk: no accumulation race
-        for j, (e, a) in enumerate(chunk):
-            R[e].addmm_(U[j, : a.shape[0]].T, a)
+        R = (torch.bmm(U.mT, A) if A is not None
+             else torch.stack([U[j, : a.shape[0]].T @ a for j, a in enumerate(parts)]))
+        solved.append((pos, torch.bmm(U.mT, U), R))
 
-    chunk: list[tuple[int, torch.Tensor]] = []
+    chunk: list[tuple[int, Piece, torch.Tensor]] = []
     widest = 0
-    for e, a, sq in rows.pieces(classes):
+    for e, key, a, sq in rows.pieces(classes):
         counts[e] += a.shape[0]
         norms.append(sq)
         owners.append(e)
         if not a.shape[0]:
             continue
         wide = max(widest, a.shape[0])
-        if chunk and ((len(chunk) + 1) * wide * k > budget or chunk[-1][0] == e):
+        if chunk and ((len(chunk) + 1) * wide * k > budget or (len(chunk) + 1) * wide * c > PADDED_ELEMENTS
+                      or chunk[-1][0] == e):
             solve(chunk)
             chunk, wide = [], a.shape[0]
-        chunk.append((e, a))
+        chunk.append((e, key, a))
         widest = wide
     if chunk:
         solve(chunk)
+    if [e for pos, _, _ in solved for e in pos] == list(range(m)):  # each class in one solve, in order
+        S = torch.cat([s for _, s, _ in solved]) if len(solved) > 1 else solved[0][1]
+        R = torch.cat([r for _, _, r in solved]) if len(solved) > 1 else solved[0][2]
+    else:  # classes split over solves, or without rows
+        S = torch.zeros((m, k, k), device=device)
+        R = torch.zeros((m, k, c), device=device)
+        for pos, s, r in solved:
+            idx = torch.tensor(pos, device=device)
+            S.index_add_(0, idx, s)
+            R.index_add_(0, idx, r)
     a2 = torch.zeros(m, dtype=torch.float64, device=device)
     if norms:
         a2.index_add_(0, torch.tensor(owners, device=device), torch.stack(norms))
@@ -268,14 +344,13 @@ def class_weights(stats: Stats, weighting: str) -> torch.Tensor:
 def class_terms(state: State, stats: Stats, st: EngineSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class, ||A_i - U_i D_i||^2 = ||A_i||^2 - 2 <R_i, D_i> + <S_i, D_i D_i^T> and the ridge term
     ridge * tr(S_i), exactly, in float64 (m,), for all classes at once."""
-    idx = torch.arange(stats.S.shape[0], device=stats.S.device)
     W = state["W"]
     if W.ndim == 3:
-        cross = torch.einsum("mkc,mkc->m", stats.R, W)
+        cross = (stats.R * W).sum((1, 2))  # (einsum's kernel is several times slower here)
     else:
         rw = torch.einsum("mkc,kc->mk", stats.R, W)
         cross = (rw * state["g"]).sum(1) if "g" in state else rw.sum(1)
-    quad = (stats.S * grams(state, idx)).sum((1, 2))
+    quad = (stats.S * grams(state, list(range(stats.S.shape[0])))).sum((1, 2))
     recon = (stats.a2 - 2 * cross.double() + quad.double()).clamp_min(0.0)
     return recon, st.ridge * torch.diagonal(stats.S, dim1=1, dim2=2).sum(1).double()
 
@@ -372,12 +447,13 @@ def _run_passes(rows: Rows, results: list[GroupResult], members: list[list[int]]
         active = [gi for gi, r in enumerate(results) if not _finished(r, st)]
         if not active:
             return
+        idx = None  # the groups' places in the stacked state when only some of them are still fitting
+        sub, classes = state, members[0]
         if several:
-            idx = torch.tensor(active, device=device)
-            sub = {name: t[idx] for name, t in state.items()}
             classes = [members[gi][0] for gi in active]
-        else:
-            sub, classes = state, members[0]
+            if len(active) < len(results):
+                idx = torch.tensor(active, device=device)
+                sub = {name: t[idx] for name, t in state.items()}
         stats = pass_stats(rows, classes, sub, st, device)
         if not local:
             all_reduce_sum(stats.S, stats.R, stats.a2, stats.n)
@@ -387,7 +463,7 @@ def _run_passes(rows: Rows, results: list[GroupResult], members: list[list[int]]
         update(sub, stats, w, alpha)
         # the layout a checkpoint restores (a solver may return column-major W, whose products round differently)
         sub.update({name: t.contiguous() for name, t in sub.items()})
-        if several:
+        if idx is not None:
             for name, t in sub.items():
                 state[name][idx] = t
         if not local:
@@ -407,6 +483,8 @@ def _run_passes(rows: Rows, results: list[GroupResult], members: list[list[int]]
             prev = res.history[-2]["objective"] if len(res.history) > 1 else None
             if prev is not None and p > st.warmup and prev - rec["objective"] <= st.tol * abs(rec["objective"]):
                 res.converged = True
+            if several and _finished(res, st):
+                rows.forget(members[gi][0])
         on_pass(p, active)
 
 

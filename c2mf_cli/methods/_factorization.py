@@ -20,7 +20,7 @@ from ..artifacts.sources import RowSource
 from ._alternating import (EngineSettings, Stats, State, checkpoint_config, fit_groups, global_min, history_of,
                            kmeans_pp)
 from .base import Method, check_batch, check_source, option, source_summary
-from .solvers.nnls import nnls as nnls_codes
+from .solvers.nnls import hals_scaled, hals_sweeps, nnls as nnls_codes
 
 CACHE_GB = 4.0  # default budget for holding a fit's rows on its device across passes
 CACHE_HELP = ("Hold the rows on the device across passes when they take at most this many GB per process (0: "
@@ -124,15 +124,11 @@ def _per_dictionary(state: State, stats: Stats, w: torch.Tensor) -> tuple[torch.
 
 
 def update_nmf(state: State, stats: Stats, w: torch.Tensor, sweeps: int) -> None:
-    """HALS on W >= 0 from the statistics (exact minimisation per row, others fixed), every dictionary at once."""
+    """HALS on W >= 0 from the statistics (exact minimisation per row, others fixed), every dictionary at once;
+    a row no code uses (S_jj = 0) stays as it is."""
     W, S, R = _per_dictionary(state, stats, w)  # W: a view, updated in place
-    diag = torch.diagonal(S, dim1=1, dim2=2)
-    used = diag > 0  # a row no code uses has S_jj = 0 and R_j = 0: its step is multiplied by 0, W_j stays
-    inv = torch.where(used, 1.0 / torch.where(used, diag, torch.ones_like(diag)), torch.zeros_like(diag))
-    for _ in range(sweeps):
-        for j in range(W.shape[1]):
-            step = (R[:, j] - torch.bmm(S[:, j : j + 1], W)[:, 0]) * inv[:, j : j + 1]
-            W[:, j].add_(step).clamp_min_(0.0)
+    S_off, R_scaled, _ = hals_scaled(S, R, keep_unused=True)
+    hals_sweeps(W, S_off, R_scaled, sweeps)
 
 
 def update_semi(state: State, stats: Stats, w: torch.Tensor) -> None:

@@ -51,6 +51,32 @@ def _start(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return U.clamp_min_(0.0)
 
 
+def hals_scaled(G: torch.Tensor, Bt: torch.Tensor, *, keep_unused: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The form a HALS step reads: row j of G (b, k, k) and of Bt (b, k, n) divided by G_jj, G negated off the
+    diagonal. Then the exact minimiser over row j of X, the others fixed, is max(0, Bt'_j + G'_j X): one fused
+    product, the diagonal term (0 in G') dropping out. A row with G_jj = 0 (a concept nothing uses) has nothing to
+    minimise: Bt'_j = 0, and G'_jj = 0 sets it to 0 (codes) or, with keep_unused, G'_jj = 1 keeps it (a
+    dictionary row). Returns (G', Bt', used rows (b, k))."""
+    diag = torch.diagonal(G, dim1=-2, dim2=-1)
+    used = diag > 0
+    inv = torch.where(used, 1.0 / torch.where(used, diag, torch.ones_like(diag)), torch.zeros_like(diag))
+    G_off = G * -inv[..., None]
+    torch.diagonal(G_off, dim1=-2, dim2=-1).copy_(~used if keep_unused else torch.zeros_like(used))
+    return G_off, (Bt * inv[..., None]).contiguous(), used
+
+
+def hals_sweeps(X: torch.Tensor, G_off: torch.Tensor, Bt: torch.Tensor, sweeps: int) -> None:
+    """HALS in place on X (b, k, n), row after row: X_j = max(0, Bt_j + G_off_j X), with the scaled G_off and
+    Bt of `hals_scaled`. Two kernels per row for all b problems (no per-problem or per-element Python)."""
+    rows = [(G_off[:, j : j + 1], Bt[:, j : j + 1], X[:, j : j + 1]) for j in range(X.shape[1])]
+    tmp = torch.empty_like(X[:, :1])
+    for _ in range(sweeps):
+        for g, bt, x in rows:
+            torch.baddbmm(bt, g, X, out=tmp)
+            torch.clamp(tmp, min=0.0, out=x)
+
+
 def nnls_gram_batched(G: torch.Tensor, B: torch.Tensor, *, iters: int = 20, solver: Solver = "hals") -> torch.Tensor:
     """Solve b independent problems min_{U_e>=0} <U_e^T U_e, G_e> - 2 <U_e, B_e> at once (one kernel per step for
     all of them, not one per problem: many small classes cost a few launches, not thousands).
@@ -67,21 +93,10 @@ def nnls_gram_batched(G: torch.Tensor, B: torch.Tensor, *, iters: int = 20, solv
         raise C2MFError(f"unknown NNLS solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     U = _start(G, B)
     if solver == "hals":
-        diag = torch.diagonal(G, dim1=1, dim2=2)
-        # a concept with a zero row in G (a zero dictionary row, no ridge) keeps code 0: its step is multiplied by 0
-        used = diag > 0
-        inv = torch.where(used, 1.0 / torch.where(used, diag, torch.ones_like(diag)), torch.zeros_like(diag))
+        G_off, Bt, used = hals_scaled(G, B.mT)
         # codes stored transposed (b, k, n): each column update reads and writes contiguous memory
         Ut = U.mT.contiguous().mul_(used[:, :, None])
-        Bt = B.mT.contiguous()
-        for _ in range(iters):
-            for j in range(G.shape[1]):
-                # exact minimisation over column j with the others fixed, for every problem at once
-                if len(G) == 1:  # one problem (a large class): a matrix-vector product beats a batch of one
-                    r = Bt[0, j] - G[0, j] @ Ut[0]
-                else:
-                    r = Bt[:, j] - torch.bmm(G[:, j : j + 1], Ut)[:, 0]
-                Ut[:, j].addcmul_(r, inv[:, j : j + 1]).clamp_(min=0.0)
+        hals_sweeps(Ut, G_off, Bt, iters)
         return Ut.mT
     # FISTA with step 1/L, L = largest eigenvalue of each G
     L = torch.linalg.eigvalsh(G)[:, -1].clamp_min(1e-12)[:, None, None]
