@@ -511,26 +511,49 @@ def _index_for(row: _Row, enc: str, y: int, pred_class: torch.Tensor) -> list[in
     return [row.class_map[int(c)] for c in pred_class.tolist()]
 
 
-def _feed(row: _Row, enc: str, split: str, y: int, sp: _Split, tail: _Tail, model_logits: torch.Tensor,
-          labels: torch.Tensor, pred_class: torch.Tensor, ids: np.ndarray | None, cfg: EvaluateConfig,
-          attribute: bool) -> None:
-    d = row.variants[enc]
-    for yd, members in _groups(_index_for(row, enc, y, pred_class)):
-        idx = torch.as_tensor(members, device=sp.rows.device)
-        sub = _subset(sp, idx)
+def _feed(row: _Row, encodings: Sequence[str], split: str, y: int, sp: _Split, tail: _Tail,
+          model_logits: torch.Tensor, labels: torch.Tensor, pred_class: torch.Tensor, ids: np.ndarray | None,
+          cfg: EvaluateConfig, attribute: str | None) -> None:
+    """Feed one class's images to `row`'s metrics under each of `encodings`, one batch per dictionary class index.
+
+    Codes depend only on the dictionary (variant) and the class index that codes an image, so an image coded
+    alike under two encodings (its predicted class is its true one) is encoded, decoded and fed to h once, and
+    each encoding's batch takes its rows. `attribute`: the encoding whose batches get the importance metrics.
+    """
+    plans = {enc: _groups(_index_for(row, enc, y, pred_class)) for enc in encodings}
+    wanted: dict[tuple[str, int | None], set[int]] = {}
+    owner: dict[str, str] = {}  # encoding -> the first encoding with the same dictionary variant
+    for enc in encodings:
+        owner[enc] = next(e for e in encodings if row.variants[e] is row.variants[enc])
+        for yd, members in plans[enc]:
+            wanted.setdefault((owner[enc], yd), set()).update(members)
+    coded: dict[tuple[str, int | None], tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    for (enc, yd), members in wanted.items():
+        d = row.variants[enc]
+        order = sorted(members)
+        sub = _subset(sp, torch.as_tensor(order, device=sp.rows.device))
         U = _encode(d, sub.rows, yd, cfg.codes)
         with torch.no_grad():
-            A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd)
-        head = _make_head(tail, d, yd, sub)
-        recon = None
-        if split == "test":
-            recon = _rows_to_head(tail, sub, A_hat.reshape(sub.rows.shape), cfg.batch_size)
-            if ids is not None:
+            A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd).reshape(sub.rows.shape)
+        recon = _rows_to_head(tail, sub, A_hat, cfg.batch_size) if split == "test" else None
+        coded[enc, yd] = ({i: p for p, i in enumerate(order)}, U, A_hat, recon)
+    for enc in encodings:
+        d = row.variants[enc]
+        for yd, members in plans[enc]:
+            at, U, A_hat, recon = coded[owner[enc], yd]
+            take = [at[i] for i in members]
+            if take != list(range(U.shape[0])):  # only part of what was coded
+                t = torch.as_tensor(take, device=U.device)
+                U, A_hat, recon = U[t], A_hat[t], None if recon is None else recon[t]
+            idx = torch.as_tensor(members, device=sp.rows.device)
+            sub = _subset(sp, idx)
+            if recon is not None and ids is not None:
                 row.predictions[enc][ids[np.asarray(members)]] = recon.argmax(1).cpu().numpy()
-        batch = Batch(split=split, group=y, rows=sub.rows, U=U, A_hat=A_hat, head=head, side=sub.prefix,
-                      model_logits=model_logits[idx], labels=labels[idx], recon_logits=recon, attribute=attribute)
-        for metric in row.metrics[enc]:
-            metric.update(batch)
+            batch = Batch(split=split, group=y, rows=sub.rows, U=U, A_hat=A_hat.reshape(-1, A_hat.shape[-1]),
+                          head=_make_head(tail, d, yd, sub), side=sub.prefix, model_logits=model_logits[idx],
+                          labels=labels[idx], recon_logits=recon, attribute=enc == attribute)
+            for metric in row.metrics[enc]:
+                metric.update(batch)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -631,7 +654,7 @@ def evaluate(
             pc = _predicted_class(ml, class_outputs, known)
             for row in rows:
                 if headline in row.variants:
-                    _feed(row, headline, "train", y, sp, tail, ml, lb, pc, None, config, attribute=False)
+                    _feed(row, [headline], "train", y, sp, tail, ml, lb, pc, None, config, attribute=None)
         advance(1)
     distributed.all_reduce_sum(sums, n_rows)  # the test pass needs every class's mean
     means = (sums / n_rows.clamp_min(1)[:, None]).float()
@@ -668,9 +691,8 @@ def evaluate(
         hat = global_mean[None, None, :].expand(sp.rows.shape[0], P, -1)
         ref_pred["global_mean"][ids] = _rows_to_head(tail, sp, hat, config.batch_size).argmax(1).cpu().numpy()
         for row in rows:
-            for enc in row.computed():
-                _feed(row, enc, "test", y, sp, tail, ml, lb, pc, ids, config,
-                      attribute=row.attribute and enc == headline)
+            _feed(row, row.computed(), "test", y, sp, tail, ml, lb, pc, ids, config,
+                  attribute=headline if row.attribute else None)
         advance(1)
 
     # every process's images and states, made whole on every process
