@@ -6,12 +6,18 @@ dictionary (k = 10, shared with per-class gates) and a per-class PCA (k = 10). e
 (model reopened from the store, its weights checked and split, every metric, Grad-CAM and IG with 32 steps,
 predicted- and true-class encodings, evaluation.json and plots written).
 
-Three measurements in one process, so the machine's load weighs on them alike:
-1. evaluate end to end, with a counter on the tail h: every row it feeds h, with and without a gradient;
-2. the bare forward passes: the same number of rows through h in calls of `--batch-size` rows on the test
-   activations, without gradient, and with gradient (forward + backward to the input) for the rows that IG and
-   Grad-CAM differentiate. The ratio evaluate / bare is what issue 13 asks (1 = only forward passes);
-3. evaluate again under cProfile: cumulative seconds of its parts (nested: a part's time includes the tail calls
+Measured in one process, so the machine's load weighs on them alike (CPU seconds of this process are the headline,
+wall seconds beside them: the machine is shared):
+1. evaluate end to end, counting every row it feeds h (images x steps) and the decoder (positions), with and
+   without a gradient;
+2. the bare tail: the same number of rows through h in calls of `--batch-size` rows on the test activations,
+   without gradient, and with gradient (forward + backward to the input) for the rows IG and Grad-CAM
+   differentiate. evaluate / bare tail is the ratio issue 13 asks for (1 = only the tail's forward passes);
+3. the bare head: the bare tail plus the decoder on the counted code rows (forward, and backward to the codes for
+   the differentiated ones). Every metric feeds h with decode(U), so evaluate / bare head is what is left once the
+   decoder, which the metrics need too, is counted; at head_conv the tail is a mean and a linear layer and the
+   decoder (k -> 1280 channels at every position) costs several times the tail;
+4. evaluate again under cProfile: cumulative seconds of its parts (nested: a part's time includes the tail calls
    made inside it) and the top functions by own time.
 
     python benchmarks/evaluate.py [--classes 12] [--images 6] [--layer head_conv] [--label after]
@@ -33,7 +39,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -70,16 +76,36 @@ PARTS = {
 
 
 class Counter:
-    """Rows fed to h, split by whether a gradient is recorded."""
+    """Rows fed to h (images x steps) and to the decoder (positions), split by whether a gradient is recorded."""
 
     def __init__(self) -> None:
-        self.rows = {"no_grad": 0, "grad": 0}
+        self.tail = {"no_grad": 0, "grad": 0}
         self.calls = {"no_grad": 0, "grad": 0}
+        self.decode: dict[str, dict[str, int]] = {}
 
     def hook(self, module: torch.nn.Module, args: tuple) -> None:
         key = "grad" if torch.is_grad_enabled() else "no_grad"
-        self.rows[key] += int(args[0].shape[0])
+        self.tail[key] += int(args[0].shape[0])
         self.calls[key] += 1
+
+    def decoded(self, method: str, U: torch.Tensor) -> None:
+        key = "grad" if torch.is_grad_enabled() and U.requires_grad else "no_grad"
+        per = self.decode.setdefault(method, {"no_grad": 0, "grad": 0})
+        per[key] += int(U.shape[0])
+
+
+class Clock:
+    """Wall and CPU seconds of a block (CPU: this process's threads, less sensitive to the other users)."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall": self.wall, "cpu": self.cpu}
 
 
 def _stores(tmp: Path, classes: int, images: int, layer: str) -> tuple[Path, Path]:
@@ -115,23 +141,47 @@ def _inputs(work: Path, args: argparse.Namespace) -> tuple[ActivationStore, Acti
             [ConceptDictionary.load(f) for f in files[2:]])
 
 
-def _bare(tail: Any, acts: torch.Tensor, rows: int, batch: int, grad: bool) -> float:
-    """Seconds to feed `rows` rows (tiled test activations) through the tail in calls of `batch` rows."""
-    reps = -(-min(rows, batch) // acts.shape[0])
-    x_full = acts.repeat(reps, *[1] * (acts.ndim - 1))
-    t0 = time.perf_counter()
-    done = 0
-    while done < rows:
-        x = x_full[: min(batch, rows - done)]
-        if grad:
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(tail(x).max(1).values.sum(), x)
-        else:
-            with torch.no_grad():
-                tail(x)
-        done += x.shape[0]
-    return time.perf_counter() - t0
+def _in_calls(rows: int, block: int, call: Callable[[int], None]) -> Clock:
+    """Time `call(n)` over `rows` rows in calls of at most `block`."""
+    with Clock() as clock:
+        done = 0
+        while done < rows:
+            n = min(block, rows - done)
+            call(n)
+            done += n
+    return clock
+
+
+def _bare_tail(tail: Any, acts: torch.Tensor, rows: int, batch: int, grad: bool) -> Clock:
+    """Feed `rows` rows (tiled test activations) through the tail in calls of `batch` rows."""
+    x_full = acts.repeat(-(-min(rows, batch) // acts.shape[0]), *[1] * (acts.ndim - 1))
+
+    def call(n: int) -> None:
+        x = x_full[:n].detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = tail(x)
+            if grad:
+                torch.autograd.grad(out.max(1).values.sum(), x)
+
+    return _in_calls(rows, batch, call)
+
+
+def _bare_decode(d: ConceptDictionary, rows: int, block: int, grad: bool) -> Clock:
+    """Decode `rows` code rows (random, non-negative) of class 0 in blocks of `block` rows, and with `grad` also
+    the backward to the codes: what the head adds to the tail for each row it feeds."""
+    from c2mf_cli.methods import decode, needs_class
+
+    y = 0 if needs_class(d) else None
+    u_full = torch.rand(min(rows, block), d.n_concepts, generator=torch.Generator().manual_seed(0))
+
+    def call(n: int) -> None:
+        u = u_full[:n].detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            X = decode(d, u, y)
+            if grad:
+                torch.autograd.grad(X, u, torch.ones_like(X))
+
+    return _in_calls(rows, block, call)
 
 
 def _commit() -> str | None:
@@ -168,40 +218,43 @@ def main() -> None:
         cfg = ev.EvaluateConfig(ig_steps=args.ig_steps, batch_size=args.batch_size)
 
         counter = Counter()
-        original = ev._tail_from_store
+        original_tail, original_decode = ev._tail_from_store, ev._decode
 
-        def counted(*a: Any, **kw: Any) -> Any:
-            tail, warnings = original(*a, **kw)
+        def counted_tail(*a: Any, **kw: Any) -> Any:
+            tail, warnings = original_tail(*a, **kw)
             tail.h.register_forward_pre_hook(counter.hook)
             return tail, warnings
 
-        ev._tail_from_store = counted  # type: ignore[assignment]
+        def counted_decode(d: Any, U: torch.Tensor, y: Any) -> torch.Tensor:
+            counter.decoded(d.method, U)
+            return original_decode(d, U, y)
+
+        ev._tail_from_store, ev._decode = counted_tail, counted_decode  # type: ignore[assignment]
         # first-call costs (imports of the plot modules, kernels) are not counted
         ev.evaluate(train, test, dicts, config=dataclasses.replace(cfg, max_images_per_class=1), names=names,
                     device=dev, model=MODEL.name, out_dir=tmp / "warmup")
-        counter.rows = {"no_grad": 0, "grad": 0}
-        counter.calls = {"no_grad": 0, "grad": 0}
-        t0 = time.perf_counter()
-        res = ev.evaluate(train, test, dicts, config=cfg, names=names, device=dev, model=MODEL.name,
-                          out_dir=tmp / "eval")
-        evaluate_s = time.perf_counter() - t0
-        rows, calls = dict(counter.rows), dict(counter.calls)
+        counter.__init__()  # type: ignore[misc]
+        with Clock() as run:
+            res = ev.evaluate(train, test, dicts, config=cfg, names=names, device=dev, model=MODEL.name,
+                              out_dir=tmp / "eval")
+        ev._tail_from_store, ev._decode = original_tail, original_decode  # type: ignore[assignment]
 
-        t0 = time.perf_counter()
-        tail, _ = original(test, dev, MODEL.name)
-        reopen_s = time.perf_counter() - t0
+        with Clock() as reopen:
+            tail, _ = original_tail(test, dev, MODEL.name)
         acts = torch.cat([torch.from_numpy(test.activations(y)[:]).float()
                           for y in range(len(test.classes)) if test.n_images(y)]).to(dev)
-        fwd_s = _bare(tail, acts, rows["no_grad"], args.batch_size, grad=False)
-        grad_s = _bare(tail, acts, rows["grad"], args.batch_size, grad=True)
-        bare_s = fwd_s + grad_s
+        bare = {key: _bare_tail(tail, acts, counter.tail[key], args.batch_size, grad=key == "grad")
+                for key in ("no_grad", "grad")}
+        positions = int(acts[0].numel() // acts.shape[-1]) - int(getattr(test, "num_prefix_tokens", 0) or 0)
+        by_method = {d.method: d for d in dicts}
+        dec = {f"{m}.{key}": _bare_decode(by_method[m], n, args.batch_size * positions, grad=key == "grad")
+               for m, per in counter.decode.items() for key, n in per.items() if m in by_method and n}
 
         prof = cProfile.Profile()
         prof.enable()
         ev.evaluate(train, test, dicts, config=cfg, names=names, device=dev, model=MODEL.name,
                     out_dir=tmp / "profiled")
         prof.disable()
-        ev._tail_from_store = original  # type: ignore[assignment]
     if args.profile_out is not None:
         prof.dump_stats(args.profile_out)
     stats = pstats.Stats(prof)
@@ -216,23 +269,31 @@ def main() -> None:
         top.append((own, f"{Path(file).name}:{func}"))
     top.sort(reverse=True)
     n_test = res["n_test_images"]
+    tail_s = {k: sum(getattr(c, k) for c in bare.values()) for k in ("wall", "cpu")}
+    head_s = {k: tail_s[k] + sum(getattr(c, k) for c in dec.values()) for k in ("wall", "cpu")}
     result = {
         "benchmark": "evaluate",
         "label": args.label,
         "commit": _commit(),
         "case": f"mobilenet_v2_inat_birds {args.layer} (224 px), {args.classes} CUB species, c2mf k={args.concepts} "
                 f"+ per-class PCA k={args.concepts}, IG {args.ig_steps} steps, Grad-CAM, encodings "
-                f"{','.join(cfg.encode_class)}",
+                f"{','.join(cfg.encode_class)}, --batch-size {args.batch_size}",
         "device": str(dev),
         "n_test_images": n_test,
         "n_train_images": int(sum(train.n_images(y) for y in range(len(train.classes)))),
-        "evaluate_s": evaluate_s,
-        "tail_rows": rows,
-        "tail_calls": calls,
-        "bare_forward_s": {"no_grad": fwd_s, "grad": grad_s, "total": bare_s},
-        "ratio_evaluate_to_bare": evaluate_s / bare_s,
-        "reopen_model_s": reopen_s,
-        "ratio_without_reopen": (evaluate_s - reopen_s) / bare_s,
+        "evaluate_s": run.as_dict(),
+        "tail_rows": counter.tail,
+        "tail_calls": counter.calls,
+        "decoded_rows": counter.decode,
+        "bare_tail_s": {key: c.as_dict() for key, c in bare.items()} | {"total": tail_s},
+        "bare_decode_s": {key: c.as_dict() for key, c in dec.items()},
+        "bare_head_s": head_s,
+        "reopen_model_s": reopen.as_dict(),
+        # the headline ratios, on CPU seconds (the machine is shared); wall-time ones beside them
+        "ratio_evaluate_to_bare_tail": {k: run.as_dict()[k] / tail_s[k] for k in ("wall", "cpu")},
+        "ratio_evaluate_to_bare_head": {k: run.as_dict()[k] / head_s[k] for k in ("wall", "cpu")},
+        "ratio_without_reopen_to_bare_head": {k: (run.as_dict()[k] - reopen.as_dict()[k]) / head_s[k]
+                                              for k in ("wall", "cpu")},
         "profile": {"total_s": total, "parts_cumulative_s": parts,
                     "top_own_s": [{"function": f, "s": round(s, 3)} for s, f in top[:20]]},
         "load_average_1min": os.getloadavg()[0],  # this machine is shared: say how busy it was
@@ -241,9 +302,11 @@ def main() -> None:
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    print(f"evaluate {evaluate_s:.1f} s for {n_test} test images; bare tail passes {bare_s:.2f} s "
-          f"({rows['no_grad']} rows without, {rows['grad']} with gradient); ratio {evaluate_s / bare_s:.1f} "
-          f"({(evaluate_s - reopen_s) / bare_s:.1f} without the {reopen_s:.1f} s model reopen)")
+    print(f"evaluate {run.cpu:.1f} CPU s ({run.wall:.1f} s wall) for {n_test} test images; bare tail passes "
+          f"{tail_s['cpu']:.2f} CPU s ({counter.tail['no_grad']} rows without, {counter.tail['grad']} with gradient), "
+          f"with the decoder (bare head) {head_s['cpu']:.2f}; ratios {run.cpu / tail_s['cpu']:.1f} to the tail, "
+          f"{run.cpu / head_s['cpu']:.1f} to the head ({(run.cpu - reopen.cpu) / head_s['cpu']:.1f} without the "
+          f"{reopen.cpu:.1f} s model reopen)")
     for label, s in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {label:40s} {s:7.2f} s")
     path = write_result(result, args.out / f"evaluate-{platform.node() or 'host'}-{args.label}.json")

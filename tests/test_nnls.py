@@ -105,3 +105,23 @@ def test_dictionary_hals_is_the_exact_row_by_row_minimiser():
         return (S * torch.bmm(W, W.mT)).sum((1, 2)) - 2 * (R * W).sum((1, 2))
 
     assert (objective(state["W"]) <= objective(W0) + 1e-4).all()
+
+
+@pytest.mark.parametrize("solver", ["hals", "fista"])
+def test_codes_stop_when_settled(monkeypatch, solver):
+    """`nnls` (codes of a fitted dictionary) stops once a sweep moves no code by more than tol of the largest:
+    far fewer sweeps than `iters`, the same codes as running them all to float tolerance; tol = 0 runs them all."""
+    import c2mf_cli.methods.solvers.nnls as mod
+
+    A, W = _problem(11, n=60)
+    At, Wt = torch.from_numpy(A), torch.from_numpy(W)
+    checks = []
+    settled = mod._settled
+    monkeypatch.setattr(mod, "_settled", lambda U, before, tol: checks.append(tol) or settled(U, before, tol))
+    iters = 300
+    early = nnls(At, Wt, ridge=0.1, iters=iters, solver=solver)
+    assert 0 < len(checks) < iters and set(checks) == {mod.CODE_TOL}
+    checks.clear()
+    full = nnls(At, Wt, ridge=0.1, iters=iters, solver=solver, tol=0.0)
+    assert checks == []
+    torch.testing.assert_close(early, full, atol=1e-4, rtol=1e-4)

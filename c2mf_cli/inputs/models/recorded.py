@@ -97,6 +97,7 @@ def reopen(
     what: str = "the store",
     allow_other_weights: bool = False,
     hint: str = "the checkpoint file changed; give --checkpoint with the original weights",
+    verify: bool = True,
 ) -> Reopened:
     """Load `spec`, check its weights against `expected_sha256`, and split it at `layer` (verified exact).
 
@@ -108,6 +109,9 @@ def reopen(
         what: what recorded the hash, for messages ("the store", "the dictionary").
         allow_other_weights: the user chose other weights on purpose: a mismatch is a warning, not an error.
         hint: the way out named by the mismatch error.
+        verify: run the model and the split on a random batch to check h(g(x)) == f(x) (`split_model`); a
+            caller that checks h on real data itself may skip it for a torch.fx split, whose graph already
+            proves h reads only the layer's output (other splits are always verified).
 
     Raises:
         WeightsMismatch: the weights differ from the recorded ones and `allow_other_weights` is False.
@@ -117,7 +121,7 @@ def reopen(
     loaded = load_model(spec)
     # the split first: when another architecture was named, that is the cause to report, not its other weights
     try:
-        split = split_model(loaded.model, layer, input_size or loaded.preprocess.input_size, verify=True)
+        split = split_model(loaded.model, layer, input_size or loaded.preprocess.input_size, verify=verify)
     except C2MFError as e:
         raise CannotSplit(str(e)) from None
     warnings: list[str] = []
@@ -138,8 +142,10 @@ def reopen_recorded(
     what: str,
     command: str,
     input_size: tuple[int, int, int] | None = None,
+    verify: bool = True,
 ) -> Reopened:
-    """`recorded_spec` then `reopen`, with every failure turned into one error that names the way out.
+    """`recorded_spec` then `reopen` (`verify` as there), with every failure turned into one error that names the
+    way out.
 
     The weights are checked against the record's sha256; weights the user chose with `checkpoint` may differ
     (a warning in `Reopened.warnings`). `what`, `command`: as in `recorded_spec` ("the dictionary", ...).
@@ -153,7 +159,7 @@ def reopen_recorded(
     try:
         return reopen(spec, layer, recorded.get("weights_sha256"), input_size=input_size, what=what,
                       allow_other_weights=checkpoint is not None,
-                      hint="the checkpoint file changed; give --checkpoint to use these weights anyway")
+                      hint="the checkpoint file changed; give --checkpoint to use these weights anyway", verify=verify)
     except (WeightsMismatch, UsageError):
         raise
     except CannotSplit as e:
