@@ -123,7 +123,7 @@ class PCA(Method):
         return (A - self._mean(d, y)) @ self.basis(d, y).T
 
     def decode(self, d: ConceptDictionary, U: torch.Tensor, y: int | None) -> torch.Tensor:
-        return U @ self.basis(d, y) + self._mean(d, y)
+        return torch.addmm(self._mean(d, y), U, self.basis(d, y))  # one pass over the (n, c) output, not two
 
     def fit(self, source: RowSource, config: PCAConfig, *, device: torch.device,
             progress: ProgressFn = no_progress, checkpoint_path: Path | None = None,

@@ -26,6 +26,34 @@ def call_head(head: Head, X: torch.Tensor, side: torch.Tensor | None, image_inde
     return head(X, side[image_index])
 
 
+def head_ends(U: torch.Tensor, head: Head, side: torch.Tensor | None, batch_size: int,
+              full: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, n_outputs) with every concept, head(U), and with none, head(0): the two ends that IG's path and
+    every ranking's insertion and deletion curves share. `full`: head(U) when the caller has it already. Without
+    a side input head(0) is one row for all images."""
+    n = U.shape[0]
+    index = torch.arange(n, device=U.device)
+    step = chunk_size(1, batch_size)
+    with torch.no_grad():
+        if full is None:
+            full = torch.cat([call_head(head, U[s : s + step].detach(), side, index[s : s + step])
+                              for s in range(0, n, step)])
+        if side is None:
+            none = head(U.new_zeros((1, *U.shape[1:]))).expand(n, -1)
+        else:
+            none = torch.cat([call_head(head, U.new_zeros((min(step, n - s), *U.shape[1:])), side,
+                                        index[s : s + step]) for s in range(0, n, step)])
+    return full.detach(), none
+
+
+def batch_ends(batch: "Batch", batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`head_ends` of a batch (head(U) is the reconstruction's logits it carries), computed once and kept in
+    `batch.shared` for the metrics after."""
+    if "ends" not in batch.shared:
+        batch.shared["ends"] = head_ends(batch.U, batch.head, batch.side, batch_size, full=batch.recon_logits)
+    return batch.shared["ends"]
+
+
 def as_numpy(x: np.ndarray | torch.Tensor | list | tuple, dtype: type | None = None) -> np.ndarray:
     """A numpy view of an array-like (torch tensors are detached and moved to the CPU)."""
     if isinstance(x, torch.Tensor):

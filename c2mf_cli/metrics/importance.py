@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Batch, Head, Settings, State, call_head, check_codes, chunk_size
+from ._common import Batch, Head, Settings, State, batch_ends, call_head, check_codes, chunk_size, head_ends
 
 IGRule = Literal["gausslegendre", "trapezoid"]
 RANKINGS = ("gradcam", "ig", "sobol")  # every importance evaluate can rank concepts by, in table order
@@ -106,13 +106,15 @@ def integrated_gradients(
     rule: IGRule = "gausslegendre",
     side: torch.Tensor | None = None,
     batch_size: int = 1024,
+    ends: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> IGResult:
     """Integrated Gradients from U = 0 to U, batched over the steps of the path.
 
     The baseline "no concept present" is U = 0, the natural zero of the codes. `rule` picks the quadrature
     (Gauss-Legendre, as captum does by default, converges faster on smooth heads; the trapezoid rule includes
     both ends). `batch_size` bounds the rows (image x step) fed to the head at once. `side`: optional per-image
-    input the head also needs (see `_common.Head`).
+    input the head also needs (see `_common.Head`). `ends`: the logits head(U) and head(0) (`_common.head_ends`)
+    when the caller has them, for the completeness check.
     """
     if steps < 2:
         raise C2MFError(f"Integrated Gradients needs at least 2 steps, got {steps}: use 32 or more")
@@ -121,7 +123,7 @@ def integrated_gradients(
     n_pts = alphas_np.shape[0]
     alphas = torch.as_tensor(alphas_np, dtype=U.dtype, device=U.device)
     weights = torch.as_tensor(weights_np, dtype=U.dtype, device=U.device)
-    attributions, logits, base_logits = [], [], []
+    attributions = []
     step = chunk_size(n_pts, batch_size)
     for s in range(0, U.shape[0], step):
         u = U[s : s + step].detach()
@@ -135,16 +137,12 @@ def integrated_gradients(
         )
         avg_grad = (grad.reshape(m, n_pts, *u.shape[1:]) * weights[None, :, None, None]).sum(dim=1)
         attributions.append((u * avg_grad).sum(dim=1))
-        with torch.no_grad():
-            ends = call_head(head, torch.cat([u, torch.zeros_like(u)]), sd, torch.arange(m, device=U.device).repeat(2))
-            sel = ends.gather(1, torch.cat([t, t])[:, None]).squeeze(1)
-        logits.append(sel[:m])
-        base_logits.append(sel[m:])
     if not attributions:
         empty = U.new_zeros((0,))
         return IGResult(U.new_zeros((0, U.shape[2])), empty, empty, empty)
     attr = torch.cat(attributions)
-    logit, base = torch.cat(logits), torch.cat(base_logits)
+    full, none = head_ends(U, head, side, batch_size) if ends is None else ends
+    logit, base = (e.gather(1, targets[:, None]).squeeze(1).to(attr.dtype) for e in (full, none))
     return IGResult(attr, logit, base, attr.sum(dim=1) - (logit - base))
 
 
@@ -248,7 +246,7 @@ class ImportanceMetric:
             found["gradcam"] = gradcam(batch.U, batch.head, targets, side=batch.side, batch_size=s.batch_size)
         if "ig" in self._names:
             ig = integrated_gradients(batch.U, batch.head, targets, steps=s.ig_steps, rule=s.ig_rule,  # type: ignore[arg-type]
-                                      side=batch.side, batch_size=s.batch_size)
+                                      side=batch.side, batch_size=s.batch_size, ends=batch_ends(batch, s.batch_size))
             self._err.append(ig.completeness_error.abs().cpu())
             self._rel.append(ig.relative_completeness_error().cpu())
             self._gap.append((ig.logit - ig.baseline_logit).abs().cpu())

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import C2MFError
-from ._common import Batch, Head, Settings, State, call_head, check_codes, chunk_size, trapezoid_auc
+from ._common import (Batch, Head, Settings, State, batch_ends, call_head, check_codes, chunk_size, head_ends,
+                      trapezoid_auc)
 from .importance import DEFAULT_RANKINGS, RANKINGS, ranking
 
 
@@ -122,12 +123,15 @@ def insertion_deletion(
     labels: torch.Tensor | None = None,
     side: torch.Tensor | None = None,
     batch_size: int = 1024,
+    ends: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> InsertionDeletion:
     """Insertion and deletion curves of concepts ranked by `order` (n, k), most important first.
 
     `labels` (n,) decide accuracy (default: the targets, i.e. agreement with the class explained).
     `batch_size` bounds the rows (image x step) fed to the head at once. `side`: optional per-image input the
-    head also needs (see `_common.Head`).
+    head also needs (see `_common.Head`). `ends`: the logits with every concept and with none
+    (`_common.head_ends`) when the caller has them; the two curves share them (insertion's last step is
+    deletion's first, and the other way round), so only the k - 1 inner steps of each are fed to the head.
     """
     U, targets = check_codes(U, targets)
     n, _, k = U.shape
@@ -137,17 +141,25 @@ def insertion_deletion(
     labels = targets if labels is None else torch.as_tensor(labels, device=U.device).long().reshape(-1)
     if k == 0 or n == 0:
         raise C2MFError("insertion/deletion needs at least one image and one concept")
+    full, none = head_ends(U, head, side, batch_size) if ends is None else ends
     out: dict[str, tuple[list, list]] = {"insertion": ([], []), "deletion": ([], [])}
-    step = chunk_size(k + 1, batch_size)
+    inner = k - 1
+    step = chunk_size(2 * inner, batch_size)
     for s in range(0, n, step):
         u, t, lab = U[s : s + step], targets[s : s + step], labels[s : s + step]
         m = u.shape[0]
         keep_ins, keep_del = step_masks(order[s : s + step])
-        sd = None if side is None else side[s : s + step]
-        rows = torch.arange(m, device=U.device).repeat_interleave(k + 1)
-        for name, keep in (("insertion", keep_ins), ("deletion", keep_del)):
-            X = u[:, None] * keep[:, :, None, :].to(u.dtype)  # (m, k+1, P, k)
-            logits = call_head(head, X.reshape(m * (k + 1), *u.shape[1:]), sd, rows).reshape(m, k + 1, -1)
+        keep = torch.cat([keep_ins[:, 1:k], keep_del[:, 1:k]], dim=1)  # (m, 2 (k - 1), k)
+        if inner:
+            X = u[:, None] * keep[:, :, None, :].to(u.dtype)  # (m, 2 (k - 1), P, k)
+            rows = torch.arange(m, device=U.device).repeat_interleave(2 * inner)
+            sd = None if side is None else side[s : s + step]
+            mid = call_head(head, X.reshape(m * 2 * inner, *u.shape[1:]), sd, rows).reshape(m, 2 * inner, -1)
+        else:
+            mid = full.new_zeros((m, 0, full.shape[1]))
+        f, z = full[s : s + step, None].to(mid.dtype), none[s : s + step, None].to(mid.dtype)
+        for name, logits in (("insertion", torch.cat([z, mid[:, :inner], f], 1)),
+                             ("deletion", torch.cat([f, mid[:, inner:], z], 1))):
             probs = torch.softmax(logits.float(), dim=-1)
             out[name][0].append(probs.gather(2, t[:, None, None].expand(m, k + 1, 1)).squeeze(2))
             out[name][1].append(logits.argmax(dim=-1) == lab[:, None])
@@ -175,7 +187,7 @@ class InsertionDeletionMetric:
         for name, imp in importances.items():
             self._curves.setdefault(name, []).append(insertion_deletion(
                 batch.U, batch.head, targets, ranking(imp), labels=batch.labels, side=batch.side,
-                batch_size=self._batch_size))
+                batch_size=self._batch_size, ends=batch_ends(batch, self._batch_size)))
 
     def state(self, n_classes: int) -> State:
         """Per ranking: the images seen and, per curve and step, the sums of the target's probability and of

@@ -96,9 +96,12 @@ class FitAccumulator:
         if tuple(A.shape) != tuple(A_hat.shape) or len(A.shape) != 2:
             raise C2MFError(f"activations {tuple(A.shape)} and reconstruction {tuple(A_hat.shape)} must be equal 2-D")
         if isinstance(A, torch.Tensor) and isinstance(A_hat, torch.Tensor):
-            # float64 copies of the rows cost twice the time; torch's cascade sums keep float32 to ~1e-7 relative
-            A, R = A.detach(), A.detach() - A_hat.detach()
-            sse, sum_sq, col = float((R * R).sum()), float((A * A).sum()), A.sum(0).double().cpu().numpy()
+            # float64 copies of the rows cost twice the time; torch's cascade sums keep float32 to ~1e-7 relative.
+            # One scratch block for the squares: the pass is memory-bound
+            A = A.detach()
+            R = A - A_hat.detach()
+            sse = float(R.square_().sum())
+            sum_sq, col = float(torch.mul(A, A, out=R).sum()), A.sum(0).double().cpu().numpy()
         else:
             A64, Ah = as_numpy(A, np.float64), as_numpy(A_hat, np.float64)
             sse, sum_sq, col = float(((A64 - Ah) ** 2).sum()), float((A64**2).sum()), A64.sum(0)

@@ -442,7 +442,10 @@ def _rows_to_head(tail: _Tail, sp: _Split, rows_hat: torch.Tensor, batch_size: i
             full.new_zeros((0, 0))
 
 
-def _subset(sp: _Split, idx: torch.Tensor) -> _Split:
+def _subset(sp: _Split, members: Sequence[int]) -> _Split:
+    if list(members) == list(range(sp.rows.shape[0])):  # every image in order (the common case): no copy
+        return sp
+    idx = torch.as_tensor(members, device=sp.rows.device)
     return _Split(sp.rows[idx], None if sp.prefix is None else sp.prefix[idx], sp.shape)
 
 
@@ -534,7 +537,7 @@ def _feed(row: _Row, encodings: Sequence[str], split: str, y: int, sp: _Split, t
     for (enc, yd), members in wanted.items():
         d = row.variants[enc]
         order = sorted(members)
-        sub = _subset(sp, torch.as_tensor(order, device=sp.rows.device))
+        sub = _subset(sp, order)
         U = _encode(d, sub.rows, yd, cfg.codes)
         with torch.no_grad():
             A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd).reshape(sub.rows.shape)
@@ -548,8 +551,8 @@ def _feed(row: _Row, encodings: Sequence[str], split: str, y: int, sp: _Split, t
             if take != list(range(U.shape[0])):  # only part of what was coded
                 t = torch.as_tensor(take, device=U.device)
                 U, A_hat, recon = U[t], A_hat[t], None if recon is None else recon[t]
+            sub = _subset(sp, members)
             idx = torch.as_tensor(members, device=sp.rows.device)
-            sub = _subset(sp, idx)
             if recon is not None and ids is not None:
                 row.predictions[enc][ids[np.asarray(members)]] = recon.argmax(1).cpu().numpy()
             batch = Batch(split=split, group=y, rows=sub.rows, U=U, A_hat=A_hat.reshape(-1, A_hat.shape[-1]),
