@@ -142,3 +142,28 @@ def test_evaluate_checks_the_stores_weights(cifar, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert any("are not those the test store was made with" in n for n in res["notes"]), res["notes"]
+
+
+def test_evaluate_refuses_a_tail_that_does_not_reproduce_the_store(cifar, tmp_path):
+    """Weights that change the model's decision (here: the classifier's rows rolled by one class) cannot explain a
+    store made with other weights: one Error line, nothing written; the store's own weights pass."""
+    from safetensors.torch import save_file
+
+    state = torch.load(CIFAR / "resnet20-12fca82f.th", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v.clone() for k, v in state.items()}
+    for key in ("linear.weight", "linear.bias"):
+        state[key] = torch.roll(state[key], 1, dims=0)
+    rolled = tmp_path / "rolled.safetensors"
+    save_file(state, str(rolled))
+    out = tmp_path / "ev"
+    base = ["evaluate", "--train", str(cifar / "train"), "--test", str(cifar / "test"), "--dict",
+            str(cifar / "pca.safetensors"), "--max-images-per-class", "1", "--no-attribution", "--device", "cpu",
+            "--quiet", "--model", MODEL, "--out", str(out)]
+    r = CliRunner().invoke(app, [*base, "--checkpoint", str(rolled)])
+    assert r.exit_code != 0
+    assert "gives the stored prediction on only 0.0% of the test images" in r.output, r.output
+    assert "--checkpoint" in r.output and not (out / "evaluation.json").exists()
+    r = CliRunner().invoke(app, [*base, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["h_check"]["prediction_agreement"] == 1.0

@@ -606,6 +606,7 @@ def evaluate(
     class_maps = [_class_map(d, test_store, lab) for d, lab in zip(dictionaries, labels)]
     dicts = [d.to(dev) for d in dictionaries]
     model_warnings: list[str] = []
+    built_tail = tail is None  # a tail the caller passes is theirs to vouch for
     if tail is None:
         tail, model_warnings = _tail_from_store(test_store, dev, model, checkpoint)
     prefix = int(getattr(test_store, "num_prefix_tokens", 0) or 0)
@@ -714,6 +715,8 @@ def evaluate(
     distributed.all_reduce_max(largest)
     distributed.all_reduce_sum(agreed)
     h_diff, h_agree = float(largest), int(agreed)
+    if built_tail:
+        model_warnings += _check_tail(h_agree / n_test, h_diff, test_store.layer)
     merged = iter(_merge_states([m.state(len(classes)) for row in rows for enc in row.computed()
                                  for m in row.metrics[enc]], dev))
     for row in rows:
@@ -769,6 +772,25 @@ REFERENCE_LABELS = {
 # the reference a method is read against under each encoding, and the measure compared
 _BAR = {"true": ("class_mean_true", "accuracy"), "predicted": ("class_mean_predicted", "agreement"),
         "none": ("global_mean", "agreement")}
+
+
+# h(stored activations) must give the stored prediction: float16 stores and bf16 extraction move a few borderline
+# images, a wrong model, checkpoint or split moves most of them
+H_MIN_AGREEMENT = 0.9
+
+
+def _check_tail(agreement: float, largest: float, layer: str) -> list[str]:
+    """The model's tail, rebuilt from the store's model, against the logits stored at extraction: an error when it
+    does not reproduce the model's decision, a note when it moves a few images."""
+    if agreement < H_MIN_AGREEMENT:
+        raise C2MFError(
+            f"the model's tail after layer {layer!r} gives the stored prediction on only {agreement:.1%} of the test "
+            f"images (largest logit difference {largest:.3g}): the model or weights used here are not the ones the "
+            "store was extracted with; give the store's own --model / --checkpoint, or re-extract the stores")
+    if agreement < 1.0:
+        return [f"the model's tail reproduces the stored prediction on {agreement:.1%} of the test images (largest "
+                f"logit difference {largest:.3g}; float16 stores and bf16 extraction move borderline images)"]
+    return []
 
 
 def _capacity(d: DictionaryLike) -> str:
