@@ -212,3 +212,18 @@ def test_explain_with_model_and_no_checkpoint_uses_the_recorded_weights(tmp_path
     assert r.exit_code == 1
     assert f"the checkpoint the dictionary was made with, '{ckpt}', is missing" in r.output
     assert "max difference nan" not in r.output and not (tmp_path / "ex2").exists()
+
+
+def test_splitting_a_model_without_timm_does_not_import_timm():
+    """timm's untraceable functions matter only to a model built with timm: splitting another model must not pay
+    timm's import (it pulls in torchvision and torch._dynamo: seconds at every extract). A fresh process, since
+    other tests import timm here."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom torch import nn\nfrom c2mf_cli.inputs.models import split_model\n"
+            "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)).eval()\n"
+            "s = split_model(m, '1', (3, 8, 8))\nprint(s.method, 'timm' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["fx", "False"], out.stdout + out.stderr

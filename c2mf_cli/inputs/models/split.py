@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
@@ -45,6 +46,10 @@ SPLIT_METHODS: dict[str, str] = {
 
 
 def _timm_autowrap() -> tuple[Any, ...]:
+    # only a model built with timm can call timm's functions: another model does not pay timm's import (seconds,
+    # it imports torchvision and torch._dynamo)
+    if "timm" not in sys.modules:
+        return ()
     try:
         from timm.layers import _fx
     except ImportError:  # an older timm keeps them elsewhere; tracing then relies on leaf modules only
