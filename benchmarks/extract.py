@@ -8,7 +8,8 @@ The checksums' cost (format version 2 puts zarr's crc32c codec after zstd on eve
 it is far below the run-to-run noise of a whole extract: the rows of the last store written are encoded and
 written again as extract writes them, with and without crc32c, interleaved, and the difference of the fastest
 repeats (the least disturbed by other load) is given as a share of extract's steady-state time per image; the
-crc32c computation alone over every chunk file of the store is timed too.
+crc32c computation alone over every chunk file of the store is timed too. The last store's file count and bytes
+(files per GB) are recorded as well.
 
     python benchmarks/extract.py [--per-class 32] [--cub-per-class 4] [--batch-size 32] [--workers 1] [--repeats 3]
                                  [--only cifar]
@@ -78,6 +79,13 @@ def bare_pass(case: dict, per_class: int, batch_size: int, workers: int, device:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, len(items)
+
+
+def store_files(path: Path) -> dict:
+    """How many files the store holds and their bytes: what a file system with per-file costs sees."""
+    files = [f for f in path.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    return {"files": len(files), "bytes": size, "files_per_gb": len(files) / (size / 1e9) if size else None}
 
 
 def c2mf_pass(case: dict, per_class: int, batch_size: int, workers: int, out: Path, device: str = "cpu",
@@ -170,6 +178,7 @@ def main() -> None:
                 "ratio_steady": statistics.median(steady) / statistics.median(bare),
                 "runs_bare": bare,
                 "runs_extract": ours,
+                "store": store_files(Path(tmp) / f"s{args.repeats - 1}.zarr"),
             }
             cost = checksum_cost(Path(tmp) / f"s{args.repeats - 1}.zarr", Path(tmp), args.cost_repeats)
             cost["share_of_extract_steady"] = cost["write_extra_seconds_per_image"] * row["extract_steady_images_per_s"]
