@@ -59,6 +59,7 @@ def _slug(title: str) -> str:
 
 def _store(work: Path, name: str, setup: dict, split: str, mode: str = "full") -> Path:
     from c2mf_cli.artifacts.store import ActivationStore
+    from c2mf_cli.errors import C2MFError
     from c2mf_cli.inputs.data import CropSpec, DatasetSpec
     from c2mf_cli.inputs.models import ModelSpec
     from c2mf_cli.stages.extract import ExtractConfig, extract
@@ -68,7 +69,7 @@ def _store(work: Path, name: str, setup: dict, split: str, mode: str = "full") -
         try:
             ActivationStore.open(out)
             return out
-        except Exception:  # unfinished: extract resumes it below (or says why it cannot)
+        except C2MFError:  # unfinished: extract resumes it below (or says why it cannot)
             pass
     t = time.perf_counter()
     extract(ExtractConfig(
@@ -301,18 +302,11 @@ def attribution_table(results: dict[str, Any]) -> str:
     def cell(m: dict[str, Any]) -> str:
         out = []
         for r in rankings:
-            curves = (m.get("insertion_deletion") or _rec_any(m, "insertion_deletion")).get(r) or {}
+            curves = (m.get("insertion_deletion") or {}).get(r) or {}
             out.append(f"{r} {_f((curves.get('insertion') or {}).get('prob_auc'), 2)} / "
                        f"{_f((curves.get('deletion') or {}).get('prob_auc'), 2)}")
         return "<br>".join(out)
     return _by_method(results, "attribution", "insertion ↑ / deletion ↓", cell)
-
-
-def _rec_any(m: dict[str, Any], key: str) -> dict[str, Any]:
-    for entry in (m.get("by_encoding") or {}).values():
-        if entry and key in entry:
-            return entry[key]
-    return {}
 
 
 SECTIONS = {"similarity": similarity_table, "reconstruction": reconstruction_table,

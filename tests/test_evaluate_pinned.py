@@ -1,7 +1,7 @@
 """evaluate()'s numbers pinned: every number of a small case (gated c2mf, per-class PCA, shared NMF, per-class
 CRAFT with its clustering ablation; Grad-CAM, IG, Sobol; true, predicted and no-class encodings; a grid store and a
 ViT store with a CLS token) must equal the numbers the unbatched evaluate gave before its speed work, to float
-tolerance. tests/data/evaluate_pinned.json holds them; `python tests/test_evaluate_pinned.py` rewrites it (only
+tolerance. tests/data/evaluate_pinned.json holds them; `python -m tests.test_evaluate_pinned` rewrites it (only
 for a change that is meant to change the numbers, said in its commit).
 """
 
@@ -19,34 +19,11 @@ import torch
 from c2mf_cli.artifacts.dictionary import ConceptDictionary
 from c2mf_cli.stages.evaluate import EvaluateConfig, evaluate
 
+from .test_evaluate import FakeStore
+
 PINNED = Path(__file__).parent / "data" / "evaluate_pinned.json"
 C, K, N_CLS, GRID = 12, 4, 4, 3
 CLASSES = [f"class{i}" for i in range(N_CLS)]
-
-
-class _Store:
-    """The subset of the ActivationStore API evaluate reads, over arrays."""
-
-    def __init__(self, acts, logits, labels, fingerprint: str, prefix: int) -> None:
-        self._a, self._l, self._y = acts, logits, labels
-        self.classes, self.mode, self.fingerprint, self.layer = CLASSES, "full", fingerprint, "layer3"
-        self.num_prefix_tokens, self.layout = prefix, "tokens" if prefix else "nhwc"
-        self.info = {"layer": "layer3", "fingerprint": fingerprint}
-
-    def n_images(self, y):
-        return self._a[y].shape[0]
-
-    def activations(self, y):
-        return self._a[y]
-
-    def logits(self, y):
-        return self._l[y]
-
-    def labels(self, y):
-        return self._y[y]
-
-    def paths(self, y):
-        return [f"{self.fingerprint}/{y}/{i}.png" for i in range(self.n_images(y))]
 
 
 def _case(vit: bool):
@@ -63,7 +40,7 @@ def _case(vit: bool):
         def tail(a: torch.Tensor) -> torch.Tensor:  # (m, H, W, C)
             return torch.relu(a - 0.5).pow(1.5).mean(dim=(1, 2)) @ proj
 
-    def make(n: int, fp: str) -> _Store:
+    def make(n: int, fp: str) -> FakeStore:
         acts, logits, labels = [], [], []
         for y in range(N_CLS):
             U = torch.rand(n, GRID * GRID, K + 2, generator=g)
@@ -73,7 +50,8 @@ def _case(vit: bool):
             acts.append(A.numpy())
             logits.append(tail(A).numpy())
             labels.append(np.full(n, y))
-        return _Store(acts, logits, labels, fp, 1 if vit else 0)
+        return FakeStore(acts, logits, labels, fingerprint=fp, prefix=1 if vit else 0,
+                         layout="tokens" if vit else "nhwc")
 
     W = torch.randn(K, C, generator=g)
     c2mf = ConceptDictionary({"W": W / W.norm(dim=1, keepdim=True), "gates": torch.randn(N_CLS, K, generator=g)},
