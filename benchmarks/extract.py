@@ -12,7 +12,7 @@ crc32c computation alone over every chunk file of the store is timed too. The la
 (files per GB) are recorded as well.
 
     python benchmarks/extract.py [--per-class 32] [--cub-per-class 4] [--batch-size 32] [--workers 1] [--repeats 3]
-                                 [--only cifar]
+                                 [--only cifar] [--chunk-images auto,64]
     python benchmarks/extract.py --device cuda --autocast bf16     # both passes on the GPU, in bf16 autocast
 
 Writes benchmarks/results/extract-<host>.json.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -89,11 +90,12 @@ def store_files(path: Path) -> dict:
 
 
 def c2mf_pass(case: dict, per_class: int, batch_size: int, workers: int, out: Path, device: str = "cpu",
-              autocast: str = "none") -> tuple[float, float, int]:
+              autocast: str = "none", chunk_images: int | None = None) -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = ExtractConfig(model=case["model"], layer=case["layer"],
                         data=DatasetSpec(str(case["data"]), class_index=case["class_index"], max_per_class=per_class),
-                        out=str(out), batch_size=batch_size, workers=workers, device=device, autocast=autocast)
+                        out=str(out), batch_size=batch_size, workers=workers, device=device, autocast=autocast,
+                        chunk_images=chunk_images)
     t0 = time.perf_counter()
     result = extract(cfg)
     # end to end counts model loading, the split's check and the store's layout: what a user waits for;
@@ -103,7 +105,7 @@ def c2mf_pass(case: dict, per_class: int, batch_size: int, workers: int, out: Pa
 
 def checksum_cost(store: Path, tmp: Path, repeats: int) -> dict:
     """Seconds per image to encode and write (then read back) a store's rows with zstd, and with zstd + crc32c."""
-    from c2mf_cli.artifacts.store import ActivationStore
+    from c2mf_cli.artifacts.store import ZSTD_LEVEL, ActivationStore
 
     s = ActivationStore.open(store)
     groups = [{name: s._read(y, name) for name in ("activations", "logits", "valid")} for y in range(len(s.classes))]
@@ -111,7 +113,8 @@ def checksum_cost(store: Path, tmp: Path, repeats: int) -> dict:
     n = sum(g["valid"].shape[0] for g in groups)
     times: dict[str, list[float]] = {"zstd": [], "zstd+crc32c": [], "read zstd": [], "read zstd+crc32c": []}
     for r in range(repeats):
-        for label, compressors in (("zstd", [ZstdCodec(level=0)]), ("zstd+crc32c", [ZstdCodec(level=0), Crc32cCodec()])):
+        for label, compressors in (("zstd", [ZstdCodec(level=ZSTD_LEVEL)]),
+                                   ("zstd+crc32c", [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()])):
             root = zarr.open_group(str(tmp / f"cost-{label}-{r}"), mode="w", zarr_format=3)
             arrays = []
             for y, g in enumerate(groups):
@@ -153,34 +156,53 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     ap.add_argument("--cost-repeats", type=int, default=20, help="repeats of the checksum-cost measurement")
+    ap.add_argument("--chunk-images", default="auto", help="extract's --chunk-images, several comma-separated "
+                    "(e.g. auto,64: each interleaved with the bare pass; the first gives the headline ratios)")
     args = ap.parse_args()
+    chunkings = [None if c == "auto" else int(c) for c in args.chunk_images.split(",")]
     if not SHARED.is_dir():
         raise SystemExit(f"the real data folder {SHARED} is needed for this benchmark")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in [c for c in CASES if args.only is None or args.only in c["name"]]:
             per_class = args.per_class if "cifar" in case["name"] else args.cub_per_class
-            bare, ours, steady = [], [], []
-            for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+            bare: list[float] = []
+            ours: dict[int | None, list[float]] = {c: [] for c in chunkings}
+            steady: dict[int | None, list[float]] = {c: [] for c in chunkings}
+            stores: dict[int | None, dict] = {}
+            for r in range(args.repeats):  # interleaved, so drift in machine load hits all alike
                 s, n = bare_pass(case, per_class, args.batch_size, args.workers, args.device, args.autocast)
                 bare.append(n / s)
-                s, s_loop, n = c2mf_pass(case, per_class, args.batch_size, args.workers, Path(tmp) / f"s{r}.zarr",
-                                         args.device, args.autocast)
-                ours.append(n / s)
-                steady.append(n / s_loop)
+                for c in chunkings:
+                    path = Path(tmp) / f"s{r}-{c or 'auto'}.zarr"
+                    s, s_loop, n = c2mf_pass(case, per_class, args.batch_size, args.workers, path, args.device,
+                                             args.autocast, c)
+                    ours[c].append(n / s)
+                    steady[c].append(n / s_loop)
+                    stores[c] = dict(store_files(path), chunk_images=json.loads(
+                        (path / "zarr.json").read_text())["attributes"]["config"]["chunk_images"])
+            by_chunking = [{"chunk_images": c or "auto", "store": stores[c],
+                            "extract_images_per_s": statistics.median(ours[c]),
+                            "ratio": statistics.median(ours[c]) / statistics.median(bare),
+                            "extract_steady_images_per_s": statistics.median(steady[c]),
+                            "ratio_steady": statistics.median(steady[c]) / statistics.median(bare),
+                            "runs_extract": ours[c], "runs_steady": steady[c]} for c in chunkings]
+            head = by_chunking[0]
+            last = Path(tmp) / f"s{args.repeats - 1}-{chunkings[0] or 'auto'}.zarr"
             row = {
                 "case": case["name"],
                 "images": n,
                 "bare_images_per_s": statistics.median(bare),
-                "extract_images_per_s": statistics.median(ours),
-                "ratio": statistics.median(ours) / statistics.median(bare),
-                "extract_steady_images_per_s": statistics.median(steady),
-                "ratio_steady": statistics.median(steady) / statistics.median(bare),
+                "extract_images_per_s": head["extract_images_per_s"],
+                "ratio": head["ratio"],
+                "extract_steady_images_per_s": head["extract_steady_images_per_s"],
+                "ratio_steady": head["ratio_steady"],
                 "runs_bare": bare,
-                "runs_extract": ours,
-                "store": store_files(Path(tmp) / f"s{args.repeats - 1}.zarr"),
+                "runs_extract": head["runs_extract"],
+                "store": head["store"],
+                "chunkings": by_chunking,
             }
-            cost = checksum_cost(Path(tmp) / f"s{args.repeats - 1}.zarr", Path(tmp), args.cost_repeats)
+            cost = checksum_cost(last, Path(tmp), args.cost_repeats)
             cost["share_of_extract_steady"] = cost["write_extra_seconds_per_image"] * row["extract_steady_images_per_s"]
             row["checksum_cost"] = cost
             rows.append(row)
@@ -188,6 +210,9 @@ def main() -> None:
                   f" ratio {row['ratio']:.2f} (steady state {row['ratio_steady']:.2f}); crc32c adds "
                   f"{cost['write_extra_seconds_per_image'] * 1e6:.1f} us per image written "
                   f"({100 * cost['share_of_extract_steady']:.2f} % of extract's steady time per image)")
+            for b in by_chunking[1:]:
+                print(f"  --chunk-images {b['chunk_images']}: ratio {b['ratio']:.2f} (steady state "
+                      f"{b['ratio_steady']:.2f}), {b['store']['files']} files")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "extract",

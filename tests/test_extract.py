@@ -158,6 +158,10 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
     store = ActivationStore.open(tmp_path / "s.zarr")
     assert [f["path"] for f in store.failures] == [str(bad)]
     assert store.n_images(1) == 2 and len(store.paths(1)) == 2
+    valid = store._read(1, "valid")
+    assert valid.tolist() == [True, False, True]  # the unreadable image's rows are stored as zeros
+    assert not store._read(1, "activations")[~valid].any() and not store._read(1, "logits")[~valid].any()
+    assert store._read(1, "activations")[valid].any()
     info = runner.invoke(app, ["info", str(tmp_path / "s.zarr"), "--json"])
     assert json.loads(info.stdout)["failed_images"][0]["path"] == str(bad)
     strict = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data), "-o",
@@ -466,3 +470,38 @@ def test_nhwc_model_crop_store_pools_over_positions(tmp_path):
     with torch.no_grad():
         expected = split.g(crops).mean(dim=(1, 2)).numpy()
     np.testing.assert_allclose(store.activations(0)[:4], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_images_auto_sizes_chunks_by_bytes_and_keeps_a_resumed_stores(tmp_path, image_folder):
+    from c2mf_cli.stages.extract import CHUNK_TARGET_BYTES, auto_chunk_images
+
+    assert auto_chunk_images(7 * 7 * 1280 * 2) == 64  # a 224-px CNN's last map: 125 KiB a row, the old default
+    assert auto_chunk_images(8 * 8 * 64 * 2) == 1024  # ResNet-20 layer3 at 32 px: 8 KiB a row
+    assert auto_chunk_images(16 * 16 * 32 * 4) == 256  # layer2 in float32
+    assert auto_chunk_images(16) == 4096  # pooled rows: bounded above
+    assert auto_chunk_images(10**9) == 64  # and below
+    for b in (1, 100, 3000, 8192, 9000, 200_000):
+        n = auto_chunk_images(b)
+        assert n & (n - 1) == 0 and (n == 64 or n * b <= CHUNK_TARGET_BYTES)
+
+    # the tiny store's 4x4x192 float16 rows (6 KiB): 1,024 images a chunk, so each class is one chunk
+    auto = build_store(tmp_path / "auto.zarr", image_folder, chunk_images=None)
+    store = ActivationStore.open(auto)
+    assert store.info["config"]["chunk_images"] == 1024 and store.info["plan"]["n_units"] == len(store.classes)
+    _assert_same_store(auto, build_store(tmp_path / "four.zarr", image_folder, chunk_images=4))
+
+    # resuming a store made with another chunking (an older default, say) without --chunk-images keeps its plan
+    # instead of refusing it as another configuration
+    made = tmp_path / "resume.zarr"
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(image_folder),
+                                 "-o", str(made), "--input-size", TINY_INPUT, "--workers", "0", "--quiet", "--split",
+                                 "all", "--chunk-images", "4", "--shard", "0/2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(image_folder),
+                                 "-o", str(made), "--input-size", TINY_INPUT, "--workers", "0", "--quiet", "--split",
+                                 "all", "--shard", "1/2"])
+    assert result.exit_code == 0, result.output
+    assert ActivationStore.open(made).info["config"]["chunk_images"] == 4
+    resumed, whole = _arrays(made), _arrays(tmp_path / "four.zarr")
+    for k in whole:  # the shards batch other images together: equal to float rounding
+        np.testing.assert_allclose(resumed[k], whole[k], rtol=1e-4, atol=1e-5, err_msg=k)

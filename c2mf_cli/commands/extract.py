@@ -82,8 +82,9 @@ def extract(
     workers: Optional[int] = option("workers"),
     device: str = option("device"),
     autocast: Autocast = typer.Option(Autocast.none, help="Mixed precision on the device (bf16/fp16)."),
-    chunk_images: int = typer.Option(64, metavar="N", help="Images per chunk (the unit of work, resume and "
-                                     "sharding)."),
+    chunk_images: Optional[int] = typer.Option(
+        None, metavar="N", help="Images per chunk (the unit of work, resume and sharding). Default: about 8 MiB of "
+        "stored rows per chunk (a power of two, 64-4096 images), or the store's own when resuming."),
     shard: Optional[str] = option("shard"),
     seed: int = option("seed", help="Seed for the split, random crops and random weights."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
