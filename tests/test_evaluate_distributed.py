@@ -2,9 +2,9 @@
 
 One torch.multiprocessing spawn of 3 ranks evaluates a small planted world (uneven classes, one without test
 images, a shared and a per-class dictionary, the clustering ablation, crops, every ranking and encoding) with 3
-ranks, then with 2 (ranks 0 and 1 form a new group), then with 2 where rank 1's test store fails on a class. One
-real CLI process shows a peer that dies ending the run with a clear error. Most of the time is each process
-importing torch.
+ranks, then a world of 2 classes (fewer than the ranks, so classes are split) with 3, then the first world with 2
+(ranks 0 and 1 form a new group), then with 2 where rank 1's test store fails on a class. One real CLI process
+shows a peer that dies ending the run with a clear error. Most of the time is each process importing torch.
 """
 
 from __future__ import annotations
@@ -31,43 +31,51 @@ from .test_evaluate import FakeStore
 C, K, H, W_ = 12, 4, 3, 3
 TRAIN = [6, 4, 5, 3, 6]
 TEST = [5, 3, 0, 4, 2]  # class 2 has no test image
+FEW_TRAIN, FEW_TEST = [7, 3], [8, 1]  # fewer classes than processes: every rank gets a piece of class 0
 CONFIG = EvaluateConfig(ig_steps=8, batch_size=64, cluster_ks=(2, 4), encode_class=("predicted", "true", "none"),
                         rankings=("gradcam", "ig", "sobol"), sobol_designs=4)
 
 
 class _Chunks:
-    """One class's activations read lazily, as a store's are: only an index reads (and counts, or fails)."""
+    """One class's array read lazily, as a store's are: only a slice reads (and records its range, or fails)."""
 
     def __init__(self, a: np.ndarray, on_read) -> None:
         self._a, self._on_read, self.shape = a, on_read, a.shape
 
-    def __getitem__(self, index):
-        self._on_read()
+    def __getitem__(self, index: slice):
+        start, stop, step = index.indices(self.shape[0])
+        assert step == 1
+        self._on_read(start, stop)
         return self._a[index]
 
 
 class _Counting(FakeStore):
-    """A FakeStore that counts the images read from it per class (what a process computed on), and may fail on
-    reading one class."""
+    """A FakeStore that records the ranges of images read from it per class (what a process computed on): the
+    activations' (train and test passes) and the logits' (the OOD pass reads a crop store's logits only); it may
+    fail on reading one class."""
 
     def __init__(self, *args, fail_class: int | None = None, **kw) -> None:
         super().__init__(*args, **kw)
-        self.read = [0] * len(self.classes)
+        self.read: list[list[tuple[int, int]]] = [[] for _ in self.classes]
+        self.logits_read: list[list[tuple[int, int]]] = [[] for _ in self.classes]
         self.fail_class = fail_class
 
     def activations(self, y):
-        def on_read() -> None:
+        def on_read(start: int, stop: int) -> None:
             if y == self.fail_class:
                 raise C2MFError(f"chunk 0 of class {y} is corrupt: extract the store again")
-            self.read[y] += self.n_images(y)
+            self.read[y].append((start, stop))
 
         return _Chunks(super().activations(y), on_read)
 
+    def logits(self, y):
+        return _Chunks(super().logits(y), lambda start, stop: self.logits_read[y].append((start, stop)))
 
-def _world(fail_class: int | None = None):
+
+def _world(fail_class: int | None = None, train_counts: list[int] = TRAIN, test_counts: list[int] = TEST):
     """Planted dictionary, a tiny h, train / test / crop stores of uneven classes, and two dictionaries."""
     g = torch.Generator().manual_seed(3)
-    n_cls = len(TRAIN)
+    n_cls = len(train_counts)
     W = torch.rand(K, C, generator=g)
     proj = torch.randn(C, n_cls, generator=g)
 
@@ -85,7 +93,7 @@ def _world(fail_class: int | None = None):
             labels.append(np.full(n, y))
         return _Counting(acts, logits, labels, mode=mode, fingerprint=fp, fail_class=fail)
 
-    train, test = make(TRAIN, "train"), make(TEST, "test", fail=fail_class)
+    train, test = make(train_counts, "train"), make(test_counts, "test", fail=fail_class)
     crops = make([3] * n_cls, "crops", mode="crops", scale=0.3)
     classes = [f"class{i}" for i in range(n_cls)]
     shared = ConceptDictionary({"W": W.clone()}, {"method": "nmf", "classes": classes, "codes": "nnls"})
@@ -94,30 +102,33 @@ def _world(fail_class: int | None = None):
     return tail, train, test, crops, [shared, per_class]
 
 
-def _evaluate(out_dir: Path | None, fail_class: int | None = None) -> tuple[dict, list[int], list[int]]:
-    tail, train, test, crops, dicts = _world(fail_class)
+def _evaluate(out_dir: Path | None, fail_class: int | None = None, few: bool = False) -> tuple[dict, dict]:
+    """The evaluation, and the ranges each store's arrays were read in (per class)."""
+    counts = (FEW_TRAIN, FEW_TEST) if few else (TRAIN, TEST)
+    tail, train, test, crops, dicts = _world(fail_class, *counts)
     res = evaluate(train, test, dicts, crops, CONFIG, tail=tail, device="cpu", out_dir=out_dir)
-    return res, train.read, test.read
+    return res, {"train": train.read, "test": test.read, "crop_logits": crops.logits_read}
 
 
 def _run(rank: int, world: int, port: int, out: Path, tag: str, fail_class: int | None = None,
-         write: bool = True) -> None:
+         write: bool = True, few: bool = False) -> None:
     distributed.start("cpu", 30, env=_env(rank, world, port))
     try:
-        res, train_read, test_read = _evaluate(out / tag if write else None, fail_class)
-        write_json(out / f"{tag}.json", {"result": res, "train_read": train_read, "test_read": test_read})
+        res, read = _evaluate(out / tag if write else None, fail_class, few)
+        write_json(out / f"{tag}.json", {"result": res, "read": read})
     except C2MFError as e:  # what the CLI would print as its Error: line
         (out / f"{tag}.error").write_text(str(e))
     finally:
         distributed.stop()
 
 
-def _worker(rank: int, ports: tuple[int, int, int], out: str) -> None:
+def _worker(rank: int, ports: tuple[int, int, int, int], out: str) -> None:
     torch.set_num_threads(1)
     _run(rank, 3, ports[0], Path(out), f"w3-r{rank}")
+    _run(rank, 3, ports[3], Path(out), f"few3-r{rank}", write=False, few=True)
     if rank < 2:
         _run(rank, 2, ports[1], Path(out), f"w2-r{rank}", write=False)  # its result is what rank 0 writes
-        # rank 1 owns classes 3 and 1 of the test pass (dealt: 0 -> r0, 3 -> r1, 1 -> r1, 4 -> r0, 2 -> r0)
+        # the test pass's 14 images in two ranges of 7: rank 1 takes class 1's last image, class 3 and class 4
         _run(rank, 2, ports[2], Path(out), f"w2-fail-r{rank}", fail_class=3 if rank == 1 else None)
 
 
@@ -149,10 +160,22 @@ def _numbers(res: dict) -> dict:
     return res
 
 
+def _check_cover(per_rank: list[list[list[tuple[int, int]]]], counts: list[int], what: str) -> None:
+    """The ranges the ranks read (per rank, per class) cover every image of every class exactly once."""
+    for y, n in enumerate(counts):
+        ranges = sorted(tuple(r) for rank in per_rank for r in rank[y])
+        bounds = [0] + [b for _, b in ranges]  # no gap, no overlap, up to the class's last image
+        assert [a for a, _ in ranges] == bounds[:-1] and bounds[-1] == n, (what, y, ranges)
+
+
 def test_evaluate_same_result_on_1_2_3_processes(tmp_path, one_thread):
-    ref, train_read, test_read = _evaluate(tmp_path / "w1")
+    ref, one_read = _evaluate(tmp_path / "w1")
+    few_ref, _ = _evaluate(None, few=True)
     ref_file = json.loads((tmp_path / "w1" / "evaluation.json").read_text())
     assert ref["settings"]["distributed"]["world_size"] == 1
+    # one process reads each class whole, once
+    for key, counts in (("train", TRAIN), ("test", TEST), ("crop_logits", [3] * len(TRAIN))):
+        assert one_read[key] == [[(0, n)] if n else [] for n in counts], key
     # what the comparison must cover is there
     shared, per_class = ref["methods"][:2]
     assert set(shared["insertion_deletion"]) == {"gradcam", "ig", "sobol"}
@@ -162,22 +185,29 @@ def test_evaluate_same_result_on_1_2_3_processes(tmp_path, one_thread):
     assert ref["significance"]["pairs"] and ref["ood"]["n_in"] == sum(TEST)
     assert "class2" not in shared["reconstruction"]["accuracy"]["per_class"]
 
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = (_free_port(), _free_port(), _free_port(), _free_port())
     torch.multiprocessing.spawn(_worker, args=(ports, str(tmp_path)), nprocs=3, join=True)
 
-    for world in (2, 3):
-        held = [json.loads((tmp_path / f"w{world}-r{r}.json").read_text()) for r in range(world)]
+    for tag, world, one, counts in (("w", 2, _numbers(ref_file), (TRAIN, TEST)),
+                                    ("w", 3, _numbers(ref_file), (TRAIN, TEST)),
+                                    ("few", 3, _numbers(few_ref), (FEW_TRAIN, FEW_TEST))):
+        held = [json.loads((tmp_path / f"{tag}{world}-r{r}.json").read_text()) for r in range(world)]
         run_by = held[0]["result"]["settings"]["distributed"]
         assert run_by["world_size"] == world and run_by["backend"] == "gloo" and len(run_by["devices"]) == world
         # the one-process evaluation (references, per-image predictions, curves, importance, fit, significance,
         # OOD, clustering), held by every rank
         for r in range(world):
-            _same(_numbers(ref_file), _numbers(held[r]["result"]), f"rank {r} of {world}")
-        # the ranks divided the classes: together they read what one process did, each only a part
-        for key, one in (("train_read", train_read), ("test_read", test_read)):
-            per_rank = np.array([h[key] for h in held])
-            assert per_rank.sum(0).tolist() == one, (key, per_rank)
-            assert ((per_rank > 0).sum(0) <= 1).all() and (per_rank.sum(1) < sum(one)).all(), (key, per_rank)
+            _same(one, _numbers(held[r]["result"]), f"{tag}: rank {r} of {world}")
+        # the ranks divided the images: each read only its pieces, together every image once, balanced
+        for key, n in (("train", counts[0]), ("test", counts[1])):
+            per_rank = [h["read"][key] for h in held]
+            _check_cover(per_rank, n, f"{tag}{world} {key}")
+            load = [sum(b - a for cls in rank for a, b in cls) for rank in per_rank]
+            assert max(load) - min(load) <= 1 and min(load) > 0, (tag, world, key, load)  # balanced, none idle
+        # the OOD pass deals the test images and the crops as one list: every crop read once, by one rank
+        _check_cover([h["read"]["crop_logits"] for h in held], [3] * len(counts[0]), f"{tag}{world} crops")
+    few = [json.loads((tmp_path / f"few3-r{r}.json").read_text())["read"]["test"] for r in range(3)]
+    assert all(rank[0] for rank in few), few  # 2 classes on 3 ranks: class 0 was split over all of them
     # on 3 processes rank 0 wrote the same evaluation.json and plots; the other ranks wrote nothing
     written = json.loads((tmp_path / "w3-r0" / "evaluation.json").read_text())
     _same(_numbers(ref_file), _numbers(written), "evaluation.json on 3 processes")
@@ -201,16 +231,36 @@ def test_a_dead_rank_ends_the_cli_evaluation_with_a_clear_error(tmp_path, tiny_s
 
 
 @pytest.mark.parametrize("counts, world", [([5, 3, 0, 4, 2], 2), ([5, 3, 0, 4, 2], 3), ([1, 1], 4),
-                                           ([7, 7, 7, 7, 7, 7, 1], 3), ([], 2)])
-def test_deal_gives_every_class_to_one_rank_and_balances_images(counts, world):
-    owner = deal(counts, world)
-    assert owner == deal(list(counts), world) and len(owner) == len(counts)
-    assert all(0 <= r < world for r in owner)
-    load = [sum(n for n, r in zip(counts, owner) if r == k) for k in range(world)]
-    # greedy largest-first: no rank holds more than the lightest one plus the largest class
-    assert max(load) - min(load) <= max(counts, default=0)
-    if len(counts) >= world and min(counts, default=0) > 0:
-        assert min(load) > 0
+                                           ([7, 7, 7, 7, 7, 7, 1], 3), ([], 2), ([1000], 7), ([8, 1], 3),
+                                           ([0, 0, 3, 0], 2), ([2, 5, 1, 9, 0, 4], 1), ([3, 3, 3], 9)])
+def test_deal_cuts_classes_into_pieces_that_cover_every_image_once_and_balance(counts, world):
+    dealt = deal(counts, world)
+    assert dealt == deal(list(counts), world) and len(dealt) == world  # deterministic: every rank deals alike
+    # every image of every class in exactly one piece, no empty piece
+    seen = [np.zeros(n, dtype=int) for n in counts]
+    for pieces in dealt:
+        for p in pieces:
+            assert 0 <= p.start < p.stop <= counts[p.y] and p.size == p.stop - p.start
+            seen[p.y][p.start : p.stop] += 1
+    assert all((s == 1).all() for s in seen)
+    # balanced to one image, with at most two partial classes per rank (pieces as large as the balance allows)
+    load = [sum(p.size for p in pieces) for pieces in dealt]
+    assert max(load) - min(load) <= 1 and sum(load) == sum(counts)
+    for pieces in dealt:
+        assert sum(p.size < counts[p.y] for p in pieces) <= 2
+        # a rank's pieces are one contiguous range of the classes in order
+        at = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        ends = [(at[p.y] + p.start, at[p.y] + p.stop) for p in pieces]
+        assert all(ends[i][1] == ends[i + 1][0] for i in range(len(ends) - 1)), ends
+    if sum(counts) >= world:
+        assert min(load) > 0  # no rank idles while there are images to spare
+    if world == 1:  # one process: every non-empty class whole, as before any division
+        assert [(p.y, p.start, p.stop) for p in dealt[0]] == [(y, 0, n) for y, n in enumerate(counts) if n]
+
+
+def test_deal_refuses_no_process():
+    with pytest.raises(C2MFError, match="0 processes"):
+        deal([3], 0)
 
 
 # ----- the metric contract, without processes -----

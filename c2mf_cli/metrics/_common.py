@@ -89,8 +89,9 @@ def trapezoid_auc(y: np.ndarray) -> float:
 class Batch:
     """What one dictionary made of one group of images, handed to every metric of `EVALUATE_METRICS`.
 
-    Evaluate reads a store class by class; within a class the images that share the dictionary class index used
-    to encode them form one batch. Shapes: rows (n, P, c) the activations explained; U (n, P, k) their codes;
+    Evaluate reads a store piece by piece (a contiguous range of one class's images: a whole class on one
+    process, part of one when processes share it); within a piece the images that share the dictionary class
+    index used to encode them form one batch. Shapes: rows (n, P, c) the activations explained; U (n, P, k) their codes;
     A_hat (n * P, c) the reconstruction; model_logits (n, n_outputs) the model's logits on the original
     activations; labels (n,) true output indices; recon_logits (n, n_outputs) = head(U) (test batches only).
     `attribute` says whether the costly importance metrics run on this batch; `shared` lets a metric hand what
@@ -126,9 +127,11 @@ class State:
     """What a metric accumulated, as tensors that merge across processes (float64 sums, int64 counts).
 
     `sums` merge by element-wise addition, `maxima` by element-wise maximum (-inf where nothing was seen). The
-    state of two disjoint sets of images is the merge of their states: processes that each see a share of the
-    images and all-reduce their states hold the state of all of them (stages/evaluate.py does it, with every
-    process's states in the same order and shapes).
+    state of two disjoint sets of images is the merge of their states, also when they split one class: processes
+    that each see a share of the images and all-reduce their states hold the state of all of them
+    (stages/evaluate.py does it, with every process's states in the same order and shapes). So `update` adds
+    what each image gives: nothing computed once per class from all of its images (a per-class normalisation,
+    draw or maximum taken before the merge) may enter a state.
     """
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)

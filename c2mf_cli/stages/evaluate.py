@@ -16,22 +16,28 @@ and shared dictionaries (k directions) are kept apart from per-class ones (k x c
 ViT stores: the rows are the patch tokens; the prefix (CLS) tokens are kept as stored and fed to h unchanged, so
 only the patch tokens are explained and reconstructed (heatmaps use the patch tokens on their grid).
 
-Every metric is computed class by class (one read of each class per store) and pooled. The result is one dict
-(written as JSON by `write_results`, with PNG plots) holding every number, the inputs' fingerprints and the
-settings. The importance target c is the model's own prediction on the original activations.
+Every metric is computed piece by piece (a piece: a contiguous range of one class's images; on one process each
+class is one piece) and pooled. The result is one dict (written as JSON by `write_results`, with PNG plots)
+holding every number, the inputs' fingerprints and the settings. The importance target c is the model's own
+prediction on the original activations.
 
 Under torch.distributed (a process group the caller started, e.g. `c2mf_cli.distributed.start()` from torchrun's
-or srun's environment) every process calls `evaluate` alike. Each takes its share of the classes (`deal`: the
-largest classes first, each to the process with the fewest images so far; train and test dealt separately) and
-computes everything for them; the train class sums are all-reduced before the test pass (the class-mean
-references need every class's mean), and at the end the metrics' states (`metrics.State`: sums and maxima) and
-the per-image arrays (each process fills its own images, zeros elsewhere) are all-reduced. Every process then
-holds the one-process result, to float rounding; only rank 0 writes files.
+or srun's environment) every process calls `evaluate` alike. Each takes its share of the images (`deal`: every
+class's images, in class order, cut into one contiguous range per process, a class split where a range ends;
+the train pass, the test pass and the OOD pass dealt separately) and reads and computes only those; the train
+class sums are all-reduced before the test pass (the class-mean references need every class's mean), and at the
+end the metrics' states (`metrics.State`: sums and maxima) and the per-image arrays (each process fills its own
+images, zeros elsewhere) are all-reduced. Every process then holds the one-process result, to float rounding;
+only rank 0 writes files. A class may be split because every number is a sum over images (per class or pooled),
+a maximum, or read from the whole per-image arrays: nothing is computed once per class from all its images
+(Sobol's design is one fixed Halton sequence for every image; codes are solved row by row, to within the NNLS
+solver's stopping tolerance, 1e-7 of the largest code, which any batching of rows already allows).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -82,6 +88,8 @@ class StoreLike(Protocol):
     layout: str
     num_prefix_tokens: int
 
+    # activations and logits may also take `rows` (a slice of the class's images) to read only those; a store
+    # whose readers do not is sliced after the call (evaluate reads one piece of a class at a time)
     def n_images(self, y: int) -> int: ...
     def activations(self, y: int) -> np.ndarray: ...
     def logits(self, y: int) -> np.ndarray: ...
@@ -299,21 +307,61 @@ def _check_disjoint(train: StoreLike, test: StoreLike) -> None:
 def _store_width(store: StoreLike) -> int:
     for y in range(len(store.classes)):
         if store.n_images(y) > 0:
-            return int(store.activations(y).shape[-1])
+            read = store.activations
+            return int((read(y, rows=slice(0, 1)) if _takes_rows(read) else read(y)).shape[-1])
     raise C2MFError("the store has no images")
 
 
-def deal(counts: Sequence[int], world: int) -> list[int]:
-    """The process (rank) that takes each class: the classes by decreasing image count (ties: lower index first),
-    each to the process with the fewest images so far (ties: lower rank). Deterministic, so every process deals
-    alike without talking; no process holds more than the least-loaded one plus the largest class."""
-    owner = [0] * len(counts)
-    load = [0] * world
-    for y in sorted(range(len(counts)), key=lambda y: (-counts[y], y)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[y] = r
-        load[r] += counts[y]
-    return owner
+@dataclass(frozen=True)
+class Piece:
+    """Images [start, stop) of store class y (positions within the class, after `--max-images-per-class`)."""
+
+    y: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def deal(counts: Sequence[int], world: int) -> list[list[Piece]]:
+    """Each process's (rank's) pieces of classes: the images of every class, in class order, cut into `world`
+    contiguous ranges of near-equal size (rank r takes images [r N // world, (r + 1) N // world) of the N in
+    all), each range cut again where a class ends. Deterministic, so every process deals alike without talking.
+
+    Every image is in exactly one piece and loads differ by at most one image, whatever the classes' sizes. A
+    class is cut only where a rank's range ends, so a rank holds at most two partial classes and its pieces are
+    as large as the balance allows (one call of the metrics per piece: batching is kept). On one process every
+    non-empty class is one whole piece, as before the division.
+    """
+    if world < 1:
+        raise C2MFError(f"cannot deal images to {world} processes")
+    at = [0]
+    for n in counts:
+        at.append(at[-1] + int(n))
+    out: list[list[Piece]] = []
+    y = 0
+    for r in range(world):
+        lo, hi = r * at[-1] // world, (r + 1) * at[-1] // world
+        mine = []
+        while y < len(counts) and at[y] < hi:  # the classes that start before this range ends
+            start, stop = max(lo, at[y]) - at[y], min(hi, at[y + 1]) - at[y]
+            if stop > start:
+                mine.append(Piece(y, start, stop))
+            if at[y + 1] > hi:  # the class goes on into the next rank's range
+                break
+            y += 1
+        out.append(mine)
+    return out
+
+
+def _mask(pieces: Sequence[Piece], offsets: np.ndarray) -> np.ndarray:
+    """Which images of the concatenation (classes at `offsets`, one more entry than classes) `pieces` hold."""
+    mine = np.zeros(int(offsets[-1]), dtype=bool)
+    for p in pieces:
+        mine[offsets[p.y] + p.start : offsets[p.y] + p.stop] = True
+    return mine
 
 
 def _whole(parts: Mapping[str, tuple[np.ndarray, np.ndarray]], dev: torch.device) -> dict[str, np.ndarray]:
@@ -365,11 +413,23 @@ def _check_same_length(n: int, dev: torch.device) -> None:
                         "dictionary and the classes (metrics/_common.py, Metric)")
 
 
-def _take(store: StoreLike, y: int, cap: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n = store.n_images(y)
-    m = n if cap is None else min(n, cap)
-    A = np.asarray(store.activations(y)[:m], dtype=np.float32)
-    return A, np.asarray(store.logits(y)[:m], dtype=np.float32), np.asarray(store.labels(y)[:m]).astype(np.int64)
+def _takes_rows(read: Callable[..., Any]) -> bool:
+    """Whether a store's reader (`activations`, `logits`) takes `rows`, reading only those images."""
+    return "rows" in inspect.signature(read).parameters
+
+
+def _rows(read: Callable[..., Any], y: int, rows: slice) -> np.ndarray:
+    """Images `rows` of class y from a store's reader: passed on where it takes them, else sliced from what it
+    returns (a lazy array, e.g. zarr's, then reads only the slice)."""
+    return read(y, rows=rows) if _takes_rows(read) else read(y)[rows]
+
+
+def _take(store: StoreLike, piece: Piece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The activations, logits and labels of one piece of a class."""
+    rows = slice(piece.start, piece.stop)
+    A = np.asarray(_rows(store.activations, piece.y, rows), dtype=np.float32)
+    logits = np.asarray(_rows(store.logits, piece.y, rows), dtype=np.float32)
+    return A, logits, np.asarray(store.labels(piece.y)[rows]).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------- per class
@@ -648,21 +708,21 @@ def evaluate(
     n_rows = torch.zeros(len(classes), dtype=torch.float64, device=dev)
     train_counts = [min(train_store.n_images(y), cap) if cap is not None else train_store.n_images(y)
                     for y in range(len(classes))]
-    own = [y for y, r in enumerate(deal(train_counts, world)) if r == rank]
-    advance = progress("reconstructing train images", len(own))
-    for y in own:
-        if train_store.n_images(y) > 0:
-            A, logits, lab = _take(train_store, y, cap)
-            sp = _split_positions(torch.from_numpy(A).to(dev), prefix)
-            flat = sp.rows.reshape(-1, sp.rows.shape[-1]).double()
-            sums[y] += flat.sum(0)
-            n_rows[y] += flat.shape[0]
-            ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
-            pc = _predicted_class(ml, class_outputs, known)
-            for row in rows:
-                if headline in row.variants:
-                    _feed(row, [headline], "train", y, sp, tail, ml, lb, pc, None, config, attribute=None)
-        advance(1)
+    pieces = deal(train_counts, world)[rank]
+    advance = progress("reconstructing train images", sum(p.size for p in pieces))
+    for piece in pieces:
+        y = piece.y
+        A, logits, lab = _take(train_store, piece)
+        sp = _split_positions(torch.from_numpy(A).to(dev), prefix)
+        flat = sp.rows.reshape(-1, sp.rows.shape[-1]).double()
+        sums[y] += flat.sum(0)
+        n_rows[y] += flat.shape[0]
+        ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
+        pc = _predicted_class(ml, class_outputs, known)
+        for row in rows:
+            if headline in row.variants:
+                _feed(row, [headline], "train", y, sp, tail, ml, lb, pc, None, config, attribute=None)
+        advance(piece.size)
     distributed.all_reduce_sum(sums, n_rows)  # the test pass needs every class's mean
     means = (sums / n_rows.clamp_min(1)[:, None]).float()
     global_mean = (sums.sum(0) / n_rows.sum().clamp_min(1)).float()
@@ -673,15 +733,12 @@ def evaluate(
     group = np.zeros(n_test, dtype=np.int64)
     ref_pred = {k: np.zeros(n_test, dtype=np.int64) for k in _REFERENCES}
     h_diff, h_agree = 0.0, 0
-    test_owner = deal(counts, world)
-    own = [y for y, r in enumerate(test_owner) if r == rank]
-    advance = progress("evaluating test images", len(own))
-    for y in own:
-        if counts[y] == 0:
-            advance(1)
-            continue
-        A, logits, lab = _take(test_store, y, cap)
-        ids = np.arange(offsets[y], offsets[y + 1])
+    pieces = deal(counts, world)[rank]
+    advance = progress("evaluating test images", sum(p.size for p in pieces))
+    for piece in pieces:
+        y = piece.y
+        A, logits, lab = _take(test_store, piece)
+        ids = np.arange(offsets[y] + piece.start, offsets[y] + piece.stop)
         A_t = torch.from_numpy(A).to(dev)
         sp = _split_positions(A_t, prefix)
         ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
@@ -700,10 +757,10 @@ def evaluate(
         for row in rows:
             _feed(row, row.computed(), "test", y, sp, tail, ml, lb, pc, ids, config,
                   attribute=headline if row.attribute else None)
-        advance(1)
+        advance(piece.size)
 
     # every process's images and states, made whole on every process
-    mine = np.repeat(np.asarray(test_owner) == rank, counts)
+    mine = _mask(pieces, offsets)
     per_image = {"model": model_pred, "label": true_label, "group": group, **{f"ref.{k}": v for k, v in ref_pred.items()},
                  **{f"{i}.{enc}": p for i, row in enumerate(rows) for enc, p in row.predictions.items()}}
     per_image = _whole({k: (v, mine) for k, v in per_image.items()}, dev)
@@ -752,7 +809,7 @@ def evaluate(
             "references": {k: v.tolist() for k, v in ref_pred.items()},
             "methods": {r.name: {enc: p.tolist() for enc, p in r.predictions.items()} for r in rows},
         },
-        "ood": _ood(test_store, crops_store, config, progress, test_owner, dev) if crops_store is not None else None,
+        "ood": _ood(test_store, crops_store, config, progress, dev) if crops_store is not None else None,
     }
     result["time_s"] = time.perf_counter() - t0
     if out_dir is not None and distributed.is_writer():
@@ -935,25 +992,24 @@ def _clustered_dictionary(d: DictionaryLike, K: int, seed: int) -> DictionaryLik
     return ConceptDictionary(tensors, meta).to(d.tensors["W"].device)
 
 
-def _ood(test: StoreLike, crops: StoreLike, cfg: EvaluateConfig, progress: ProgressFn, owner: Sequence[int],
+def _ood(test: StoreLike, crops: StoreLike, cfg: EvaluateConfig, progress: ProgressFn,
          dev: torch.device) -> dict:
-    """OOD scores of every test image against every crop (all of them: no --max-images-per-class cap); each
-    process reads the confidences of its own classes (`owner`), then they are made whole."""
-    n_in = [test.n_images(y) for y in range(len(test.classes))]
-    n_out = [crops.n_images(y) if y < len(crops.classes) else 0 for y in range(len(test.classes))]
-    at_in, at_out = np.concatenate([[0], np.cumsum(n_in)]), np.concatenate([[0], np.cumsum(n_out)])
-    conf_in, conf_out = np.zeros(int(at_in[-1])), np.zeros(int(at_out[-1]))
-    own = [y for y, r in enumerate(owner) if r == distributed.rank()]
-    advance = progress("crop confidences", len(own))
-    for y in own:
-        if n_in[y]:
-            conf_in[at_in[y] : at_in[y + 1]] = max_softmax(test.logits(y))
-        if n_out[y]:
-            conf_out[at_out[y] : at_out[y + 1]] = max_softmax(crops.logits(y))
-        advance(1)
-    mine = np.asarray(owner) == distributed.rank()
-    whole = _whole({"in": (conf_in, np.repeat(mine, n_in)), "out": (conf_out, np.repeat(mine, n_out))}, dev)
-    s_in, s_out = whole["in"], whole["out"]
+    """OOD scores of every test image against every crop (all of them: no --max-images-per-class cap); the test
+    images and the crops, one list of classes after the other, are dealt in pieces (`deal`), each process reads
+    the confidences of its own, then they are made whole."""
+    n_cls = len(test.classes)
+    n_in = [test.n_images(y) for y in range(n_cls)]
+    n_out = [crops.n_images(y) if y < len(crops.classes) else 0 for y in range(n_cls)]
+    at = np.concatenate([[0], np.cumsum(n_in + n_out)]).astype(np.int64)
+    conf = np.zeros(int(at[-1]))
+    own = deal(n_in + n_out, distributed.world_size())[distributed.rank()]
+    advance = progress("crop confidences", sum(p.size for p in own))
+    for p in own:
+        store, y = (test, p.y) if p.y < n_cls else (crops, p.y - n_cls)
+        conf[at[p.y] + p.start : at[p.y] + p.stop] = max_softmax(_rows(store.logits, y, slice(p.start, p.stop)))
+        advance(p.size)
+    conf = _whole({"conf": (conf, _mask(own, at))}, dev)["conf"]
+    s_in, s_out = conf[: at[n_cls]], conf[at[n_cls] :]
     out = ood_scores(s_in, s_out)
     out["histograms"] = confidence_histograms(s_in, s_out, bins=cfg.histogram_bins)
     return out
