@@ -212,8 +212,9 @@ def _dictionary_class(d: "ConceptDictionary", y: int | str | None, target: int) 
 
 
 class _ImageStore:
-    """What evaluate reads of a store (`stages.evaluate.StoreLike`), over images run through a model split at a
-    layer, in memory: the activations in the store layout, the model's logits, images grouped by label."""
+    """What evaluate reads of a store (`stages.evaluate.StoreLike`), over images in memory grouped by label. The
+    activations (in the store layout) and the model's logits are computed when evaluate reads a range of a class
+    (`rows`), so under a process group each process runs only the images of its own pieces through the model."""
 
     def __init__(self, split: Any, images: Any, labels: Any, role: str, batch_size: int) -> None:
         import hashlib
@@ -227,35 +228,51 @@ class _ImageStore:
         if lab.shape[0] != images.shape[0] or not np.issubdtype(lab.dtype, np.integer):
             raise C2MFError(f"{role} labels must be one model output index (int) per image: got {lab.shape[0]} "
                             f"labels of type {lab.dtype} for {images.shape[0]} images")
-        device = next(iter(split.h.parameters()), torch.empty(0)).device
-        acts, logits = [], []
-        with torch.no_grad():
-            for s in range(0, images.shape[0], batch_size):
-                a = split.g(images[s : s + batch_size].to(device))
-                logits.append(split.h(a).float().cpu().numpy())
-                acts.append(split.to_store(a).float().cpu().numpy())
-        A, L = np.concatenate(acts), np.concatenate(logits)
-        if not np.isfinite(A).all():
-            raise C2MFError(f"the layer's output on the {role} images holds NaN or infinite values")
+        self._split, self._images, self._role, self._batch_size = split, images, role, batch_size
+        self._device = next(iter(split.h.parameters()), torch.empty(0)).device
         values = sorted(set(lab.tolist()))
         self.classes = [str(v) for v in values]
         self._outputs = values
         self._index = [np.nonzero(lab == v)[0] for v in values]
-        self._acts, self._logits, self._role = A, L, role
+        self._last: tuple[tuple[int, tuple | None], np.ndarray, np.ndarray] | None = None
         self.mode, self.layer, self.layout = "full", split.layer, split.layout
         self.num_prefix_tokens = split.num_prefix_tokens if split.layout != "nchw" else 0
-        digest = hashlib.sha256(np.ascontiguousarray(A).tobytes() + lab.astype(np.int64).tobytes()).hexdigest()
-        self.fingerprint = f"in-memory:{digest[:32]}"
+        pixels = images.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest = hashlib.sha256(pixels.tobytes() + lab.astype(np.int64).tobytes()).hexdigest()
+        self.fingerprint = f"in-memory:{digest[:32]}"  # of the images and labels
         self.info = {"layer": split.layer, "fingerprint": self.fingerprint}
+
+    def _run(self, y: int, rows: slice | None) -> tuple[np.ndarray, np.ndarray]:
+        """Activations and logits of images `rows` of class y (the last range asked for is kept: evaluate reads
+        a range's activations, then its logits)."""
+        import torch
+
+        key = (y, None if rows is None else (rows.start, rows.stop, rows.step))
+        if self._last is None or self._last[0] != key:
+            index = self._index[y] if rows is None else self._index[y][rows]
+            acts, logits = [], []
+            with torch.no_grad():
+                for s in range(0, index.shape[0], self._batch_size):
+                    batch = self._images[torch.as_tensor(index[s : s + self._batch_size], dtype=torch.long)]
+                    a = self._split.g(batch.to(self._device))
+                    logits.append(self._split.h(a).float().cpu().numpy())
+                    acts.append(self._split.to_store(a).float().cpu().numpy())
+            if not acts:
+                raise C2MFError(f"no {self._role} image of class {self.classes[y]!r} in rows {rows}")
+            A, L = np.concatenate(acts), np.concatenate(logits)
+            if not np.isfinite(A).all():
+                raise C2MFError(f"the layer's output on the {self._role} images holds NaN or infinite values")
+            self._last = (key, A, L)
+        return self._last[1], self._last[2]
 
     def n_images(self, y: int) -> int:
         return int(self._index[y].shape[0])
 
-    def activations(self, y: int) -> np.ndarray:
-        return self._acts[self._index[y]]
+    def activations(self, y: int, rows: slice | None = None) -> np.ndarray:
+        return self._run(y, rows)[0]
 
-    def logits(self, y: int) -> np.ndarray:
-        return self._logits[self._index[y]]
+    def logits(self, y: int, rows: slice | None = None) -> np.ndarray:
+        return self._run(y, rows)[1]
 
     def labels(self, y: int) -> np.ndarray:
         return np.full(self.n_images(y), self._outputs[y], dtype=np.int64)
@@ -297,8 +314,8 @@ def evaluate(
         settings: fields of `EvaluateConfig` (max_images_per_class=..., ig_steps=..., ...).
 
     Under a process group (torchrun / srun and `c2mf_cli.distributed.start()`) every process calls it alike:
-    each computes its share of the classes, all return the whole result, and only rank 0 writes `out_dir`
-    (images in memory are run through the model by every process: that mode is for small sets).
+    each computes its share of the images (pieces of classes), all return the whole result, and only rank 0 writes
+    `out_dir`; images in memory are run through the model by the process whose share they are in.
     """
     from .artifacts.store import ActivationStore
     from ._io import jsonable

@@ -63,3 +63,39 @@ def test_evaluate_in_memory_refuses_plausible_mistakes(one_thread):
         c2mf.evaluate((images, labels), (images, labels), [d], model=model, layer="layer4")
     with pytest.raises(C2MFError, match="an nn.Module goes with images in memory"):
         c2mf.evaluate("train.zarr", "test.zarr", [d], model=model)
+
+
+def test_images_in_memory_go_through_the_model_only_where_evaluate_reads_them(one_thread):
+    """In memory, a process runs only the images of its pieces through the model (evaluate reads a range's
+    activations, then its logits: one model pass), and a layer that gives NaN fails on the range that holds it."""
+    import torch
+
+    from c2mf_cli.api import _ImageStore
+    from c2mf_cli.errors import C2MFError
+    from c2mf_cli.stages.evaluate import Piece, _take
+
+    seen: list[int] = []
+
+    class Split:
+        layer, layout, num_prefix_tokens = "layer", "nchw", 0
+        h = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+
+        def g(self, x: torch.Tensor) -> torch.Tensor:
+            seen.extend(int(v) for v in x[:, 1, 0, 0])  # image i holds the value i
+            return x
+
+        def to_store(self, a: torch.Tensor) -> torch.Tensor:
+            return a.permute(0, 2, 3, 1)
+
+    images = torch.arange(6, dtype=torch.float32)[:, None, None, None].expand(6, 3, 2, 2).clone()
+    store = _ImageStore(Split(), images, np.array([0, 1, 0, 1, 0, 1]), "test", batch_size=1)
+    assert store.classes == ["0", "1"] and store.n_images(0) == 3 and seen == []
+    A, logits, labels = _take(store, Piece(0, 1, 3))  # class 0's images 2 and 4
+    assert seen == [2, 4] and A.shape == (2, 2, 2, 3) and labels.tolist() == [0, 0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, Split.h(images[[2, 4]]).numpy(), rtol=1e-6)
+    images[3, 0] = float("nan")
+    store = _ImageStore(Split(), images, np.array([0, 1, 0, 1, 0, 1]), "test", batch_size=4)
+    assert store.activations(1, rows=slice(0, 1)).shape == (1, 2, 2, 3)  # image 1: fine
+    with pytest.raises(C2MFError, match="the layer's output on the test images holds NaN"):
+        store.logits(1, rows=slice(1, 3))  # images 3 and 5
