@@ -3,7 +3,7 @@
 #   1. two extract job arrays (train and test stores; each array task computes its shard of the store),
 #   2. one factorize job per method, started only when the train extraction succeeded (--dependency=afterok),
 #   3. one evaluate job, started when every fit and the test extraction succeeded: torchrun starts one process
-#      per GPU of the node, each takes its share of the classes, and rank 0 writes the results (docs/scale.md).
+#      per GPU of the node, each takes an equal share of the images, and rank 0 writes the results (docs/scale.md).
 #
 #   VENV=~/venvs/c2mf DATA=/datasets/cub OUT=$SCRATCH/cub bash examples/slurm_chain.sh
 #

@@ -93,7 +93,7 @@ def evaluate(
     --dict c2mf-k10.safetensors --dict craft-k10.safetensors --dict pca-k10.safetensors -o eval/
 
     On several GPUs or nodes: torchrun --nproc-per-node 4 -m c2mf_cli.cli evaluate ... (or srun); each process
-    takes its share of the classes and rank 0 writes the results (docs/scale.md).
+    takes an equal share of the images (classes split where needed) and rank 0 writes the results (docs/scale.md).
     """
     if not dicts:
         raise UsageError("give at least one --dict")
