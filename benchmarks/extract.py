@@ -35,6 +35,7 @@ import google_crc32c
 import numpy as np
 import torch
 import zarr
+from PIL import Image
 from torch.utils.data import DataLoader
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -80,6 +81,26 @@ def bare_pass(case: dict, per_class: int, batch_size: int, workers: int, device:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, len(items)
+
+
+def dihedral_copies(data: Path, per_class: int, copies: int, out: Path) -> Path:
+    """An image folder holding, for the first `per_class` images of each class, the image and `copies - 1` of its
+    flips and rotations (distinct images with the same statistics), as JPEGs like the originals. Named copy first,
+    so a class's copies of one image are a whole pass of the class apart, not neighbours in a chunk."""
+    if not 1 <= copies <= 8:
+        raise SystemExit("--copies must be between 1 and 8 (the image and its 7 flips and rotations)")
+    ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180,
+           Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+           Image.Transpose.ROTATE_270]
+    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
+        (out / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:per_class]:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                for k, op in enumerate(ops[:copies]):
+                    (im if op is None else im.transpose(op)).save(out / folder.name / f"{k}_{f.stem}.jpg",
+                                                                  quality=90)
+    return out
 
 
 def store_files(path: Path) -> dict:
@@ -156,6 +177,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     ap.add_argument("--cost-repeats", type=int, default=20, help="repeats of the checksum-cost measurement")
+    ap.add_argument("--copies", type=int, default=1, help="CIFAR only: each image and up to 7 of its flips and "
+                    "rotations, written as new JPEGs (a larger job from the 1,000 images at hand)")
     ap.add_argument("--chunk-images", default="auto", help="extract's --chunk-images, several comma-separated "
                     "(e.g. auto,64: each interleaved with the bare pass; the first gives the headline ratios)")
     args = ap.parse_args()
@@ -166,6 +189,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in [c for c in CASES if args.only is None or args.only in c["name"]]:
             per_class = args.per_class if "cifar" in case["name"] else args.cub_per_class
+            if args.copies > 1 and "cifar" in case["name"]:
+                case = dict(case, data=dihedral_copies(case["data"], per_class, args.copies, Path(tmp) / "copies"))
+                per_class *= args.copies
             bare: list[float] = []
             ours: dict[int | None, list[float]] = {c: [] for c in chunkings}
             steady: dict[int | None, list[float]] = {c: [] for c in chunkings}
@@ -222,6 +248,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "repeats": args.repeats,
+        "copies": args.copies,
+        "load_average_1min_at_end": os.getloadavg()[0],
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "autocast": args.autocast,

@@ -505,3 +505,35 @@ def test_chunk_images_auto_sizes_chunks_by_bytes_and_keeps_a_resumed_stores(tmp_
     resumed, whole = _arrays(made), _arrays(tmp_path / "four.zarr")
     for k in whole:  # the shards batch other images together: equal to float rounding
         np.testing.assert_allclose(resumed[k], whole[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_reading_some_valid_rows_reads_only_their_chunks(tmp_path):
+    """`activations` / `logits` with `rows` (positions among the valid rows, as evaluate's pieces ask) give the
+    same rows as the whole class sliced, and read only the chunks that hold them: a damaged chunk elsewhere in the
+    class does not stop them, while reading the whole class still fails on it."""
+    from c2mf_cli.artifacts.store import chunk_key
+
+    data = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=5)
+    (data / "class_1" / "001.png").write_bytes(b"not an image")
+    out = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["extract", "-m", TINY_MODEL, "--no-pretrained", "-l", TINY_LAYER, "-d", str(data),
+                                 "-o", str(out), "--input-size", TINY_INPUT, "--workers", "0", "--quiet", "--split",
+                                 "all", "--chunk-images", "2"])
+    assert result.exit_code == 0, result.output
+    store = ActivationStore.open(out)
+    whole_a, whole_l = store.activations(1), store.logits(1)  # stored rows 0, 2, 3, 4 (row 1 unreadable)
+    assert whole_a.shape[0] == 4
+    for rows in (slice(1, 3), slice(0, 4), slice(3, 4), slice(2, 2), np.array([True, False, True, False])):
+        np.testing.assert_array_equal(store.activations(1, rows=rows), whole_a[rows])
+        np.testing.assert_array_equal(store.logits(1, rows=rows), whole_l[rows])
+    for chunk in (0, 2):  # valid rows 1-2 are stored rows 2-3: the middle chunk of 2 images
+        for name in ("activations", "logits"):
+            f = out / "c0001" / name / chunk_key(chunk, 4 if name == "activations" else 2)
+            b = bytearray(f.read_bytes())
+            b[len(b) // 2] ^= 0xFF
+            f.write_bytes(bytes(b))
+    fresh = ActivationStore.open(out)
+    np.testing.assert_array_equal(fresh.activations(1, rows=slice(1, 3)), whole_a[1:3])
+    np.testing.assert_array_equal(fresh.logits(1, rows=slice(1, 3)), whole_l[1:3])
+    with pytest.raises(C2MFError, match="c0001/activations"):
+        fresh.activations(1)

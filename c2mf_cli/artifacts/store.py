@@ -750,13 +750,23 @@ class ActivationStore:
         return int(self._valid(y).sum())
 
     def activations(self, y: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """float32 (n, *positions, c) of the valid rows of class y (optionally a subset of those)."""
-        a = self._read(y, "activations")[self._valid(y)]
-        a = a if rows is None else a[rows]
-        return a.astype(np.float32, copy=False)
+        """float32 (n, *positions, c) of the valid rows of class y, or of `rows` of those (positions among the
+        valid rows): only the chunks that hold them are read."""
+        return self._valid_rows(y, "activations", rows).astype(np.float32, copy=False)
 
-    def logits(self, y: int) -> np.ndarray:
-        return self._read(y, "logits").astype(np.float32, copy=False)[self._valid(y)]
+    def logits(self, y: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """float32 (n, outputs): the model's logits on the valid rows of class y (or `rows` of those)."""
+        return self._valid_rows(y, "logits", rows).astype(np.float32, copy=False)
+
+    def _valid_rows(self, y: int, name: str, rows: slice | np.ndarray | None) -> np.ndarray:
+        valid = self._valid(y)
+        if rows is None:
+            return self._read(y, name)[valid]
+        at = np.flatnonzero(valid)[rows]  # where the wanted valid rows are stored
+        if at.size == 0:
+            return self._read(y, name, slice(0, 0))
+        lo, hi = int(at.min()), int(at.max()) + 1  # one read of the stored range that spans them
+        return self._read(y, name, slice(lo, hi))[at - lo]
 
     def labels(self, y: int) -> np.ndarray:
         return np.full(self.n_images(y), int(self.info["classes"][y]["label"]), dtype=np.int64)
