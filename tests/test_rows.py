@@ -146,3 +146,58 @@ def test_factorize_cli_takes_rows_and_grouping(tiny_store, tmp_path):
                                  "labels", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "--group-by must be label or predicted, got 'labels'" in r.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_stops_on_close():
+    import threading
+    import time
+
+    from c2mf_cli.artifacts.store import read_ahead
+
+    def slow(k: int) -> int:
+        time.sleep(0.002 * (5 - k % 5))  # later keys often finish first
+        return k * k
+
+    for depth in (1, 2, 4):
+        assert list(read_ahead(slow, list(range(13)), depth)) == [k * k for k in range(13)]
+    assert list(read_ahead(slow, [], 4)) == []
+
+    def failing(k: int) -> int:
+        if k == 3:
+            raise ValueError("chunk 3 is damaged")
+        return k
+
+    got = []
+    with pytest.raises(ValueError, match="chunk 3"):
+        for v in read_ahead(failing, list(range(8)), 3):
+            got.append(v)
+    assert got == [0, 1, 2]  # the values before the failing key arrive first, the error where its value would
+
+    started = []
+    lock = threading.Lock()
+
+    def counted(k: int) -> int:
+        with lock:
+            started.append(k)
+        time.sleep(0.001)
+        return k
+
+    it = read_ahead(counted, list(range(100)), 3)
+    assert [next(it) for _ in range(2)] == [0, 1]
+    it.close()  # the consumer stops: at most `depth` reads beyond those taken were started
+    assert len(started) <= 2 + 3
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_rows_read_ahead_equal_rows_read_one_chunk_at_a_time(tiny_store, monkeypatch, shuffle):
+    from c2mf_cli.artifacts import store as store_module
+
+    source = ActivationStore.open(tiny_store).row_source()
+    out = {}
+    for depth in (1, 3):
+        monkeypatch.setattr(store_module, "READ_AHEAD", depth)
+        out[depth] = [b for y in range(len(source.classes)) for b in source.batches(y, 5, shuffle=shuffle, seed=7)]
+    assert len(out[1]) == len(out[3]) > len(source.classes)  # several chunks and batches per class
+    for a, b in zip(out[1], out[3]):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
