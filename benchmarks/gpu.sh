@@ -3,7 +3,8 @@
 #   1. extract throughput against the bare forward pass, fp32 and bf16 autocast (benchmarks/extract.py);
 #   2. factorize c2mf, nmf and pca at 200,000 x 2,048, k = 25 on the GPU against scikit-learn's NMF (cd) and
 #      PCA on this machine's CPU (benchmarks/factorize.py);
-#   3. factorize's data pass on 1 GPU, and on 2 with NCCL when the machine has two (benchmarks/distributed.py).
+#   3. factorize's data pass on 1 GPU, and on 2 with NCCL when the machine has two (benchmarks/distributed.py);
+#   4. reading a store's rows on this machine's CPUs (benchmarks/store_read.py): what a pass waits for on a GPU.
 # Writes benchmarks/results/gpu-<host>/*.json and a summary of them all, summary.json, in that folder.
 #
 #   bash benchmarks/gpu.sh              # on a machine with a GPU
@@ -30,15 +31,17 @@ if [ $DRY = 1 ]; then
     EXTRACT_ARGS=(--per-class 2 --cub-per-class 1 --repeats 1 --batch-size 8 --workers 0 --cost-repeats 1)
     FACT_ARGS=(--rows 4000 --channels 128 --k 5 --iters 5 --sk-iters 20 --stream-rows none)
     DIST_ARGS=(--quick --procs 1,2 --threads 1)
+    READ_ARGS=(--images-per-class 4 --repeats 1)
 else
     DEV=cuda
     AMPS="none bf16"
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here: use --dry-run')"
     NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-    EXTRACT_ARGS=(--per-class 200 --cub-per-class 16 --repeats 2 --batch-size 128 --workers 8 --cost-repeats 3)
+    EXTRACT_ARGS=(--per-class 100 --copies 8 --cub-per-class 16 --repeats 2 --batch-size 128 --workers 8 --cost-repeats 3)
     FACT_ARGS=(--rows 200000 --channels 2048 --k 25 --iters 60 --sk-iters 200 --stream-rows none --timeout 300)
     PROCS=1; [ "$NGPU" -ge 2 ] && PROCS=1,2
     DIST_ARGS=(--procs $PROCS --rows 500000 --channels 2048 --k 25 --block 65536 --passes 4)
+    READ_ARGS=(--images-per-class 100 --repeats 3)
 fi
 
 step() { echo "== [${SECONDS}s] $*" >&2; }
@@ -61,6 +64,11 @@ step "factorize c2mf, nmf, pca on $DEV vs scikit-learn on the CPU"
 step "distributed factorize pass on $DEV"
 "$PY" benchmarks/distributed.py --device $DEV "${DIST_ARGS[@]}" --out "$OUT/distributed.json"
 
+if [ -d "$SHARED" ]; then
+    step "store read rate on this machine's CPUs"
+    C2MF_SHARED_DATA=$SHARED "$PY" benchmarks/store_read.py "${READ_ARGS[@]}" --out "$OUT"
+fi
+
 step "summary"
 "$PY" - "$OUT" "$SECONDS" "$DRY" <<'EOF'
 import json, sys
@@ -68,7 +76,7 @@ from pathlib import Path
 
 out, seconds, dry = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "summary.json"}
-summary = {"dry_run": dry, "wall_seconds": seconds, "extract": [], "factorize": [], "distributed": []}
+summary = {"dry_run": dry, "wall_seconds": seconds, "extract": [], "factorize": [], "distributed": [], "store_read": []}
 for name, doc in parts.items():
     if name.startswith("extract"):
         for case in doc["cases"]:
@@ -80,6 +88,9 @@ for name, doc in parts.items():
         for m in doc["methods"]:
             summary["factorize"].append({k: m.get(k) for k in ("method", "seconds", "relative_error", "passes",
                                          "seconds_to_target", "speedup_vs_sklearn_cd", "peak_gpu_mb", "error")})
+    elif name.startswith("store_read"):
+        summary["store_read"] = [{k: c[k] for k in ("way", "read_ahead", "mb_per_wall_s", "speedup_vs_numpy")}
+                                 for c in doc["cases"]] + [{"cpus": doc["cpus"]}]
     elif name == "distributed":
         for r in doc["runs"]:
             summary["distributed"].append({k: r.get(k) for k in ("processes", "rows_per_s", "rows_per_s_per_process",
