@@ -15,8 +15,9 @@ Head = Callable[..., torch.Tensor]
 """`head(U) -> logits`: codes (m, P, k) to logits (m, n_outputs), differentiable in U.
 
 The caller builds it as `h(from_store(U @ W))`; it must treat rows independently (eval mode). When a metric is
-given a per-image `side` input (for a ViT, the stored CLS/prefix tokens that h also needs), the head is called
-as `head(U, side_rows)` with side_rows[i] belonging to the image of U[i]."""
+given a per-image `side` input, the head is called as `head(U, side_rows)` with side_rows[i] belonging to the
+image of U[i]; metrics only index it. Evaluate's side input is each image's position in its batch, from which
+the head takes the image's dictionary class index and, for a ViT, its stored CLS/prefix tokens."""
 
 
 def call_head(head: Head, X: torch.Tensor, side: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor:
@@ -87,19 +88,23 @@ def trapezoid_auc(y: np.ndarray) -> float:
 
 @dataclass
 class Batch:
-    """What one dictionary made of one group of images, handed to every metric of `EVALUATE_METRICS`.
+    """What one dictionary made of a block of images under one encoding, handed to every metric of
+    `EVALUATE_METRICS`.
 
     Evaluate reads a store piece by piece (a contiguous range of one class's images: a whole class on one
-    process, part of one when processes share it); within a piece the images that share the dictionary class
-    index used to encode them form one batch. Shapes: rows (n, P, c) the activations explained; U (n, P, k) their codes;
-    A_hat (n * P, c) the reconstruction; model_logits (n, n_outputs) the model's logits on the original
-    activations; labels (n,) true output indices; recon_logits (n, n_outputs) = head(U) (test batches only).
-    `attribute` says whether the costly importance metrics run on this batch; `shared` lets a metric hand what
-    it computed (e.g. importance rankings) to the metrics after it in the list.
+    process, part of one when processes share it) and merges consecutive pieces into blocks of at least
+    `stages.evaluate.BLOCK_IMAGES` images, of one class or several; each block gives one batch per encoding.
+    Within it every image is encoded with its own dictionary class index, and `head` decodes each row with its
+    image's index before one call of h on all rows (its side input, when not None, is each image's position in
+    the batch: see `Head`). Shapes: group (n,) int64 the store class of each image; rows (n, P, c) the activations
+    explained; U (n, P, k) their codes; A_hat (n * P, c) the reconstruction; model_logits (n, n_outputs) the
+    model's logits on the original activations; labels (n,) true output indices; recon_logits (n, n_outputs) =
+    head(U) (test batches only). `attribute` says whether the costly importance metrics run on this batch;
+    `shared` lets a metric hand what it computed (e.g. importance rankings) to the metrics after it in the list.
     """
 
     split: str  # "train" or "test"
-    group: int  # the store class of these images
+    group: torch.Tensor  # (n,) int64: the store class of each image
     rows: torch.Tensor
     U: torch.Tensor
     A_hat: torch.Tensor

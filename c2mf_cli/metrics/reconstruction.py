@@ -165,7 +165,7 @@ class ReconstructionMetric:
         self._recon.append(batch.recon_logits.detach().cpu())
         self._model.append(batch.model_logits.detach().cpu())
         self._labels.append(batch.labels.detach().cpu())
-        self._groups.append(torch.full((batch.labels.shape[0],), batch.group))
+        self._groups.append(batch.group.detach().cpu().long())
 
     def state(self, n_classes: int) -> State:
         """Per store class: images, hits against the labels (accuracy), hits against the model (agreement)."""

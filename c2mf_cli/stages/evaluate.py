@@ -16,8 +16,10 @@ and shared dictionaries (k directions) are kept apart from per-class ones (k x c
 ViT stores: the rows are the patch tokens; the prefix (CLS) tokens are kept as stored and fed to h unchanged, so
 only the patch tokens are explained and reconstructed (heatmaps use the patch tokens on their grid).
 
-Every metric is computed piece by piece (a piece: a contiguous range of one class's images; on one process each
-class is one piece) and pooled. The result is one dict (written as JSON by `write_results`, with PNG plots)
+Every metric is computed block by block and pooled: a piece is a contiguous range of one class's images (on one
+process each class is one piece), and consecutive pieces are merged into blocks of at least `BLOCK_IMAGES` images
+(`blocks`), so the metrics get one batch per block and encoding, its images of any classes, each encoded and
+decoded with its own dictionary class index, and the model's tail is called on all of them at once. The result is one dict (written as JSON by `write_results`, with PNG plots)
 holding every number, the inputs' fingerprints and the settings. The importance target c is the model's own
 prediction on the original activations.
 
@@ -332,7 +334,7 @@ def deal(counts: Sequence[int], world: int) -> list[list[Piece]]:
 
     Every image is in exactly one piece and loads differ by at most one image, whatever the classes' sizes. A
     class is cut only where a rank's range ends, so a rank holds at most two partial classes and its pieces are
-    as large as the balance allows (one call of the metrics per piece: batching is kept). On one process every
+    as large as the balance allows (a rank's pieces are then merged into blocks, `blocks`). On one process every
     non-empty class is one whole piece, as before the division.
     """
     if world < 1:
@@ -432,12 +434,58 @@ def _take(store: StoreLike, piece: Piece) -> tuple[np.ndarray, np.ndarray, np.nd
     return A, logits, np.asarray(store.labels(piece.y)[rows]).astype(np.int64)
 
 
-# ---------------------------------------------------------------------------------------------------- per class
+# images a block of pieces holds at least (its last piece may take it past): the metrics cut their head calls
+# at `--batch-size` rows whatever a block holds (IG's 1 + steps rows per image: 31 images a call at 32 steps and
+# 1,024 rows), so a block bounds the activations, codes and reconstructions held at once, not a call's memory;
+# 64 images fill IG's and insertion/deletion's calls at the default settings while holding a few tens of MB of
+# activations at a 7 x 7 x 2,048 layer (a piece larger than that, a whole class on one process, is never cut)
+BLOCK_IMAGES = 64
+
+
+def blocks(pieces: Sequence[Piece], at_least: int = BLOCK_IMAGES) -> list[list[Piece]]:
+    """Consecutive pieces merged into blocks of at least `at_least` images (the last block may hold fewer); a
+    piece is never cut. Evaluate feeds the metrics one batch per block, so its head calls span classes."""
+    out: list[list[Piece]] = []
+    size = at_least
+    for p in pieces:
+        if size >= at_least:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p.size
+    return out
+
+
+@dataclass
+class _Block:
+    """The images of a block of pieces, in piece order: activations, logits, labels, and each image's store
+    class (`group`) and position among all the (capped) images of the store (`ids`, given class offsets)."""
+
+    A: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    group: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.group.shape[0])
+
+
+def _take_block(store: StoreLike, block: Sequence[Piece], offsets: np.ndarray) -> _Block:
+    parts = [_take(store, p) for p in block]
+    cat = (lambda xs: xs[0]) if len(parts) == 1 else np.concatenate
+    return _Block(cat([a for a, _, _ in parts]), cat([lo for _, lo, _ in parts]), cat([lb for _, _, lb in parts]),
+                  np.concatenate([np.full(p.size, p.y, dtype=np.int64) for p in block]),
+                  np.concatenate([np.arange(offsets[p.y] + p.start, offsets[p.y] + p.stop) for p in block]))
+
+
+# ---------------------------------------------------------------------------------------------------- per block
 
 
 @dataclass
 class _Split:
-    """One class's images split into what is explained (patch positions) and what is fed to h as is (prefix)."""
+    """A block's images split into what is explained (patch positions) and what is fed to h as is (prefix)."""
 
     rows: torch.Tensor  # (n, P, c)
     prefix: torch.Tensor | None  # (n, T0, c) or None
@@ -453,17 +501,51 @@ def _split_positions(A: torch.Tensor, prefix: int) -> _Split:
     return _Split(A.reshape(n, -1, c), None, tuple(A.shape[1:]))
 
 
-def _make_head(tail: _Tail, d: DictionaryLike, y: int | None, sp: _Split) -> Callable[..., torch.Tensor]:
+def _make_head(tail: _Tail, d: DictionaryLike, index: Sequence[int | None],
+               sp: _Split) -> tuple[Callable[..., torch.Tensor], torch.Tensor | None]:
+    """The head of a batch whose image i is decoded with dictionary class index `index[i]`, and its side input.
+
+    Every call decodes each row with its image's index (one decode per distinct index among the rows, the
+    rows put back in order) and then calls h once on all of them. Where every image has one index and there is no
+    prefix, the head takes the codes alone (`head(U)`, side None, and head(0) is one row for all images);
+    otherwise the side input is each image's position in the batch (`head(U, image)`, `metrics._common.Head`),
+    which picks its index and its stored prefix tokens.
+    """
     c = sp.rows.shape[-1]
     grid_shape = sp.shape if sp.prefix is None else (sp.shape[0] - sp.prefix.shape[1], c)
+    plan = _groups(list(index))
 
-    def rows_of(U: torch.Tensor) -> torch.Tensor:
+    def decoded(U: torch.Tensor, yd: int | None) -> torch.Tensor:
         m, P, k = U.shape
-        return _decode(d, U.reshape(m * P, k), y).reshape(m, P, c)
+        return _decode(d, U.reshape(m * P, k), yd).reshape(m, P, c)
 
+    if len(plan) == 1 and sp.prefix is None:
+        yd = plan[0][0]
+        return (lambda U: tail(decoded(U, yd).reshape(U.shape[0], *grid_shape))), None
+    device = sp.rows.device
+    which = torch.empty(len(index), dtype=torch.long, device=device)
+    for g, (_, members) in enumerate(plan):
+        which[torch.as_tensor(members, device=device)] = g
+
+    def rows_of(U: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if len(plan) == 1:
+            return decoded(U, plan[0][0])
+        w = which[image]
+        parts, at = [], []
+        for g, (yd, _) in enumerate(plan):
+            sel = (w == g).nonzero().squeeze(1)
+            if sel.numel():
+                parts.append(decoded(U[sel], yd))
+                at.append(sel)
+        order = torch.cat(at)
+        # the rows of every index, in the order of `at`, put back in the order of U (differentiable in U)
+        return torch.cat(parts)[torch.argsort(order)] if len(parts) > 1 else parts[0]
+
+    side = torch.arange(len(index), device=device)
     if sp.prefix is None:
-        return lambda U: tail(rows_of(U).reshape(U.shape[0], *grid_shape))
-    return lambda U, prefix: tail(torch.cat([prefix, rows_of(U)], dim=1))
+        return (lambda U, image: tail(rows_of(U, image).reshape(U.shape[0], *grid_shape))), side
+    prefix = sp.prefix
+    return (lambda U, image: tail(torch.cat([prefix[image], rows_of(U, image)], dim=1))), side
 
 
 def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None, codes: str = "fit") -> torch.Tensor:
@@ -490,16 +572,24 @@ def _class_free(d: DictionaryLike) -> tuple[DictionaryLike | None, str]:
     return free, ""
 
 
-def _rows_to_head(tail: _Tail, sp: _Split, rows_hat: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits of h on reconstructed rows (n, P, c) placed back in the store layout (prefix tokens as stored)."""
+def _rows_to_head(tail: _Tail, sp: _Split, rows_hat: torch.Tensor, batch_size: int,
+                  images: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of h on reconstructed rows (m, P, c) placed back in the store layout (prefix tokens as stored), in
+    calls of at most `batch_size` images. `images`: the image of `sp` each row stands for (its prefix tokens;
+    default: row i is image i). Each call places only its own rows, so an expanded `rows_hat` stays a view."""
     n = rows_hat.shape[0]
-    if sp.prefix is None:
-        full = rows_hat.reshape(n, *sp.shape)
-    else:
-        full = torch.cat([sp.prefix, rows_hat], dim=1)
+    if not n:
+        return rows_hat.new_zeros((0, 0))
+    out = []
     with torch.no_grad():
-        return torch.cat([tail(full[s : s + batch_size]) for s in range(0, n, batch_size)]) if n else \
-            full.new_zeros((0, 0))
+        for s in range(0, n, batch_size):
+            part = rows_hat[s : s + batch_size]
+            if sp.prefix is None:
+                out.append(tail(part.reshape(part.shape[0], *sp.shape)))
+            else:
+                pre = sp.prefix[s : s + batch_size] if images is None else sp.prefix[images[s : s + batch_size]]
+                out.append(tail(torch.cat([pre, part], dim=1)))
+    return torch.cat(out)
 
 
 def _subset(sp: _Split, members: Sequence[int]) -> _Split:
@@ -568,58 +658,77 @@ def _make_row(name: str, d: DictionaryLike, class_map: list[int | None], cfg: Ev
     return _Row(name, d, class_map, needs, attribute, variants, skipped, metrics, preds, dict(extra or {}))
 
 
-def _index_for(row: _Row, enc: str, y: int, pred_class: torch.Tensor) -> list[int | None]:
+def _index_for(row: _Row, enc: str, group: torch.Tensor, pred_class: torch.Tensor) -> list[int | None]:
+    """The dictionary class index that encodes each image under `enc` (group: each image's store class)."""
     n = pred_class.shape[0]
     if not row.needs_class or enc == "none":
         return [None] * n
-    if enc == "true":
-        return [row.class_map[y]] * n
-    return [row.class_map[int(c)] for c in pred_class.tolist()]
+    return [row.class_map[int(c)] for c in (group if enc == "true" else pred_class).tolist()]
 
 
-def _feed(row: _Row, encodings: Sequence[str], split: str, y: int, sp: _Split, tail: _Tail,
+def _feed(row: _Row, encodings: Sequence[str], split: str, sp: _Split, group: torch.Tensor, tail: _Tail,
           model_logits: torch.Tensor, labels: torch.Tensor, pred_class: torch.Tensor, ids: np.ndarray | None,
           cfg: EvaluateConfig, attribute: str | None) -> None:
-    """Feed one class's images to `row`'s metrics under each of `encodings`, one batch per dictionary class index.
+    """Feed one block's images (of any classes: `group` gives each one's store class) to `row`'s metrics, one
+    batch per encoding of `encodings`.
 
-    Codes depend only on the dictionary (variant) and the class index that codes an image, so an image coded
-    alike under two encodings (its predicted class is its true one) is encoded, decoded and fed to h once, and
-    each encoding's batch takes its rows. `attribute`: the encoding whose batches get the importance metrics.
+    Codes are solved per dictionary class index (the gates or per-class dictionaries differ), and depend only on
+    the dictionary (variant) and that index, so an image coded alike under two encodings (its predicted class is
+    its true one) is encoded and decoded once; the reconstructions of every image coded go through h in one pass
+    (cut at `--batch-size` rows). Each encoding's batch takes its images' codes, reconstruction and logits back in
+    image order, with a head that decodes each image with its own index (`_make_head`). `attribute`: the
+    encoding whose batch gets the importance metrics.
     """
-    plans = {enc: _groups(_index_for(row, enc, y, pred_class)) for enc in encodings}
+    n = sp.rows.shape[0]
+    index = {enc: _index_for(row, enc, group, pred_class) for enc in encodings}
     wanted: dict[tuple[str, int | None], set[int]] = {}
     owner: dict[str, str] = {}  # encoding -> the first encoding with the same dictionary variant
     for enc in encodings:
         owner[enc] = next(e for e in encodings if row.variants[e] is row.variants[enc])
-        for yd, members in plans[enc]:
-            wanted.setdefault((owner[enc], yd), set()).update(members)
-    coded: dict[tuple[str, int | None], tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        for i, yd in enumerate(index[enc]):
+            wanted.setdefault((owner[enc], yd), set()).add(i)
+    coded: dict[tuple[str, int | None], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
     for (enc, yd), members in wanted.items():
         d = row.variants[enc]
         order = sorted(members)
-        sub = _subset(sp, order)
-        U = _encode(d, sub.rows, yd, cfg.codes)
+        U = _encode(d, _subset(sp, order).rows, yd, cfg.codes)
         with torch.no_grad():
-            A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd).reshape(sub.rows.shape)
-        recon = _rows_to_head(tail, sub, A_hat, cfg.batch_size) if split == "test" else None
-        coded[enc, yd] = ({i: p for p, i in enumerate(order)}, U, A_hat, recon)
+            A_hat = _decode(d, U.reshape(-1, U.shape[-1]), yd).reshape(*U.shape[:2], -1)
+        coded[enc, yd] = (order, U, A_hat)
+    recon: dict[tuple[str, int | None], torch.Tensor] = {}
+    if split == "test":  # every reconstruction coded, one pass of h
+        keys = list(coded)
+        every = [i for key in keys for i in coded[key][0]]
+        logits = _rows_to_head(tail, sp, torch.cat([coded[key][2] for key in keys]), cfg.batch_size,
+                               torch.as_tensor(every, device=sp.rows.device))
+        recon = dict(zip(keys, torch.split(logits, [len(coded[key][0]) for key in keys])))
     for enc in encodings:
-        d = row.variants[enc]
-        for yd, members in plans[enc]:
-            at, U, A_hat, recon = coded[owner[enc], yd]
-            take = [at[i] for i in members]
-            if take != list(range(U.shape[0])):  # only part of what was coded
-                t = torch.as_tensor(take, device=U.device)
-                U, A_hat, recon = U[t], A_hat[t], None if recon is None else recon[t]
-            sub = _subset(sp, members)
-            idx = torch.as_tensor(members, device=sp.rows.device)
-            if recon is not None and ids is not None:
-                row.predictions[enc][ids[np.asarray(members)]] = recon.argmax(1).cpu().numpy()
-            batch = Batch(split=split, group=y, rows=sub.rows, U=U, A_hat=A_hat.reshape(-1, A_hat.shape[-1]),
-                          head=_make_head(tail, d, yd, sub), side=sub.prefix, model_logits=model_logits[idx],
-                          labels=labels[idx], recon_logits=recon, attribute=enc == attribute)
-            for metric in row.metrics[enc]:
-                metric.update(batch)
+        plan = _groups(index[enc])
+        if len(plan) == 1:  # one index for every image: coded in image order
+            key = (owner[enc], plan[0][0])
+            U, A_hat, rec = coded[key][1], coded[key][2], recon.get(key)
+        else:
+            first = coded[owner[enc], plan[0][0]]
+            U = first[1].new_empty((n, *first[1].shape[1:]))
+            A_hat = first[2].new_empty((n, *first[2].shape[1:]))
+            some = next(iter(recon.values()), None)
+            rec = None if some is None else some.new_empty((n, some.shape[1]))
+            for yd, members in plan:  # each index's images, taken from what was coded with it, in their places
+                order, Uc, Ac = coded[owner[enc], yd]
+                pos = {i: p for p, i in enumerate(order)}
+                to = torch.as_tensor(members, device=U.device)
+                take = torch.as_tensor([pos[i] for i in members], device=U.device)
+                U[to], A_hat[to] = Uc[take], Ac[take]
+                if rec is not None:
+                    rec[to] = recon[owner[enc], yd][take]
+        if rec is not None and ids is not None:
+            row.predictions[enc][ids] = rec.argmax(1).cpu().numpy()
+        head, side = _make_head(tail, row.variants[enc], index[enc], sp)
+        batch = Batch(split=split, group=group, rows=sp.rows, U=U, A_hat=A_hat.reshape(-1, A_hat.shape[-1]),
+                      head=head, side=side, model_logits=model_logits, labels=labels, recon_logits=rec,
+                      attribute=enc == attribute)
+        for metric in row.metrics[enc]:
+            metric.update(batch)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -709,20 +818,21 @@ def evaluate(
     train_counts = [min(train_store.n_images(y), cap) if cap is not None else train_store.n_images(y)
                     for y in range(len(classes))]
     pieces = deal(train_counts, world)[rank]
+    train_offsets = np.concatenate([[0], np.cumsum(train_counts)]).astype(np.int64)
     advance = progress("reconstructing train images", sum(p.size for p in pieces))
-    for piece in pieces:
-        y = piece.y
-        A, logits, lab = _take(train_store, piece)
-        sp = _split_positions(torch.from_numpy(A).to(dev), prefix)
+    for block in blocks(pieces, BLOCK_IMAGES):
+        b = _take_block(train_store, block, train_offsets)
+        sp = _split_positions(torch.from_numpy(b.A).to(dev), prefix)
+        group_t = torch.from_numpy(b.group).to(dev)
         flat = sp.rows.reshape(-1, sp.rows.shape[-1]).double()
-        sums[y] += flat.sum(0)
-        n_rows[y] += flat.shape[0]
-        ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
+        sums.index_add_(0, group_t.repeat_interleave(sp.rows.shape[1]), flat)
+        n_rows += torch.bincount(group_t, minlength=len(classes)).double() * sp.rows.shape[1]
+        ml, lb = torch.from_numpy(b.logits).to(dev), torch.from_numpy(b.labels).to(dev)
         pc = _predicted_class(ml, class_outputs, known)
         for row in rows:
             if headline in row.variants:
-                _feed(row, [headline], "train", y, sp, tail, ml, lb, pc, None, config, attribute=None)
-        advance(piece.size)
+                _feed(row, [headline], "train", sp, group_t, tail, ml, lb, pc, None, config, attribute=None)
+        advance(b.size)
     distributed.all_reduce_sum(sums, n_rows)  # the test pass needs every class's mean
     means = (sums / n_rows.clamp_min(1)[:, None]).float()
     global_mean = (sums.sum(0) / n_rows.sum().clamp_min(1)).float()
@@ -735,29 +845,30 @@ def evaluate(
     h_diff, h_agree = 0.0, 0
     pieces = deal(counts, world)[rank]
     advance = progress("evaluating test images", sum(p.size for p in pieces))
-    for piece in pieces:
-        y = piece.y
-        A, logits, lab = _take(test_store, piece)
-        ids = np.arange(offsets[y] + piece.start, offsets[y] + piece.stop)
-        A_t = torch.from_numpy(A).to(dev)
+    for block in blocks(pieces, BLOCK_IMAGES):
+        b = _take_block(test_store, block, offsets)
+        ids = b.ids
+        A_t = torch.from_numpy(b.A).to(dev)
         sp = _split_positions(A_t, prefix)
-        ml, lb = torch.from_numpy(logits).to(dev), torch.from_numpy(lab).to(dev)
+        group_t = torch.from_numpy(b.group).to(dev)
+        ml, lb = torch.from_numpy(b.logits).to(dev), torch.from_numpy(b.labels).to(dev)
         with torch.no_grad():
             own = torch.cat([tail(A_t[s : s + config.batch_size]) for s in range(0, A_t.shape[0], config.batch_size)])
         h_diff = max(h_diff, float((own - ml).abs().max()))
         h_agree += int((own.argmax(1) == ml.argmax(1)).sum())
-        model_pred[ids], true_label[ids], group[ids] = ml.argmax(1).cpu().numpy(), lab, y
+        model_pred[ids], true_label[ids], group[ids] = ml.argmax(1).cpu().numpy(), b.labels, b.group
         pc = _predicted_class(ml, class_outputs, known)
-        P = sp.rows.shape[1]
-        for key, which in (("class_mean_true", torch.full_like(pc, y)), ("class_mean_predicted", pc)):
-            hat = means[which][:, None, :].expand(-1, P, -1)
-            ref_pred[key][ids] = _rows_to_head(tail, sp, hat, config.batch_size).argmax(1).cpu().numpy()
-        hat = global_mean[None, None, :].expand(sp.rows.shape[0], P, -1)
-        ref_pred["global_mean"][ids] = _rows_to_head(tail, sp, hat, config.batch_size).argmax(1).cpu().numpy()
+        n, P = sp.rows.shape[:2]
+        # the three mean references of every image, one pass of h
+        hat = torch.cat([means[group_t], means[pc], global_mean[None, :].expand(n, -1)])[:, None, :].expand(-1, P, -1)
+        refs = _rows_to_head(tail, sp, hat, config.batch_size, torch.arange(n, device=dev).repeat(3))
+        refs = refs.argmax(1).cpu().numpy()
+        for j, key in enumerate(_REFERENCES):
+            ref_pred[key][ids] = refs[j * n : (j + 1) * n]
         for row in rows:
-            _feed(row, row.computed(), "test", y, sp, tail, ml, lb, pc, ids, config,
+            _feed(row, row.computed(), "test", sp, group_t, tail, ml, lb, pc, ids, config,
                   attribute=headline if row.attribute else None)
-        advance(piece.size)
+        advance(b.size)
 
     # every process's images and states, made whole on every process
     mine = _mask(pieces, offsets)
