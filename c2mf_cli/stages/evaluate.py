@@ -505,47 +505,46 @@ def _make_head(tail: _Tail, d: DictionaryLike, index: Sequence[int | None],
                sp: _Split) -> tuple[Callable[..., torch.Tensor], torch.Tensor | None]:
     """The head of a batch whose image i is decoded with dictionary class index `index[i]`, and its side input.
 
-    Every call decodes each row with its image's index (one decode per distinct index among the rows, the
-    rows put back in order) and then calls h once on all of them. Where every image has one index and there is no
-    prefix, the head takes the codes alone (`head(U)`, side None, and head(0) is one row for all images);
-    otherwise the side input is each image's position in the batch (`head(U, image)`, `metrics._common.Head`),
-    which picks its index and its stored prefix tokens.
+    Every call sorts its rows by index (the codes: k numbers a position), decodes each index's rows in one
+    pass, calls h once on all of them and puts the logits back in the rows' order, so the decoded rows (c numbers a
+    position) are never permuted, nor is their gradient. Where every image has one index and there is no prefix,
+    the head takes the codes alone (`head(U)`, side None, and head(0) is one row for all images); otherwise the
+    side input is each image's position in the batch (`head(U, image)`, `metrics._common.Head`), which picks its
+    index and its stored prefix tokens.
     """
     c = sp.rows.shape[-1]
     grid_shape = sp.shape if sp.prefix is None else (sp.shape[0] - sp.prefix.shape[1], c)
     plan = _groups(list(index))
+    prefix = sp.prefix
 
     def decoded(U: torch.Tensor, yd: int | None) -> torch.Tensor:
         m, P, k = U.shape
         return _decode(d, U.reshape(m * P, k), yd).reshape(m, P, c)
 
-    if len(plan) == 1 and sp.prefix is None:
+    def h(rows: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
+        return tail(rows.reshape(rows.shape[0], *grid_shape) if pre is None else torch.cat([pre, rows], dim=1))
+
+    if len(plan) == 1:
         yd = plan[0][0]
-        return (lambda U: tail(decoded(U, yd).reshape(U.shape[0], *grid_shape))), None
+        if prefix is None:
+            return (lambda U: h(decoded(U, yd), None)), None
+        return (lambda U, image: h(decoded(U, yd), prefix[image])), torch.arange(len(index), device=sp.rows.device)
     device = sp.rows.device
     which = torch.empty(len(index), dtype=torch.long, device=device)
     for g, (_, members) in enumerate(plan):
         which[torch.as_tensor(members, device=device)] = g
 
-    def rows_of(U: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        if len(plan) == 1:
-            return decoded(U, plan[0][0])
+    def head(U: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         w = which[image]
-        parts, at = [], []
-        for g, (yd, _) in enumerate(plan):
-            sel = (w == g).nonzero().squeeze(1)
-            if sel.numel():
-                parts.append(decoded(U[sel], yd))
-                at.append(sel)
-        order = torch.cat(at)
-        # the rows of every index, in the order of `at`, put back in the order of U (differentiable in U)
-        return torch.cat(parts)[torch.argsort(order)] if len(parts) > 1 else parts[0]
+        perm = torch.argsort(w, stable=True)
+        sizes = torch.bincount(w, minlength=len(plan)).tolist()
+        parts = [decoded(u, plan[g][0]) for g, u in enumerate(torch.split(U.index_select(0, perm), sizes))
+                 if u.shape[0]]
+        logits = h(torch.cat(parts) if len(parts) > 1 else parts[0],
+                   None if prefix is None else prefix[image.index_select(0, perm)])
+        return logits.index_select(0, torch.argsort(perm))
 
-    side = torch.arange(len(index), device=device)
-    if sp.prefix is None:
-        return (lambda U, image: tail(rows_of(U, image).reshape(U.shape[0], *grid_shape))), side
-    prefix = sp.prefix
-    return (lambda U, image: tail(torch.cat([prefix[image], rows_of(U, image)], dim=1))), side
+    return head, torch.arange(len(index), device=device)
 
 
 def _encode(d: DictionaryLike, rows: torch.Tensor, y: int | None, codes: str = "fit") -> torch.Tensor:
