@@ -53,7 +53,7 @@ from c2mf_cli.stages.extract import ExtractConfig, extract
 from c2mf_cli.stages.factorize import factorize
 from _common import write_result
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(os.environ.get("C2MF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MODEL = ModelSpec(f"{SHARED}/models.py:mobilenet_v2_inat_birds", str(SHARED / "cub/mobilenet_v2_inat_birds.pt"))
 
 # the parts of the profile: (file suffix, function) -> name; cumulative seconds, so nested parts overlap
@@ -214,10 +214,14 @@ def main() -> None:
     ap.add_argument("--profile-out", type=Path, default=None, help="also save the cProfile stats here")
     ap.add_argument("--label", default="after", help="suffix of the result file (e.g. before / after)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--block-images", type=int, default=None, help="evaluate's images per block on this device "
+                    "(default: its own, stages.evaluate.block_images)")
     args = ap.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"the real data folder {SHARED} is needed for this benchmark")
     dev = torch.device(args.device)
+    if args.block_images is not None:
+        ev.BLOCK_IMAGES = {**ev.BLOCK_IMAGES, dev.type: args.block_images}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         train, test, dicts = _inputs(args.work or tmp / "inputs", args)
@@ -291,6 +295,7 @@ def main() -> None:
                 f"+ per-class PCA k={args.concepts}, IG {args.ig_steps} steps, Grad-CAM, encodings "
                 f"{','.join(cfg.encode_class)}, --batch-size {args.batch_size}",
         "device": str(dev),
+        "block_images": ev.block_images(dev),
         "n_test_images": n_test,
         "n_train_images": int(sum(train.n_images(y) for y in range(len(train.classes)))),
         "evaluate_s": run.as_dict(),

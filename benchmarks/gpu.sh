@@ -4,7 +4,8 @@
 #   2. factorize c2mf, nmf and pca at 200,000 x 2,048, k = 25 on the GPU against scikit-learn's NMF (cd) and
 #      PCA on this machine's CPU (benchmarks/factorize.py);
 #   3. factorize's data pass on 1 GPU, and on 2 with NCCL when the machine has two (benchmarks/distributed.py);
-#   4. reading a store's rows on this machine's CPUs (benchmarks/store_read.py): what a pass waits for on a GPU.
+#   4. reading a store's rows on this machine's CPUs (benchmarks/store_read.py): what a pass waits for on a GPU;
+#   5. evaluate against its bare head on the GPU, with blocks of 64 images and of one class (benchmarks/evaluate.py).
 # Writes benchmarks/results/gpu-<host>/*.json and a summary of them all, summary.json, in that folder.
 #
 #   bash benchmarks/gpu.sh              # on a machine with a GPU
@@ -32,6 +33,7 @@ if [ $DRY = 1 ]; then
     FACT_ARGS=(--rows 4000 --channels 128 --k 5 --iters 5 --sk-iters 20 --stream-rows none)
     DIST_ARGS=(--quick --procs 1,2 --threads 1)
     READ_ARGS=(--images-per-class 4 --repeats 1)
+    EVAL_ARGS=(--classes 3 --images 1 --ig-steps 4 --repeat 1)
 else
     DEV=cuda
     AMPS="none bf16"
@@ -42,6 +44,7 @@ else
     PROCS=1; [ "$NGPU" -ge 2 ] && PROCS=1,2
     DIST_ARGS=(--procs $PROCS --rows 500000 --channels 2048 --k 25 --block 65536 --passes 4)
     READ_ARGS=(--images-per-class 100 --repeats 3)
+    EVAL_ARGS=(--classes 24 --images 6 --repeat 3)
 fi
 
 step() { echo "== [${SECONDS}s] $*" >&2; }
@@ -69,6 +72,13 @@ if [ -d "$SHARED" ]; then
     C2MF_SHARED_DATA=$SHARED "$PY" benchmarks/store_read.py "${READ_ARGS[@]}" --out "$OUT"
 fi
 
+if [ -d "$SHARED" ]; then
+    for b in 64 1; do
+        step "evaluate on $DEV, blocks of $b"
+        "$PY" benchmarks/evaluate.py --device $DEV --block-images $b "${EVAL_ARGS[@]}" --label "blocks$b" --out "$OUT"
+    done
+fi
+
 step "summary"
 "$PY" - "$OUT" "$SECONDS" "$DRY" <<'EOF'
 import json, sys
@@ -91,6 +101,9 @@ for name, doc in parts.items():
     elif name.startswith("store_read"):
         summary["store_read"] = [{k: c[k] for k in ("way", "read_ahead", "mb_per_wall_s", "speedup_vs_numpy")}
                                  for c in doc["cases"]] + [{"cpus": doc["cpus"]}]
+    elif name.startswith("evaluate"):
+        summary.setdefault("evaluate", []).append({k: doc.get(k) for k in (
+            "block_images", "evaluate_s", "tail_calls", "bare_head_s", "ratio_evaluate_to_bare_head")})
     elif name == "distributed":
         for r in doc["runs"]:
             summary["distributed"].append({k: r.get(k) for k in ("processes", "rows_per_s", "rows_per_s_per_process",

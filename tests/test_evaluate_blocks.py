@@ -31,13 +31,12 @@ def test_blocks_merge_consecutive_pieces_and_never_cut_one():
         assert all(sum(p.size for p in b[:-1]) < at_least for b in got)
 
 
-@pytest.mark.parametrize("block", [1, 6])
+@pytest.mark.parametrize("block", [1, 6, 64])
 @pytest.mark.parametrize("vit", [False, True], ids=["grid", "vit"])
 def test_numbers_do_not_depend_on_the_blocks(monkeypatch, vit, block):
     """The pinned numbers (made one class at a time, before blocks) hold with blocks of one class (1) and of two
-    classes of the pinned case's four (6 images: pieces of 4), as they do with one block of all (the pinned
-    test itself, at the default block size)."""
-    monkeypatch.setattr(ev, "BLOCK_IMAGES", block)
+    classes of the pinned case's four (6 images: pieces of 4) and with one block of all (64, a GPU's default)."""
+    monkeypatch.setattr(ev, "BLOCK_IMAGES", {"cpu": block})
     want = json.loads(PINNED.read_text())["vit" if vit else "grid"]
     _compare(_jsonable(_run(vit)), want, "result")
 
@@ -60,7 +59,7 @@ def _one_class(store: FakeStore, fp: str) -> FakeStore:
 
 
 def _calls(monkeypatch, block: int, one_class: bool) -> tuple[dict[str, int], dict]:
-    monkeypatch.setattr(ev, "BLOCK_IMAGES", block)
+    monkeypatch.setattr(ev, "BLOCK_IMAGES", {"cpu": block})
     tail, train, test, (c2mf, _, nmf, _) = _case(False)
     if one_class:
         train, test = _one_class(train, "train"), _one_class(test, "test")

@@ -93,7 +93,8 @@ class Batch:
 
     Evaluate reads a store piece by piece (a contiguous range of one class's images: a whole class on one
     process, part of one when processes share it) and merges consecutive pieces into blocks of at least
-    `stages.evaluate.BLOCK_IMAGES` images, of one class or several; each block gives one batch per encoding.
+    `stages.evaluate.block_images(device)` images (one piece per block on a CPU), of one class or several; each
+    block gives one batch per encoding.
     Within it every image is encoded with its own dictionary class index, and `head` decodes each row with its
     image's index before one call of h on all rows (its side input, when not None, is each image's position in
     the batch: see `Head`). Shapes: group (n,) int64 the store class of each image; rows (n, P, c) the activations

@@ -17,8 +17,8 @@ ViT stores: the rows are the patch tokens; the prefix (CLS) tokens are kept as s
 only the patch tokens are explained and reconstructed (heatmaps use the patch tokens on their grid).
 
 Every metric is computed block by block and pooled: a piece is a contiguous range of one class's images (on one
-process each class is one piece), and consecutive pieces are merged into blocks of at least `BLOCK_IMAGES` images
-(`blocks`), so the metrics get one batch per block and encoding, its images of any classes, each encoded and
+process each class is one piece), and consecutive pieces are merged into blocks of at least `block_images(device)`
+images (`blocks`; 64 on a GPU, one piece per block on a CPU), so the metrics get one batch per block and encoding, its images of any classes, each encoded and
 decoded with its own dictionary class index, and the model's tail is called on all of them at once. The result is one dict (written as JSON by `write_results`, with PNG plots)
 holding every number, the inputs' fingerprints and the settings. The importance target c is the model's own
 prediction on the original activations.
@@ -438,11 +438,21 @@ def _take(store: StoreLike, piece: Piece) -> tuple[np.ndarray, np.ndarray, np.nd
 # at `--batch-size` rows whatever a block holds (IG's 1 + steps rows per image: 31 images a call at 32 steps and
 # 1,024 rows), so a block bounds the activations, codes and reconstructions held at once, not a call's memory;
 # 64 images fill IG's and insertion/deletion's calls at the default settings while holding a few tens of MB of
-# activations at a 7 x 7 x 2,048 layer (a piece larger than that, a whole class on one process, is never cut)
-BLOCK_IMAGES = 64
+# activations at a 7 x 7 x 2,048 layer (a piece larger than that, a whole class on one process, is never cut).
+# By device type: on a GPU, fewer and larger calls save kernel launches and syncs (144 / 48 calls of h -> 10 / 6 on
+# benchmarks/evaluate.py's CUB case; its time on a GPU is not measured yet); on a CPU larger calls were slower per
+# row (evaluate 10-25 % slower with blocks of 64 on that case, the bare tail 0.68 s in 1,024-row calls against
+# 0.47 s in 128-row ones), so there each piece is its own block, which takes the time of the code before blocks
+BLOCK_IMAGES: dict[str, int] = {"cpu": 1}
+BLOCK_IMAGES_DEFAULT = 64
 
 
-def blocks(pieces: Sequence[Piece], at_least: int = BLOCK_IMAGES) -> list[list[Piece]]:
+def block_images(dev: torch.device) -> int:
+    """Images a block holds at least on `dev` (BLOCK_IMAGES by device type, else BLOCK_IMAGES_DEFAULT)."""
+    return BLOCK_IMAGES.get(dev.type, BLOCK_IMAGES_DEFAULT)
+
+
+def blocks(pieces: Sequence[Piece], at_least: int = BLOCK_IMAGES_DEFAULT) -> list[list[Piece]]:
     """Consecutive pieces merged into blocks of at least `at_least` images (the last block may hold fewer); a
     piece is never cut. Evaluate feeds the metrics one batch per block, so its head calls span classes."""
     out: list[list[Piece]] = []
@@ -819,7 +829,7 @@ def evaluate(
     pieces = deal(train_counts, world)[rank]
     train_offsets = np.concatenate([[0], np.cumsum(train_counts)]).astype(np.int64)
     advance = progress("reconstructing train images", sum(p.size for p in pieces))
-    for block in blocks(pieces, BLOCK_IMAGES):
+    for block in blocks(pieces, block_images(dev)):
         b = _take_block(train_store, block, train_offsets)
         sp = _split_positions(torch.from_numpy(b.A).to(dev), prefix)
         group_t = torch.from_numpy(b.group).to(dev)
@@ -844,7 +854,7 @@ def evaluate(
     h_diff, h_agree = 0.0, 0
     pieces = deal(counts, world)[rank]
     advance = progress("evaluating test images", sum(p.size for p in pieces))
-    for block in blocks(pieces, BLOCK_IMAGES):
+    for block in blocks(pieces, block_images(dev)):
         b = _take_block(test_store, block, offsets)
         ids = b.ids
         A_t = torch.from_numpy(b.A).to(dev)
