@@ -44,7 +44,7 @@ else
     PROCS=1; [ "$NGPU" -ge 2 ] && PROCS=1,2
     DIST_ARGS=(--procs $PROCS --rows 500000 --channels 2048 --k 25 --block 65536 --passes 4)
     READ_ARGS=(--images-per-class 100 --repeats 3)
-    EVAL_ARGS=(--classes 24 --images 6 --repeat 3)
+    EVAL_ARGS=(--classes 12 --images 6 --repeat 2)
 fi
 
 step() { echo "== [${SECONDS}s] $*" >&2; }
