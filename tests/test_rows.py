@@ -201,3 +201,29 @@ def test_rows_read_ahead_equal_rows_read_one_chunk_at_a_time(tiny_store, monkeyp
     for a, b in zip(out[1], out[3]):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b)
+
+
+def test_read_ahead_is_bounded_in_bytes(tiny_store, monkeypatch):
+    """A store made with large chunks (--chunk-images up to 8 GiB of rows a chunk) is not read READ_AHEAD chunks
+    ahead: the chunks read ahead hold at most READ_AHEAD_BYTES of float32 rows, and one chunk at a time when a
+    chunk alone passes it (memory: a chunk plus a batch, as the row sources promise)."""
+    from c2mf_cli.artifacts import store as store_module
+
+    depths: list[int] = []
+    real = store_module.read_ahead
+
+    def spy(read, keys, depth):
+        depths.append(depth)
+        return real(read, keys, depth)
+
+    monkeypatch.setattr(store_module, "read_ahead", spy)
+    monkeypatch.setattr(store_module, "READ_AHEAD", 4)
+    store = ActivationStore.open(tiny_store)
+    chunk_bytes = int(store._group(0)["activations"].chunks[0]) * int(np.prod(store.row_shape)) * 4
+    source = store.row_source()
+    whole = np.concatenate(list(source.batches(0, 5)))
+    for budget, want in ((100 * chunk_bytes, 4), (2 * chunk_bytes, 2), (chunk_bytes - 1, 1)):
+        monkeypatch.setattr(store_module, "READ_AHEAD_BYTES", budget)
+        depths.clear()
+        np.testing.assert_array_equal(np.concatenate(list(source.batches(0, 5))), whole)
+        assert depths == [want], budget

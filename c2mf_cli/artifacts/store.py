@@ -577,9 +577,13 @@ class _StoreRows:
         return parts[0] if parts else np.zeros((0, self.n_features), dtype=np.float32)
 
     def batches(self, y: int, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[np.ndarray]:
-        """Reads one chunk at a time, so memory stays at a chunk plus a batch whatever the store's size."""
+        """Reads chunk by chunk, up to `READ_AHEAD` chunks ahead in threads within `READ_AHEAD_BYTES` of float32
+        rows (one at a time when a chunk alone passes it), so memory stays at a few chunks plus a batch whatever
+        the store's size."""
         valid = self._store._valid(y)
         starts, step = self._starts(y)
+        chunk_bytes = step * int(np.prod(self._store.row_shape)) * 4
+        depth = max(1, min(READ_AHEAD, READ_AHEAD_BYTES // max(1, chunk_bytes)))
         rng = np.random.default_rng(seed)
         if shuffle:
             rng.shuffle(starts)
@@ -590,7 +594,7 @@ class _StoreRows:
             return self._flatten(as_float32(a if v.all() else a[v]))
 
         def blocks() -> Iterator[np.ndarray]:
-            for rows in read_ahead(read, [s for s in starts if valid[s : s + step].any()], READ_AHEAD):
+            for rows in read_ahead(read, [s for s in starts if valid[s : s + step].any()], depth):
                 yield rows[rng.permutation(rows.shape[0])] if shuffle else rows
 
         return rebatch(blocks(), batch_size)
@@ -607,11 +611,15 @@ def _read_ahead_default() -> int:
 # Chunks a row source reads ahead, each in its own thread: decoding (zstd, crc32c, float16 -> float32) releases the
 # GIL, so a pass over a store is read by several cores while the caller computes on the rows already read.
 READ_AHEAD = _read_ahead_default()
+# and at most this many bytes of float32 rows in the chunks read ahead: a store's default chunks (about 8 MiB
+# stored, 26 MB of float32 at 64 images of 7x7x2,048) are read READ_AHEAD ahead, a store made with large
+# --chunk-images (up to 8 GiB of rows a chunk) fewer, one at a time where a chunk alone passes it
+READ_AHEAD_BYTES = 256 * 2**20
 
 
 def read_ahead(read: Callable[[Any], T], keys: Sequence[Any], depth: int) -> Iterator[T]:
     """`read(key)` for every key, in order, with up to `depth` reads running ahead in threads (memory: `depth`
-    results). An error is raised where its key's result is taken; closing the iterator waits for the reads
+    results ahead plus the one the caller holds). An error is raised where its key's result is taken; closing the iterator waits for the reads
     running."""
     if depth <= 1 or len(keys) <= 1:
         for key in keys:
