@@ -227,3 +227,35 @@ def test_read_ahead_is_bounded_in_bytes(tiny_store, monkeypatch):
         depths.clear()
         np.testing.assert_array_equal(np.concatenate(list(source.batches(0, 5))), whole)
         assert depths == [want], budget
+
+
+def test_read_ahead_one_reader_at_a_time():
+    """Row sources read side by side (SAE's `_mixed_batches` keeps one per class open) do not each start `depth`
+    threads and hold `depth` chunks (1,000 classes: 4,000 threads): one reads ahead, the others read in the
+    caller's thread."""
+    import threading
+
+    from c2mf_cli.artifacts.store import read_ahead
+
+    lock = threading.Lock()
+    threads: list[tuple[str, int]] = []
+
+    def where(k: int) -> int:
+        with lock:
+            threads.append((threading.current_thread().name, threading.get_ident()))
+        return k
+
+    its = [read_ahead(where, list(range(20)), 4) for _ in range(10)]
+    got: list[list[int]] = [[] for _ in its]
+    for _ in range(20):  # round-robin, as SAE interleaves its classes
+        for i, it in enumerate(its):
+            got[i].append(next(it))
+    assert got == [list(range(20))] * 10
+    readers = {t for t in threads if t[0].startswith("c2mf-read")}  # threads alive at once: distinct ids
+    assert len(readers) <= 4, readers
+    for it in its:
+        it.close()
+    # once those are closed, the next source reads ahead again
+    threads.clear()
+    assert list(read_ahead(where, list(range(20)), 4)) == list(range(20))
+    assert any(t[0].startswith("c2mf-read") for t in threads)

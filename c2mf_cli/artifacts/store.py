@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -617,31 +618,40 @@ READ_AHEAD = _read_ahead_default()
 READ_AHEAD_BYTES = 256 * 2**20
 
 
+# one read-ahead at a time in a process: a caller that keeps several row sources open side by side (SAE's
+# `_mixed_batches`, one per class) would otherwise start `depth` threads and hold `depth` chunks for each
+_READING_AHEAD = threading.BoundedSemaphore(1)
+
+
 def read_ahead(read: Callable[[Any], T], keys: Sequence[Any], depth: int) -> Iterator[T]:
     """`read(key)` for every key, in order, with up to `depth` reads running ahead in threads (memory: `depth`
-    results ahead plus the one the caller holds). An error is raised where its key's result is taken; closing the iterator waits for the reads
-    running."""
-    if depth <= 1 or len(keys) <= 1:
+    results ahead plus the one the caller holds). One iterator of a process reads ahead at a time; another
+    started meanwhile reads in the caller's thread. An error is raised where its key's result is taken; closing
+    the iterator waits for the reads running."""
+    if depth <= 1 or len(keys) <= 1 or not _READING_AHEAD.acquire(blocking=False):
         for key in keys:
             yield read(key)
         return
-    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="c2mf-read") as pool:
-        pending: deque[Future[T]] = deque()
-        todo = iter(keys)
-        for key in todo:
-            pending.append(pool.submit(read, key))
-            if len(pending) == depth:
-                break
-        try:
-            while pending:
-                result = pending.popleft().result()
-                for key in todo:
-                    pending.append(pool.submit(read, key))
+    try:
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="c2mf-read") as pool:
+            pending: deque[Future[T]] = deque()
+            todo = iter(keys)
+            for key in todo:
+                pending.append(pool.submit(read, key))
+                if len(pending) == depth:
                     break
-                yield result
-        finally:
-            for f in pending:
-                f.cancel()
+            try:
+                while pending:
+                    result = pending.popleft().result()
+                    for key in todo:
+                        pending.append(pool.submit(read, key))
+                        break
+                    yield result
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        _READING_AHEAD.release()
 
 
 def as_float32(a: np.ndarray) -> np.ndarray:
