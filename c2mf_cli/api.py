@@ -221,9 +221,10 @@ class _ImageStore:
 
         import torch
 
-        if not hasattr(images, "ndim") or images.ndim != 4:
-            raise C2MFError(f"{role} images must be a preprocessed (m, 3, H, W) tensor, got "
-                            f"{tuple(getattr(images, 'shape', ()))}")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else \
+                f"a {type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))} (torch.from_numpy() it)"
+            raise C2MFError(f"{role} images must be a preprocessed (m, 3, H, W) tensor, got {got}")
         lab = _numpy(labels, f"{role} labels").reshape(-1)
         if lab.shape[0] != images.shape[0] or not np.issubdtype(lab.dtype, np.integer):
             raise C2MFError(f"{role} labels must be one model output index (int) per image: got {lab.shape[0]} "

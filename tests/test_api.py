@@ -99,3 +99,22 @@ def test_images_in_memory_go_through_the_model_only_where_evaluate_reads_them(on
     assert store.activations(1, rows=slice(0, 1)).shape == (1, 2, 2, 3)  # image 1: fine
     with pytest.raises(C2MFError, match="the layer's output on the test images holds NaN"):
         store.logits(1, rows=slice(1, 3))  # images 3 and 5
+
+
+def test_evaluate_in_memory_refuses_numpy_images_in_one_line(one_thread):
+    """Images in memory as a numpy array (not a tensor) are refused with the one-line error that names the fix,
+    not an AttributeError from deep inside."""
+    import timm
+    import torch
+
+    import c2mf_cli as c2mf
+    from c2mf_cli.errors import C2MFError
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3).eval()
+    images = np.random.default_rng(0).standard_normal((6, 3, 64, 64)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    d = c2mf.fit(np.random.default_rng(0).random((6, 2, 2, 96)).astype(np.float32), labels, method="pca", k=2)
+    with pytest.raises(C2MFError, match=r"train images must be a preprocessed \(m, 3, H, W\) tensor.*ndarray"):
+        c2mf.evaluate((images, labels), (images[::-1].copy(), labels), [d], model=model, layer="layer4",
+                      device="cpu")
