@@ -187,6 +187,18 @@ def test_read_ahead_keeps_order_raises_in_place_and_stops_on_close():
     it.close()  # the consumer stops: at most `depth` reads beyond those taken were started
     assert len(started) <= 2 + 3
 
+    started.clear()
+    it = read_ahead(counted, list(range(100)), 3, first=1)
+    assert next(it) == 0
+    it.close()  # one value taken, all a first batch needs (a start sample's one batch of a class): one read
+    assert started == [0]
+    started.clear()
+    it = read_ahead(counted, list(range(100)), 3, first=1)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    time.sleep(0.05)
+    assert sorted(started) == list(range(7))  # once the caller came back for more: 3 reads ahead of the 4 taken
+    it.close()
+
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_rows_read_ahead_equal_rows_read_one_chunk_at_a_time(tiny_store, monkeypatch, shuffle):
@@ -212,9 +224,9 @@ def test_read_ahead_is_bounded_in_bytes(tiny_store, monkeypatch):
     depths: list[int] = []
     real = store_module.read_ahead
 
-    def spy(read, keys, depth):
+    def spy(read, keys, depth, first=None):
         depths.append(depth)
-        return real(read, keys, depth)
+        return real(read, keys, depth, first)
 
     monkeypatch.setattr(store_module, "read_ahead", spy)
     monkeypatch.setattr(store_module, "READ_AHEAD", 4)
@@ -259,3 +271,27 @@ def test_read_ahead_one_reader_at_a_time():
     threads.clear()
     assert list(read_ahead(where, list(range(20)), 4)) == list(range(20))
     assert any(t[0].startswith("c2mf-read") for t in threads)
+
+
+def test_one_batch_taken_reads_only_what_it_needs(tiny_store, monkeypatch):
+    """A caller that takes one batch of a class (fit's start sample) makes the row source read the chunks that
+    batch needs, not READ_AHEAD more; one that reads on gets every chunk."""
+    from c2mf_cli.artifacts import store as store_module
+
+    monkeypatch.setattr(store_module, "READ_AHEAD", 4)
+    store = ActivationStore.open(tiny_store)
+    reads: list[tuple[int, str]] = []
+    real = store._read
+
+    def spy(y, name, sel=slice(None)):
+        reads.append((y, name))
+        return real(y, name, sel)
+
+    monkeypatch.setattr(store, "_read", spy)
+    source = store.row_source()
+    for batch in source.batches(0, 5):  # 5 rows: less than one chunk (4 images of 4 x 4 positions)
+        break
+    assert reads.count((0, "activations")) == 1
+    reads.clear()
+    n = sum(b.shape[0] for b in source.batches(0, 5))
+    assert reads.count((0, "activations")) == 2 and n == source.n_rows(0)  # 6 images: chunks of 4 and 2

@@ -595,7 +595,8 @@ class _StoreRows:
             return self._flatten(as_float32(a if v.all() else a[v]))
 
         def blocks() -> Iterator[np.ndarray]:
-            for rows in read_ahead(read, [s for s in starts if valid[s : s + step].any()], depth):
+            first = -(-batch_size // max(1, step * self._per_row))  # the chunks a first batch needs at most
+            for rows in read_ahead(read, [s for s in starts if valid[s : s + step].any()], depth, first):
                 yield rows[rng.permutation(rows.shape[0])] if shuffle else rows
 
         return rebatch(blocks(), batch_size)
@@ -623,11 +624,13 @@ READ_AHEAD_BYTES = 256 * 2**20
 _READING_AHEAD = threading.BoundedSemaphore(1)
 
 
-def read_ahead(read: Callable[[Any], T], keys: Sequence[Any], depth: int) -> Iterator[T]:
+def read_ahead(read: Callable[[Any], T], keys: Sequence[Any], depth: int, first: int | None = None) -> Iterator[T]:
     """`read(key)` for every key, in order, with up to `depth` reads running ahead in threads (memory: `depth`
-    results ahead plus the one the caller holds). One iterator of a process reads ahead at a time; another
-    started meanwhile reads in the caller's thread. An error is raised where its key's result is taken; closing
-    the iterator waits for the reads running."""
+    results ahead plus the one the caller holds). Until the caller comes back for a second result only `first`
+    reads are started (default `depth`): what its first batch needs, so a caller that takes one batch (a start
+    sample: one batch per class) reads no more. One iterator of a process reads ahead at a time; another started
+    meanwhile reads in the caller's thread. An error is raised where its key's result is taken; closing the
+    iterator waits for the reads running."""
     if depth <= 1 or len(keys) <= 1 or not _READING_AHEAD.acquire(blocking=False):
         for key in keys:
             yield read(key)
@@ -636,22 +639,35 @@ def read_ahead(read: Callable[[Any], T], keys: Sequence[Any], depth: int) -> Ite
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="c2mf-read") as pool:
             pending: deque[Future[T]] = deque()
             todo = iter(keys)
-            for key in todo:
-                pending.append(pool.submit(read, key))
-                if len(pending) == depth:
-                    break
+
+            def top_up(n: int) -> None:
+                while len(pending) < n:
+                    key = next(todo, _NO_KEY)
+                    if key is _NO_KEY:
+                        return
+                    pending.append(pool.submit(read, key))
+
+            top_up(max(1, min(depth, depth if first is None else first)))
+            came_back = False
             try:
-                while pending:
+                while True:
+                    if came_back:
+                        top_up(depth)
+                    if not pending:
+                        return
                     result = pending.popleft().result()
-                    for key in todo:
-                        pending.append(pool.submit(read, key))
-                        break
+                    if came_back:
+                        top_up(depth)  # `depth` reads run while the caller works on this result
                     yield result
+                    came_back = True
             finally:
                 for f in pending:
                     f.cancel()
     finally:
         _READING_AHEAD.release()
+
+
+_NO_KEY = object()
 
 
 def as_float32(a: np.ndarray) -> np.ndarray:
