@@ -838,7 +838,7 @@ class ActivationStore:
 
     def activations(self, y: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """float32 (n, *positions, c) of the valid rows of class y, or of `rows` of those (positions among the
-        valid rows): only the chunks that hold them are read."""
+        valid rows): only the chunks from the first of them to the last are read (a slice: exactly its chunks)."""
         return as_float32(self._valid_rows(y, "activations", rows))
 
     def logits(self, y: int, rows: slice | np.ndarray | None = None) -> np.ndarray:
