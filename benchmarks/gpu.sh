@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU number the docs need, in one run of under 8 minutes on one GPU (no GPU has run it yet):
+# Every GPU number the docs need, in one run sized for under 8 minutes on one GPU (no GPU has run it yet, so that is
+# the aim, not a measurement):
 #   1. extract throughput against the bare forward pass, fp32 and bf16 autocast (benchmarks/extract.py);
 #   2. factorize c2mf, nmf and pca at 200,000 x 2,048, k = 25 on the GPU against scikit-learn's NMF (cd) and
 #      PCA on this machine's CPU (benchmarks/factorize.py);
