@@ -22,7 +22,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import C2MFError
 from ._common import as_numpy
@@ -51,6 +50,8 @@ def matched_cosine(
     """
     C = cosine_matrix(W_learned, W_planted)
     score = np.abs(C) if absolute else C
+    from scipy.optimize import linear_sum_assignment  # scipy's import is slow: only where it is used
+
     rows, cols = linear_sum_assignment(-score)
     per = np.full(C.shape[1], math.nan)
     assign = np.full(C.shape[1], -1, dtype=np.int64)

@@ -13,19 +13,27 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # never open a window; figures go to files
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from .._io import atomic_path
-from .geometry import InputGeometry, heatmap_to_original  # noqa: E402
+from .geometry import InputGeometry, heatmap_to_original
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when an atlas figure is drawn (not by explain,
+    whose figures are PIL: importing pyplot cost about a tenth of explain's start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # never open a window; figures go to files
+    import matplotlib.pyplot as plt
+
+    return plt
 
 #: One colormap for every heatmap c2mf draws (non-negative codes), and one for signed codes (PCA).
 HEATMAP_CMAP = "inferno"
@@ -385,7 +393,7 @@ def atlas_concept_figure(
     n = max(1, len(crops))
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(
+    fig, axes = _pyplot().subplots(
         nrows, ncols, figsize=(ncols * 1.9, nrows * 2.15 + 0.45), dpi=110, squeeze=False, layout="constrained"
     )
     for k, ax in enumerate(axes.ravel()):
@@ -418,7 +426,7 @@ def atlas_overview_figure(
         extra: optional one-line note per concept (e.g. importance or gate), shown under its id.
     """
     n = max(1, len(rows))
-    fig, axes = plt.subplots(
+    fig, axes = _pyplot().subplots(
         n, per_row, figsize=(per_row * 1.15 + 1.3, n * 1.2 + 0.5), dpi=110, squeeze=False,
         gridspec_kw={"wspace": 0.04, "hspace": 0.08},
     )
@@ -449,5 +457,5 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int | None = Non
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return path
