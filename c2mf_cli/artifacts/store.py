@@ -647,7 +647,7 @@ def read_ahead(read: Callable[[Any], T], keys: Sequence[Any], depth: int, first:
                         return
                     pending.append(pool.submit(read, key))
 
-            top_up(max(1, min(depth, depth if first is None else first)))
+            top_up(depth if first is None else max(1, min(depth, first)))
             came_back = False
             try:
                 while True:

@@ -18,10 +18,11 @@ only the patch tokens are explained and reconstructed (heatmaps use the patch to
 
 Every metric is computed block by block and pooled: a piece is a contiguous range of one class's images (on one
 process each class is one piece), and consecutive pieces are merged into blocks of at least `block_images(device)`
-images (`blocks`; 64 on a GPU, one piece per block on a CPU), so the metrics get one batch per block and encoding, its images of any classes, each encoded and
-decoded with its own dictionary class index, and the model's tail is called on all of them at once. The result is one dict (written as JSON by `write_results`, with PNG plots)
-holding every number, the inputs' fingerprints and the settings. The importance target c is the model's own
-prediction on the original activations.
+images (`blocks`; 64 on a GPU, one piece per block on a CPU), so the metrics get one batch per block and
+encoding, its images of any classes, each encoded and decoded with its own dictionary class index, and the
+model's tail is called on all of them at once. The result is one dict (written as JSON by `write_results`, with
+PNG plots) holding every number, the inputs' fingerprints and the settings. The importance target c is the
+model's own prediction on the original activations.
 
 Under torch.distributed (a process group the caller started, e.g. `c2mf_cli.distributed.start()` from torchrun's
 or srun's environment) every process calls `evaluate` alike. Each takes its share of the images (`deal`: every
